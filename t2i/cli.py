@@ -1,0 +1,159 @@
+# The `t2i` command: generate | info | train | make-dataset | heatmap | evaluate.
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+
+def _pipeline(args):
+    import torch
+
+    from .pipeline import load_pipeline, make_scheduler
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.model, device)
+    if getattr(args, "scheduler", None):
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    return pipe
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "image"
+
+
+def png_metadata(**fields):
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for k, v in fields.items():
+        info.add_text(k, json.dumps(v) if not isinstance(v, str) else v)
+    return info
+
+
+def cmd_generate(args) -> None:
+    import torch
+    from PIL import Image
+    pipe = _pipeline(args)
+    model = args.model or "default"
+    from .pipeline import scheduler_name
+    scheduler = scheduler_name(pipe.scheduler)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = args.num_images
+    seeds = [args.seed + i for i in range(len(args.prompt) * n)]
+    result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, height=args.height, width=args.width, num_images_per_prompt=n,
+                  generator=[torch.Generator().manual_seed(s) for s in seeds], record_attention=args.heatmaps)
+    for i, (image, seed) in enumerate(zip(result.images, seeds)):
+        prompt = args.prompt[i // n]
+        path = out / f"{_slug(prompt)}-{seed}.png"
+        meta = dict(prompt=prompt, negative_prompt=args.negative or "", seed=seed, steps=args.steps,
+                    guidance=args.guidance, scheduler=scheduler, model=model, height=image.height,
+                    width=image.width, upscale=args.upscale)
+        big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
+        big.save(path, pnginfo=png_metadata(**meta))
+        print(path)
+        if args.heatmaps:
+            from .attention.export import write_heatmap_outputs
+            write_heatmap_outputs(result.attention, i, image, out / f"{path.stem}-heatmaps", words=None)
+
+
+def cmd_info(args) -> None:
+    from .pipeline import load_pipeline
+    pipe = load_pipeline(args.model)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    print(f"pipeline: {args.model or 'default (shipped)'}")
+    print(f"unet: {type(pipe.unet).__name__}, {count(pipe.unet):,} parameters, dtype {pipe.unet.dtype}")
+    for k, v in dict(pipe.unet.config).items():
+        if not k.startswith("_"):
+            print(f"  {k}: {v}")
+    te = pipe.text_encoder.config
+    print(f"text_encoder: {type(pipe.text_encoder).__name__}, {count(pipe.text_encoder):,} parameters, "
+          f"width {te.hidden_size}, {te.num_hidden_layers} layers")
+    print(f"tokenizer: {type(pipe.tokenizer).__name__}, vocabulary {len(pipe.tokenizer)}, "
+          f"max length {pipe.tokenizer.model_max_length}")
+    sc = pipe.scheduler.config
+    print(f"scheduler: {type(pipe.scheduler).__name__}, prediction {sc.prediction_type}, beta schedule "
+          f"{sc.beta_schedule}, {sc.num_train_timesteps} train steps")
+    print(f"caption dropout in training: {pipe.config.uncond_dropout}")
+
+
+def cmd_train(args) -> None:
+    import yaml
+
+    from .config import config_to_dict, load_config
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return
+    from .train import train
+    path = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    print(f"exported pipeline: {path}" if path else f"stopped at step {args.stop_at}; continue with --resume latest")
+
+
+def cmd_make_dataset(args) -> None:
+    from .data.shapes import ShapesConfig, write_image_folder
+    cfg = ShapesConfig(size=args.size, seed=args.seed, max_objects=args.max_objects)
+    write_image_folder(cfg, args.num, args.out)
+    print(f"wrote {args.num} images and metadata.jsonl to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2i", description="Text-to-image diffusion: generate, train, see each word.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate PNGs from prompts")
+    g.add_argument("prompt", nargs="+", help="one or more prompts")
+    g.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance", type=float, default=3.0)
+    g.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
+    g.add_argument("--negative", help="negative prompt")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG")
+    g.add_argument("--heatmaps", action="store_true", help="also write per-word attention heatmaps")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--out", default="outputs")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="print a pipeline's config and parameter counts")
+    i.add_argument("model", nargs="?", help="pipeline folder (default: the shipped model)")
+    i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("train", help="train on the shapes world or an image folder")
+    t.add_argument("--config", help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
+    t.add_argument("--resume", help="'latest' or a checkpoint folder")
+    t.add_argument("--stop-at", type=int, help="stop after this step (with a checkpoint), to resume later")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("make-dataset", help="write the shapes world as an image folder")
+    m.add_argument("name", choices=["shapes"])
+    m.add_argument("--num", type=int, default=1000)
+    m.add_argument("--size", type=int, default=32)
+    m.add_argument("--max-objects", type=int, default=3)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_make_dataset)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"t2i {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("default")
+    sys.exit(main())

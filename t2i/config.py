@@ -1,0 +1,216 @@
+# Run configuration: one frozen dataclass per component, nested into RunConfig; YAML files in
+# configs/ with `key=value` overrides on top; unknown keys are errors that suggest the right one.
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = "shapes"                 # "shapes" (procedural, streamed) or "folder" (a user's images)
+    root: str | None = None              # the image folder, for kind=folder
+    size: int = 32                       # training resolution (square)
+    crop: str = "center"                 # "center" or "random"
+    flip: bool = False                   # horizontal flips (warns when captions say left/right)
+    caption_column: str = "text"
+    num_workers: int = 0
+    # shapes world
+    min_objects: int = 1
+    max_objects: int = 2
+    holdout_pairs: tuple[str, ...] = ()      # "colour shape" never shown together in training
+    holdout_positions: tuple[str, ...] = ()  # "shape@position" never shown together in training
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "small"                # t2i.unet.PRESETS; fields below override it when set
+    block_channels: tuple[int, ...] | None = None
+    layers_per_block: int | None = None
+    attention_levels: tuple[bool, ...] | None = None
+    num_heads: int | None = None
+    norm_groups: int | None = None
+    dropout: float | None = None
+
+    def unet_kwargs(self, sample_size: int, cross_attention_dim: int) -> dict:
+        from .unet import PRESETS
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown model.preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        kw = dict(PRESETS[self.preset])
+        kw.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name != "preset" and getattr(self, f.name) is not None})
+        kw.update(sample_size=sample_size, cross_attention_dim=cross_attention_dim)
+        return kw
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    pretrained: str | None = None        # hub name or local path of a CLIP; None builds the offline one
+    train: bool | None = None            # default: True for the offline encoder, False for a pretrained one
+    width: int = 128                     # offline encoder only
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 24                 # tokens including start and end
+
+    @property
+    def trainable(self) -> bool:
+        return self.pretrained is None if self.train is None else self.train
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    prediction_type: str = "epsilon"     # "epsilon" or "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    min_snr_gamma: float | None = 5.0    # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
+    uncond_prob: float = 0.1             # caption dropout for classifier-free guidance
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/shapes32"
+    max_steps: int = 2000
+    batch_size: int = 32                 # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"          # "no", "bf16", "fp16"
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    preview_every: int = 500
+    preview_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle in the top left")
+    preview_steps: int = 20
+    export_dtype: str = "float32"        # "float32" or "float16" for the exported pipeline
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        checks = [
+            (self.data.kind in ("shapes", "folder"), "data.kind must be 'shapes' or 'folder'"),
+            (self.data.kind != "folder" or self.data.root, "data.kind=folder needs data.root=PATH/TO/IMAGES"),
+            (self.data.crop in ("center", "random"), "data.crop must be 'center' or 'random'"),
+            (self.noise.prediction_type in ("epsilon", "v_prediction"),
+             "noise.prediction_type must be 'epsilon' or 'v_prediction'"),
+            (0 <= self.noise.uncond_prob < 1, "noise.uncond_prob must be in [0, 1)"),
+            (self.train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16"),
+            (self.train.export_dtype in ("float32", "float16"), "train.export_dtype must be float32 or float16"),
+            (self.train.batch_size > 0 and self.train.grad_accum > 0, "train.batch_size and grad_accum must be > 0"),
+            (self.train.max_steps > 0, "train.max_steps must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _coerce(value, tp, key: str):
+    """Check and convert a YAML value to the dataclass field type (lists become tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} takes a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads '3e-4' as a string
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"config key {key!r} takes a {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ValueError(f"unknown config key {prefix + key!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {prefix + key!r} is a section; give it as a mapping")
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.lr=3e-4', 'data.flip=true'] -> nested dict, values parsed as YAML scalars/lists."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=100")
+        key, raw = item.split("=", 1)
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """A validated RunConfig from a YAML file (or the defaults) with `key=value` overrides."""
+    values: dict = {}
+    if path is not None:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of sections (data, model, text, noise, train)")
+    values = _merge(values, parse_overrides(list(overrides)))
+    return _build(RunConfig, values).validate()
+
+
+def config_to_dict(obj):
+    """Plain nested dict (tuples as lists), ready for YAML or JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: config_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [config_to_dict(x) for x in obj]
+    return obj
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)

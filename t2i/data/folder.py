@@ -1,0 +1,258 @@
+# A user's folder of images with captions (metadata.jsonl, .txt sidecars, or a CSV) as a torch Dataset.
+"""ImageFolderDataset: images found recursively under a root, each paired with a caption.
+
+Captions come from any of three formats (they can be mixed; an image may have only one):
+    1. metadata.jsonl, one JSON object per line: {"file_name": "a.png", "text": "a red cube"}
+       (Hugging Face imagefolder; may sit in any sub-folder, file_name relative to it),
+    2. a .txt file beside each image with the same stem: a.png + a.txt,
+    3. metadata.csv or captions.csv with columns file_name,text (or image,caption).
+Entries in metadata.jsonl / CSV files take precedence over .txt sidecars.
+
+Random crops and flips are a pure function of (seed, epoch, index): call set_epoch(e)
+before each epoch (with DataLoader workers that are re-created each epoch, the default
+persistent_workers=False) and a resumed run sees exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from t2i.data.transforms import CROP_MODES, CropMode, horizontal_flip, load_rgb, resize_and_crop, to_tensor
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+JSONL_NAMES = ("metadata.jsonl",)
+CSV_NAMES = ("metadata.csv", "captions.csv")
+FILE_COLUMNS = ("file_name", "image")
+MAX_LISTED = 5  # offending files named in an error or warning
+
+CAPTION_FORMATS = (
+    "Captions are read from (1) metadata.jsonl lines like "
+    '{"file_name": "a.png", "text": "..."} (file_name relative to the jsonl\'s folder), '
+    "(2) a .txt file beside each image with the same name (a.png -> a.txt), or "
+    "(3) metadata.csv / captions.csv with columns file_name,text (or image,caption)."
+)
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def _listing(paths: list, root: Path) -> str:
+    """First MAX_LISTED paths relative to root, comma-separated, then 'and N more'."""
+    shown = ", ".join(str(_relative(p, root)) for p in paths[:MAX_LISTED])
+    return shown + (f" and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else "")
+
+
+def _relative(path: Path, root: Path) -> Path:
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return path
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file under root, skipping hidden files and folders (.git, .ipynb_checkpoints)."""
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
+def _is_readable_image(path: Path) -> bool:
+    """True if PIL recognises the file and its structure verifies (cheap: no full decode)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # PIL raises many types on corrupt data (OSError, SyntaxError, struct.error, ...)
+        return False
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each non-blank line of a metadata.jsonl."""
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}); each line must be one object.") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object like {{\"file_name\": ..., \"text\": ...}}.")
+            yield number, row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each data row of a CSV with a header line."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is not None:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _pick_column(row: dict, names: tuple[str, ...], what: str, where: str) -> str:
+    for name in names:
+        if name in row:
+            return name
+    raise ValueError(
+        f"{where}: no {what} column; looked for {' or '.join(map(repr, names))}, found {sorted(row)}. "
+        + ("Pass caption_column='<name>' to use another column." if what == "caption" else "")
+    )
+
+
+class ImageFolderDataset(Dataset):
+    """Images under `root` (recursive) with captions, as {"pixel_values": (3, size, size) in [-1, 1], "text": str}.
+
+    Corrupt images are skipped with one warning; images without captions, captions
+    without images, and an empty folder are ValueErrors.
+    """
+
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        size: int = 32,
+        crop: CropMode = "center",
+        flip: bool = False,
+        seed: int = 0,
+        caption_column: str = "text",
+    ) -> None:
+        # 1. Check arguments.
+        self.root = Path(root).expanduser().absolute()
+        if not self.root.is_dir():
+            what = "is not a folder" if self.root.exists() else "does not exist"
+            raise ValueError(f"Dataset root {str(self.root)!r} {what}; pass the folder that holds your images.")
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"size must be a positive int (image side in pixels), got {size!r}.")
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}.")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+        self.size, self.crop, self.flip, self.seed = size, crop, bool(flip), seed
+        self.caption_column = caption_column
+        self.epoch = 0
+
+        # 2. Find images and caption files.
+        files = list(_walk(self.root))
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not images:
+            raise ValueError(
+                f"No images found in {str(self.root)!r} (searched recursively for "
+                f"{', '.join(IMAGE_EXTENSIONS)}, any case). Check the path, or convert your images to one of these types."
+            )
+
+        # 3. Skip images PIL cannot read, with one warning.
+        ok = [_is_readable_image(p) for p in images]
+        readable = [p for p, good in zip(images, ok) if good]
+        self.skipped: list[Path] = [p for p, good in zip(images, ok) if not good]
+        if self.skipped:
+            warnings.warn(
+                f"Skipped {len(self.skipped)} of {len(images)} images that could not be read (corrupt or not "
+                f"really images): {_listing(self.skipped, self.root)}. Delete or re-export them to silence this.",
+                stacklevel=2,
+            )
+        if not readable:
+            raise ValueError(f"None of the {len(images)} images in {str(self.root)!r} could be read; all are corrupt.")
+
+        # 4. Pair each image with its caption: metadata files first, then .txt sidecars.
+        captions = self._metadata_captions(files, set(images))
+        missing = []
+        for path in readable:
+            if path not in captions:
+                sidecar = path.with_suffix(".txt")
+                if sidecar.is_file():
+                    captions[path] = sidecar.read_text(encoding="utf-8-sig").strip()
+            if not captions.get(path):
+                missing.append(path)
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of {len(readable)} images have no caption (or an empty one): "
+                f"{_listing(missing, self.root)}. {CAPTION_FORMATS}"
+            )
+        self.paths: list[Path] = readable
+        self.captions: list[str] = [captions[p] for p in readable]
+
+        # 5. Flipping mirrors the image but not the words.
+        if self.flip:
+            sided = [c for c in self.captions if _LEFT_RIGHT.search(c)]
+            if sided:
+                warnings.warn(
+                    f"flip=True mirrors images, but {len(sided)} captions mention 'left' or 'right' "
+                    f"(e.g. {sided[0]!r}), which flipping makes wrong. Pass flip=False to keep them correct.",
+                    stacklevel=2,
+                )
+
+    def _metadata_captions(self, files: list[Path], images: set[Path]) -> dict[Path, str]:
+        """{image path: caption} from every metadata.jsonl / metadata.csv / captions.csv under root."""
+        caption_names = (self.caption_column, "caption") if self.caption_column == "text" else (self.caption_column,)
+        captions: dict[Path, str] = {}
+        sources: dict[Path, str] = {}
+        missing_images: list[str] = []
+        for table in files:
+            if table.name in JSONL_NAMES:
+                rows = _read_jsonl(table)
+            elif table.name in CSV_NAMES:
+                rows = _read_csv(table)
+            else:
+                continue
+            for number, row in rows:
+                where = f"{_relative(table, self.root)}, line {number}"
+                file_name = row[_pick_column(row, FILE_COLUMNS, "file name", where)]
+                caption = row[_pick_column(row, caption_names, "caption", where)]
+                if not isinstance(file_name, str) or not isinstance(caption, str):
+                    raise ValueError(f"{where}: file name and caption must be strings, got {file_name!r} and {caption!r}.")
+                image = Path(os.path.normpath(table.parent / file_name.strip()))
+                if not image.is_file():
+                    missing_images.append(f"{file_name!r} ({where})")
+                    continue
+                if image not in images:
+                    raise ValueError(
+                        f"{where}: {file_name!r} is not an image under {str(self.root)!r} with a supported type "
+                        f"({', '.join(IMAGE_EXTENSIONS)}); fix the entry or convert the file."
+                    )
+                if image in sources:
+                    raise ValueError(f"{where}: {file_name!r} already has a caption from {sources[image]}; keep one entry.")
+                captions[image], sources[image] = caption.strip(), where
+        if missing_images:
+            shown = "; ".join(missing_images[:MAX_LISTED])
+            more = f" and {len(missing_images) - MAX_LISTED} more" if len(missing_images) > MAX_LISTED else ""
+            raise ValueError(
+                f"Caption entries point to {len(missing_images)} image files that do not exist: {shown}{more}. "
+                "file_name is relative to the folder holding the metadata file; fix the name or remove the entry."
+            )
+        return captions
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crops and flips __getitem__ returns."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}.")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Union[torch.Tensor, str]]:
+        """{"pixel_values": float32 (3, size, size) in [-1, 1], "text": caption}."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images.")
+        index %= len(self)
+        rng = np.random.default_rng([self.seed, self.epoch, index])  # no global RNG: resumable
+        try:
+            image = load_rgb(self.paths[index])
+        except Exception as error:
+            raise ValueError(f"Could not decode {str(self.paths[index])!r} ({error}); delete or re-export it.") from error
+        image = resize_and_crop(image, self.size, self.crop, rng)
+        if self.flip and rng.random() < 0.5:
+            image = horizontal_flip(image)
+        return {"pixel_values": to_tensor(image), "text": self.captions[index]}

@@ -1,0 +1,35 @@
+# The training objective: noise x0 with a diffusers scheduler, predict eps or v (Salimans & Ho
+# 2022), weight by min-SNR-gamma (Hang et al. 2023). The UNet never sees the noise schedule.
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+from .config import NoiseConfig
+
+
+def make_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
+    """The training schedule; its config travels with the exported pipeline's sampling scheduler."""
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False)
+
+
+def diffusion_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, text_states: torch.Tensor,
+                   text_mask: torch.Tensor | None, cfg: NoiseConfig, generator: torch.Generator) -> torch.Tensor:
+    """Mean weighted MSE over a batch. x0: (B, C, H, W) in [-1, 1]; text_states: (B, T, D).
+
+    t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4).
+    """
+    B, device = x0.shape[0], x0.device
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), device=device, generator=generator)
+    eps = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
+    x_t = scheduler.add_noise(x0, eps, t)
+    target = eps if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
+    pred = unet(x_t, t, encoder_hidden_states=text_states, encoder_attention_mask=text_mask).sample
+    mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))                    # (B,)
+    if cfg.min_snr_gamma is not None:
+        alpha_bar = scheduler.alphas_cumprod.to(device)[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        weight = snr.clamp(max=cfg.min_snr_gamma) / (snr if cfg.prediction_type == "epsilon" else snr + 1)
+        mse = mse * weight
+    return mse.mean()

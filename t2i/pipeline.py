@@ -1,0 +1,238 @@
+# The text-to-image pipeline: prompt -> CLIP states -> guided denoising with any diffusers
+# scheduler -> images. Classifier-free guidance (Ho & Salimans 2022) by batching [uncond, cond].
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       UniPCMultistepScheduler)
+from diffusers.utils import BaseOutput
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .text import encode_prompts
+from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpm": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+def make_scheduler(name: str, config: dict):
+    """A diffusers scheduler by short name, sharing the noise schedule and prediction type in `config`."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls, extra = SCHEDULERS[name]
+    return cls.from_config(config, **extra)
+
+
+def scheduler_name(scheduler) -> str:
+    """The short name of a scheduler instance (the inverse of make_scheduler), else its class name."""
+    for name, (cls, extra) in SCHEDULERS.items():
+        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in extra.items()):
+            return name
+    return type(scheduler).__name__
+
+
+@dataclass
+class T2IPipelineOutput(BaseOutput):
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    attention: Any = None  # the recorder's Heatmaps when record_attention=True
+
+
+class T2IPipeline(DiffusionPipeline):
+    """unet (T2IUNet or any diffusers UNet2DConditionModel in pixel space), CLIP text_encoder and
+    tokenizer, and a diffusers scheduler. `uncond_dropout` records the caption dropout used in
+    training (None: unknown); guidance on a model trained without it warns."""
+
+    model_cpu_offload_seq = "text_encoder->unet"
+
+    def __init__(self, unet, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler,
+                 uncond_dropout: float | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_to_config(uncond_dropout=uncond_dropout)
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "T2IPipeline":
+        """Load a pipeline folder written by `save_pretrained`, with clear errors for broken folders."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            check_pipeline_folder(path)
+        try:
+            return super().from_pretrained(path, **kwargs)
+        except (ValueError, RuntimeError, OSError) as e:
+            if not os.path.isdir(path):
+                raise ValueError(f"no pipeline folder at {path!r}: pass a folder written by "
+                                 "T2IPipeline.save_pretrained or `t2i train`") from None
+            raise ValueError(f"could not load the pipeline in {path!r}: {_first_line(e)}. If a component's "
+                             "weights do not match its config.json, re-export the folder from its run.") from e
+
+    # -- the steps of __call__ -------------------------------------------------------------------
+    def check_inputs(self, prompt, height, width, guidance_scale, num_images_per_prompt):
+        if not prompt:
+            raise ValueError("the prompt list is empty: pass at least one prompt")
+        if not all(isinstance(p, str) for p in prompt):
+            raise ValueError("prompts must be strings")
+        f = downsample_factor(self.unet)
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ValueError(f"height and width must be positive multiples of {f} for this UNet, "
+                             f"got {height}x{width}; try {max(f, round(height / f) * f)}x{max(f, round(width / f) * f)}")
+        if num_images_per_prompt < 1:
+            raise ValueError("num_images_per_prompt must be at least 1")
+        if guidance_scale > 1.0 and self.config.uncond_dropout == 0:
+            warnings.warn("this model was trained without caption dropout, so it has no unconditional "
+                          "prediction to guide against; use guidance_scale=1.0", stacklevel=3)
+
+    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, guided: bool):
+        """(uncond ++ cond) text states when guided, else cond only."""
+        texts = (negative_prompt or [""] * len(prompt)) + prompt if guided else prompt
+        return encode_prompts(self.tokenizer, self.text_encoder, texts)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 3.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        attention_recorder=None,
+        record_attention: bool = False,
+        return_dict: bool = True,
+    ):
+        """Generate images. `callback(i, t, x_t)` runs after each step. Images come back as a list of
+        PIL images, a float array (B, H, W, 3) in [0, 1] ('np') or a tensor (B, 3, H, W) in [0, 1] ('pt').
+        `record_attention=True` (or an `attention_recorder`) also returns cross-attention heatmaps."""
+        # 1. check inputs
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompt)
+        if negative_prompt is not None and len(negative_prompt) != len(prompt):
+            raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompt)} prompts")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        sample_size = self.unet.config.sample_size
+        height, width = height or sample_size, width or sample_size
+        self.check_inputs(prompt, height, width, guidance_scale, num_images_per_prompt)
+        guided = guidance_scale != 1.0
+        device, dtype = self.unet.device, self.unet.dtype
+
+        # 2. encode the prompt, repeated for each image: rows are [uncond x B, cond x B] when guided
+        enc = self.encode_prompt(prompt, negative_prompt, guided)
+        n = num_images_per_prompt
+        ctx = enc.hidden_states.repeat_interleave(n, dim=0).to(dtype)
+        mask = enc.attention_mask.repeat_interleave(n, dim=0)
+        B = len(prompt) * n
+
+        # 3. prepare the initial noise
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        shape = (B, self.unet.config.in_channels, height, width)
+        x = randn(shape, generator, device, dtype) * self.scheduler.init_noise_sigma
+
+        # 4. denoise, optionally recording cross-attention
+        recorder = attention_recorder
+        if record_attention and recorder is None:
+            from .attention import AttentionRecorder
+            recorder = AttentionRecorder()
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        timesteps = self.scheduler.timesteps
+        recording = recorder.record(self.unet, enc, (height, width), n, guided, len(timesteps)) if recorder else nullcontext()
+        with recording:
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                if recorder is not None:
+                    recorder.set_step(i)
+                x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+                pred = self.unet(x_in, t, encoder_hidden_states=ctx, encoder_attention_mask=mask,
+                                 return_dict=False)[0]
+                if guided:
+                    uncond, cond = pred.chunk(2)
+                    pred = uncond + guidance_scale * (cond - uncond)
+                x = self.scheduler.step(pred, t, x, **step_kwargs).prev_sample
+                if callback is not None:
+                    callback(i, t, x)
+
+        # 5. decode: pixel space in [-1, 1] -> [0, 1]
+        images = (x.float() / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                images = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
+        attention = recorder.heatmaps() if recorder is not None else None
+        self.maybe_free_model_hooks()
+        return T2IPipelineOutput(images, attention) if return_dict else (images, attention)
+
+
+def randn(shape, generator, device, dtype) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU from `generator` (one per image, or one for all), so a seed
+    gives the same image on every device."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {shape[0]} images")
+        x = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+    else:
+        x = torch.randn(shape, generator=generator)
+    return x.to(device=device, dtype=dtype)
+
+
+def downsample_factor(unet) -> int:
+    if hasattr(unet, "downsample_factor"):
+        return unet.downsample_factor
+    return 2 ** (len(unet.config.block_out_channels) - 1)  # diffusers UNet2DConditionModel
+
+
+def check_pipeline_folder(path: str) -> None:
+    """Fail fast, naming what is missing, before diffusers tries to load a broken folder."""
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise ValueError(f"{path!r} has no model_index.json: pass a folder written by T2IPipeline.save_pretrained")
+    with open(index) as f:
+        listed = json.load(f)
+    missing = [c for c in COMPONENTS if c not in listed or not os.path.isdir(os.path.join(path, c))]
+    if missing:
+        raise ValueError(f"pipeline folder {path!r} is missing component(s) {missing}; "
+                         "re-export it with save_pretrained")
+    for c in ("unet", "text_encoder"):
+        files = os.listdir(os.path.join(path, c))
+        if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+            raise ValueError(f"{os.path.join(path, c)!r} needs a config.json and .safetensors weights")
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def load_pipeline(path: str | None = None, device: str | torch.device = "cpu") -> T2IPipeline:
+    """Load a pipeline folder; with no path, the default model shipped inside the package."""
+    if path is None:
+        path = DEFAULT_MODEL
+        if not (DEFAULT_MODEL / "model_index.json").exists():
+            raise ValueError(f"no default model is shipped in {DEFAULT_MODEL}; pass --model PATH/TO/PIPELINE")
+    pipe = T2IPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,137 @@
+# CLIP text encoding (Radford et al. 2021) through transformers: a pretrained CLIP by hub name or
+# local path, or an offline CLIP whose BPE vocabulary is learned from a caption corpus and whose
+# text transformer is built from a small CLIPTextConfig and trained with the UNet.
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+END_OF_WORD = "</w>"
+
+
+@dataclass
+class PromptEncoding:
+    """Text states for a batch of prompts, padded to the tokenizer's fixed length T."""
+
+    hidden_states: torch.Tensor      # (B, T, width)
+    attention_mask: torch.Tensor     # (B, T), 1 for real tokens (BOS, words, EOS), 0 for padding
+    input_ids: torch.Tensor          # (B, T)
+    tokens: list[list[str]]          # the real tokens of each prompt, e.g. ['<|startoftext|>', 'red</w>', ...]
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline tokenizer: byte-level BPE with CLIP's normalisation and word splitting, merges learned
+# from the corpus until every corpus word is a single token. Every byte is in the vocabulary, so
+# any other text still tokenises (into sub-words or bytes), never into <unk>.
+
+
+def _split_words(text: str, tokenizer: CLIPTokenizer) -> list[str]:
+    backend = tokenizer.backend_tokenizer
+    text = backend.normalizer.normalize_str(text)
+    return [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+
+
+def learn_bpe(word_counts: Counter, max_merges: int = 10_000) -> list[tuple[str, str]]:
+    """Greedy BPE (Sennrich et al. 2016): repeatedly merge the most frequent adjacent pair.
+    Words are byte-level strings; the last symbol carries the end-of-word suffix. Ties break
+    lexicographically, so the merges are deterministic."""
+    words = {tuple(w[:-1]) + (w[-1] + END_OF_WORD,): c for w, c in word_counts.items() if w}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter = Counter()
+        for symbols, count in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break  # every word is one token
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = {}
+        for symbols, count in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+        words = merged
+    return merges
+
+
+def build_offline_tokenizer(corpus: list[str], max_length: int = 24) -> CLIPTokenizer:
+    """A CLIPTokenizer whose vocabulary is learned from `corpus` (a list of captions)."""
+    if not corpus:
+        raise ValueError("the caption corpus for the offline tokenizer is empty; pass at least one caption")
+    splitter = CLIPTokenizer()
+    counts = Counter(w for text in corpus for w in _split_words(text, splitter))
+    merges = learn_bpe(counts)
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab_list = alphabet + [c + END_OF_WORD for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_offline_text_encoder(tokenizer: CLIPTokenizer, width: int = 128, layers: int = 2, heads: int = 4,
+                               seed: int | None = None) -> CLIPTextModel:
+    """A randomly initialised CLIP text transformer sized for `tokenizer` (trained with the UNet)."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length, projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    return CLIPTextModel(config)
+
+
+def load_pretrained_clip(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """Tokenizer and text encoder of a pretrained CLIP: a hub name, a local CLIP folder, or a
+    Stable-Diffusion-style folder with `tokenizer/` and `text_encoder/` sub-folders."""
+    sub = os.path.isdir(os.path.join(name_or_path, "text_encoder"))
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer" if sub else "")
+        encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder" if sub else "")
+    except OSError as e:
+        raise ValueError(
+            f"could not load a CLIP text encoder from {name_or_path!r} ({str(e).splitlines()[0]}). Pass a local "
+            "folder saved with save_pretrained, or leave text.pretrained empty to build the offline encoder."
+        ) from None
+    return tokenizer, encoder
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], max_length: int | None = None) -> dict:
+    """Pad/truncate to a fixed length; warn with the count of dropped tokens when a prompt is too long."""
+    T = max_length or tokenizer.model_max_length
+    full = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    for prompt, ids in zip(prompts, full):
+        if len(ids) > T:
+            dropped = tokenizer.decode(ids[T - 1:-1])
+            warnings.warn(
+                f"prompt {prompt!r} is {len(ids)} tokens with start/end, the limit is {T}: dropped the last "
+                f"{len(ids) - T} tokens ({dropped!r}). Shorten the prompt to keep them.", stacklevel=3)
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=T, return_tensors="pt")
+
+
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str],
+                   max_length: int | None = None) -> PromptEncoding:
+    """Prompts -> per-token hidden states (B, T, width) with their mask and token strings."""
+    batch = tokenize(tokenizer, prompts, max_length)
+    device = text_encoder.device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    hidden = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    tokens = [tokenizer.convert_ids_to_tokens(row[m.bool()].tolist()) for row, m in zip(ids.cpu(), mask.cpu())]
+    return PromptEncoding(hidden, mask, ids, tokens)

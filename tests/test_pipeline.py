@@ -1,0 +1,128 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from t2i.pipeline import SCHEDULERS, T2IPipeline, make_scheduler, scheduler_name
+
+from conftest import tiny_pipeline
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_output_types_and_shapes(pipe):
+    pil = pipe(["a red circle", "a blue square"], num_inference_steps=2, generator=gen(), num_images_per_prompt=2).images
+    assert len(pil) == 4 and pil[0].size == (16, 16) and pil[0].mode == "RGB"
+    arr = pipe("a red circle", num_inference_steps=2, generator=gen(), output_type="np", height=16, width=32).images
+    assert arr.shape == (1, 16, 32, 3) and 0 <= arr.min() and arr.max() <= 1
+    pt = pipe("a red circle", num_inference_steps=2, generator=gen(), output_type="pt").images
+    assert pt.shape == (1, 3, 16, 16)
+    assert np.allclose(pt.permute(0, 2, 3, 1).numpy(), pipe("a red circle", num_inference_steps=2, generator=gen(),
+                                                               output_type="np").images)
+
+
+def test_seed_determinism_and_per_image_generators(pipe):
+    a = pipe("a red circle", num_inference_steps=2, generator=gen(5), output_type="np").images
+    b = pipe("a red circle", num_inference_steps=2, generator=gen(5), output_type="np").images
+    c = pipe("a red circle", num_inference_steps=2, generator=gen(6), output_type="np").images
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+    # image i of a batch with generator list [g0, g1] equals the same seed run alone
+    batch = pipe(["a blue square", "a red circle"], num_inference_steps=2, generator=[gen(9), gen(5)],
+                 output_type="np").images
+    assert np.allclose(batch[1], a[0], atol=1e-5)
+
+
+def test_save_and_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["uncond_dropout"] == 0.1
+    assert list((tmp_path / "unet").glob("*.safetensors")) and list((tmp_path / "text_encoder").glob("*.safetensors"))
+    again = T2IPipeline.from_pretrained(tmp_path)
+    again.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, output_type="np", num_images_per_prompt=2)
+    assert np.array_equal(pipe("a red circle", generator=gen(), **kw).images,
+                          again("a red circle", generator=gen(), **kw).images)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_every_scheduler_and_prediction_type(name, prediction_type):
+    pipe = tiny_pipeline(prediction_type)
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    assert pipe.scheduler.config.prediction_type == prediction_type
+    assert scheduler_name(pipe.scheduler) == name
+    out = pipe("a red circle", num_inference_steps=2, generator=gen(), output_type="pt").images
+    assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_guidance_one_is_the_plain_conditional_prediction(pipe):
+    """guidance 1.0 must equal a hand-written loop on the conditional prediction alone."""
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    got = pipe("a red circle", num_inference_steps=3, guidance_scale=1.0, generator=gen(), output_type="pt").images
+    from t2i.text import encode_prompts
+    enc = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle"])
+    pipe.scheduler.set_timesteps(3)
+    x = torch.randn((1, 3, 16, 16), generator=gen())
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            eps = pipe.unet(x, t, enc.hidden_states, enc.attention_mask).sample
+            x = pipe.scheduler.step(eps, t, x).prev_sample
+    assert torch.allclose(got, (x / 2 + 0.5).clamp(0, 1), atol=1e-6)
+    guided = pipe("a red circle", num_inference_steps=3, guidance_scale=3.0, generator=gen(), output_type="pt").images
+    assert not torch.allclose(got, guided, atol=1e-4)
+
+
+def test_negative_prompt_changes_the_image(pipe):
+    kw = dict(num_inference_steps=2, generator=None, output_type="np", guidance_scale=5.0)
+    a = pipe("a red circle", **{**kw, "generator": gen()}).images
+    b = pipe("a red circle", negative_prompt="a blue square", **{**kw, "generator": gen()}).images
+    assert not np.allclose(a, b)
+
+
+def test_callback_sees_every_step(pipe):
+    seen = []
+    pipe("a red circle", num_inference_steps=3, generator=gen(), callback=lambda i, t, x: seen.append((i, x.shape)))
+    assert [i for i, _ in seen] == [0, 1, 2] and seen[0][1] == (1, 3, 16, 16)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def test_bad_size_empty_prompts_and_unknown_scheduler(pipe):
+    with pytest.raises(ValueError, match="multiples of 2"):
+        pipe("a red circle", height=15, num_inference_steps=1)
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        pipe([], num_inference_steps=1)
+    with pytest.raises(ValueError, match="unknown scheduler 'fast'; choose one of ddpm"):
+        make_scheduler("fast", pipe.scheduler.config)
+
+
+def test_too_long_prompt_warns_with_dropped_count(pipe):
+    with pytest.warns(UserWarning, match=r"dropped the last \d+ tokens"):
+        pipe("a red circle above a blue square to the right of a green triangle in the top left",
+             num_inference_steps=1)
+
+
+def test_guidance_without_caption_dropout_warns():
+    pipe = tiny_pipeline(uncond_dropout=0.0)
+    with pytest.warns(UserWarning, match="without caption dropout"):
+        pipe("a red circle", num_inference_steps=1, guidance_scale=3.0)
+
+
+def test_broken_model_folders(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "ok")
+    with pytest.raises(ValueError, match="no model_index.json"):
+        T2IPipeline.from_pretrained(tmp_path)
+    shutil.copytree(tmp_path / "ok", tmp_path / "no_unet")
+    shutil.rmtree(tmp_path / "no_unet" / "unet")
+    with pytest.raises(ValueError, match=r"missing component\(s\) \['unet'\]"):
+        T2IPipeline.from_pretrained(tmp_path / "no_unet")
+    shutil.copytree(tmp_path / "ok", tmp_path / "mismatch")
+    cfg_path = tmp_path / "mismatch" / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["block_channels"] = [16, 64]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="could not load the pipeline"):
+        T2IPipeline.from_pretrained(tmp_path / "mismatch")

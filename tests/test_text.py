@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from t2i.text import (build_offline_text_encoder, build_offline_tokenizer, encode_prompts, learn_bpe,
+                      load_pretrained_clip)
+
+from conftest import CORPUS
+
+
+def test_offline_tokenizer_one_token_per_corpus_word():
+    tok = build_offline_tokenizer(CORPUS, 16)
+    for caption in CORPUS:
+        pieces = tok.tokenize(caption)
+        assert pieces == [w + "</w>" for w in caption.split()]
+
+
+def test_offline_tokenizer_byte_fallback_never_unknown():
+    tok = build_offline_tokenizer(CORPUS, 64)
+    ids = tok("a Zebra 🦓 über 42!")["input_ids"]
+    assert tok.unk_token_id not in ids[1:-1]
+    assert tok.decode(ids, skip_special_tokens=True) == "a zebra 🦓 über 4 2 !"
+
+
+def test_learn_bpe_is_deterministic():
+    from collections import Counter
+    counts = Counter({"circle": 3, "square": 2, "red": 5})
+    assert learn_bpe(counts) == learn_bpe(Counter(dict(reversed(list(counts.items())))))
+
+
+def test_encode_prompts_shapes_mask_and_tokens():
+    tok = build_offline_tokenizer(CORPUS, 12)
+    enc = build_offline_text_encoder(tok, width=32, layers=1, heads=2, seed=0)
+    out = encode_prompts(tok, enc, ["a red circle", "a blue square above a green triangle"])
+    assert out.hidden_states.shape == (2, 12, 32)
+    assert out.attention_mask.sum(1).tolist() == [5, 9]
+    assert out.tokens[0] == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "<|endoftext|>"]
+
+
+def test_too_long_prompt_truncates_with_count():
+    tok = build_offline_tokenizer(CORPUS, 6)
+    enc = build_offline_text_encoder(tok, width=32, layers=1, heads=2, seed=0)
+    with pytest.warns(UserWarning, match="dropped the last 3 tokens"):
+        out = encode_prompts(tok, enc, ["a red circle above a blue square"])  # 7 words + 2 specials = 9
+    assert out.tokens[0][-1] == "<|endoftext|>" and len(out.tokens[0]) == 6
+
+
+@pytest.mark.parametrize("layout", ["flat", "stable-diffusion"])
+def test_load_pretrained_clip_from_local_path(tmp_path, monkeypatch, layout):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = build_offline_tokenizer(CORPUS, 10)
+    enc = build_offline_text_encoder(tok, width=32, layers=1, heads=2, seed=0).eval()
+    root = tmp_path / "clip"
+    tok.save_pretrained(root / ("tokenizer" if layout != "flat" else ""))
+    enc.save_pretrained(root / ("text_encoder" if layout != "flat" else ""))
+    tok2, enc2 = load_pretrained_clip(str(root))
+    a = encode_prompts(tok, enc, ["a red circle"]).hidden_states
+    b = encode_prompts(tok2, enc2.eval(), ["a red circle"]).hidden_states
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_load_pretrained_clip_unreachable_is_clear(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="could not load a CLIP text encoder"):
+        load_pretrained_clip("no-such-org/no-such-clip")
