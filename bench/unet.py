@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
 
 import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from t2i.unet import PRESETS, build_unet
+
+from _timing import machine, timed
 
 
 def matched_diffusers_unet(cfg: dict) -> UNet2DConditionModel:
@@ -37,21 +37,6 @@ def gflops_per_image(model, x, t, ctx) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x[:1], t[:1], encoder_hidden_states=ctx[:1])
     return counter.get_total_flops() / 1e9
-
-
-def timed(fn, device, repeats: int) -> float:
-    """Median seconds of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -97,9 +82,9 @@ def main() -> None:
         rows[name] = dict(params=sum(q.numel() for q in model.parameters()) / 1e6, gflops=flops, fwd=fwd, train=trn)
         model.cpu()
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = machine(device)
     print(f"\nUNet benchmark: preset {args.preset}, {s}x{s}, batch {B}, {args.tokens} tokens, {where}, "
-          f"torch {torch.__version__}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
     print(f"{'model':<10} {'params (M)':>10} {'GFLOP/img':>10} {'fwd img/s':>10} {'train img/s':>12} "
           f"{'train TFLOP/s':>14}")
     for name, r in rows.items():

@@ -10,8 +10,9 @@ from .config import NoiseConfig
 
 def make_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
     """The training schedule; its config travels with the exported pipeline's sampling scheduler."""
+    # clip_sample: pixels live in [-1, 1], so samplers that can clip their x0 estimate do
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         prediction_type=cfg.prediction_type, clip_sample=False)
+                         prediction_type=cfg.prediction_type, clip_sample=True)
 
 
 def diffusion_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, text_states: torch.Tensor,

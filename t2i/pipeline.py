@@ -27,7 +27,8 @@ DEFAULT_MODEL = Path(__file__).parent / "default_model"
 SCHEDULERS: dict[str, tuple[type, dict]] = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
-    "dpm": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    # pixel space: thresholding at sample_max_value=1 clips the x0 estimate to [-1, 1]
+    "dpm": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "thresholding": True}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),

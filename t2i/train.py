@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
 
 from . import checkpoint as ckpt
 from .config import RunConfig, config_to_dict, save_config
@@ -103,11 +104,17 @@ class EMA:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
 
-def build_text(cfg: RunConfig, corpus: list[str]):
+def build_text(cfg: RunConfig, corpus: list[str], run_dir: Path | None = None):
+    """Tokenizer and text encoder. An offline tokenizer is learned once per run and kept in
+    `{run_dir}/tokenizer`, so a resumed run reads the same vocabulary even if the corpus changed."""
     if cfg.text.pretrained:
         tokenizer, encoder = load_pretrained_clip(cfg.text.pretrained)
     else:
-        tokenizer = build_offline_tokenizer(corpus, cfg.text.max_length)
+        saved = run_dir / "tokenizer" if run_dir is not None else None
+        if saved is not None and (saved / "tokenizer.json").exists():
+            tokenizer = CLIPTokenizer.from_pretrained(saved)
+        else:
+            tokenizer = build_offline_tokenizer(corpus, cfg.text.max_length)
         encoder = build_offline_text_encoder(tokenizer, cfg.text.width, cfg.text.layers, cfg.text.heads)
     encoder.requires_grad_(cfg.text.trainable)
     return tokenizer, encoder
@@ -165,7 +172,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
     # 1. components, identically initialised on every process
     set_seed(tc.seed)
     dataset, corpus = build_dataset(cfg)
-    tokenizer, text_encoder = build_text(cfg, corpus)
+    tokenizer, text_encoder = build_text(cfg, corpus, out if resume else None)
     unet = T2IUNet(**cfg.model.unet_kwargs(cfg.data.size, text_encoder.config.hidden_size))
     noise_scheduler = make_noise_scheduler(cfg.noise)
     ema = EMA(unet, tc.ema_decay)
@@ -192,6 +199,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        if not cfg.text.pretrained:
+            tokenizer.save_pretrained(out / "tokenizer")
         accelerator.init_trackers("tensorboard", config=_flat(config_to_dict(cfg)))
         print(f"training {_count(unet)/1e6:.2f}M UNet + {_count(text_encoder)/1e6:.2f}M text encoder params "
               f"({'trained' if cfg.text.trainable else 'frozen'}) on {world} x {device}, from step {step}")

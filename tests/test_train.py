@@ -126,3 +126,41 @@ def test_two_processes_train_in_sync(tmp_path):
     assert state["world_size"] == 2 and state["samples"] == 2 * 2 * 4
     assert (found[0] / "rng-0.safetensors").exists() and (found[0] / "rng-1.safetensors").exists()
     assert (tmp_path / "pipeline" / "model_index.json").exists()
+
+
+def test_make_dataset_then_train_on_the_folder_with_a_frozen_local_clip(tmp_path, monkeypatch):
+    """`t2i make-dataset` writes an image folder; training reads it with a pretrained CLIP loaded by
+    path (hub unreachable), kept frozen, its states cached per caption."""
+    from t2i.cli import main
+    from t2i.text import build_offline_text_encoder, build_offline_tokenizer
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["make-dataset", "shapes", "--num", "12", "--size", "16", "--out", str(tmp_path / "data")]) == 0
+    assert len(list((tmp_path / "data").glob("*.png"))) == 12
+    from t2i.data.shapes import ShapesConfig, caption_corpus
+    tok = build_offline_tokenizer(caption_corpus(ShapesConfig()), 24)
+    enc = build_offline_text_encoder(tok, width=32, layers=1, heads=2, seed=0)
+    tok.save_pretrained(tmp_path / "clip")
+    enc.save_pretrained(tmp_path / "clip")
+    cfg = tiny_config(tmp_path / "run", "data.kind=folder", f"data.root={tmp_path / 'data'}", "data.crop=random",
+                      f"text.pretrained={tmp_path / 'clip'}", "train.max_steps=3", "train.checkpoint_every=3")
+    assert not cfg.text.trainable
+    path = train(cfg)
+    ckpt_dir = ckpt.checkpoints(tmp_path / "run")[-1]
+    assert not (ckpt_dir / "text_encoder.safetensors").exists()  # frozen: not in the checkpoint
+    exported = load_file(str(path / "text_encoder" / "model.safetensors"))
+    for k, v in enc.state_dict().items():
+        if k in exported:
+            assert torch.equal(exported[k].float(), v), k
+
+
+def test_training_data_is_deterministic_and_sharded():
+    from t2i.train import CounterSampler
+    one = CounterSampler(n=10, batch=2, rank=0, world=1, seed=3)
+    it = iter(one)
+    single = [next(it) for _ in range(20)]
+    assert sorted(i for i, e in single[:10]) == list(range(10)) and {e for _, e in single[10:]} == {1}
+    r0, r1 = iter(CounterSampler(10, 2, 0, 2, 3)), iter(CounterSampler(10, 2, 1, 2, 3))
+    a, b = [next(r0) for _ in range(4)], [next(r1) for _ in range(4)]
+    assert a[:2] + b[:2] + a[2:] + b[2:] == single[:8]  # two processes split the single-process stream
+    resumed = iter(CounterSampler(10, 2, 0, 1, 3, start=6))
+    assert [next(resumed) for _ in range(6)] == single[6:12]

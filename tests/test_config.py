@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from t2i.config import RunConfig, config_to_dict, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.unet_kwargs(cfg.data.size, 64)["sample_size"] == cfg.data.size
+
+
+def test_overrides_types_and_round_trip(tmp_path):
+    cfg = load_config(CONFIGS[0], ["train.lr=3e-4", "data.holdout_pairs=[red circle]", "text.pretrained=/x"])
+    assert cfg.train.lr == 3e-4 and cfg.data.holdout_pairs == ("red circle",) and not cfg.text.trainable
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.lrr=1"], "unknown config key 'train.lrr'; did you mean 'train.lr'"),
+    (["trian.lr=1"], "did you mean 'train'"),
+    (["train.max_steps=many"], "'train.max_steps' takes a int"),
+    (["noise.prediction_type=x0"], "prediction_type must be"),
+    (["data.kind=folder"], "needs data.root"),
+    (["train.lr"], "must look like section.key=value"),
+    (["model.preset=huge"], None),
+])
+def test_bad_config_is_a_clear_error(override, message):
+    if message is None:
+        cfg = load_config(None, override)
+        with pytest.raises(ValueError, match="unknown model.preset 'huge'"):
+            cfg.model.unet_kwargs(32, 64)
+        return
+    with pytest.raises(ValueError, match=message):
+        load_config(None, override)
