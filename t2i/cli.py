@@ -60,6 +60,26 @@ def cmd_generate(args) -> None:
             write_heatmap_outputs(result.attention, i, image, out / f"{path.stem}-heatmaps", words=None)
 
 
+def cmd_heatmap(args) -> None:
+    import torch
+
+    from .attention import AttentionRecorder
+    from .attention.export import write_heatmap_outputs
+    from .attention.heatmaps import check_words
+    words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
+    pipe = _pipeline(args)
+    if words:  # fail before sampling when a word is not in the prompt
+        ids = pipe.tokenizer(args.prompt, truncation=True)["input_ids"]
+        check_words(pipe.tokenizer.convert_ids_to_tokens(ids), words)
+    recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
+    result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                  width=args.width, generator=torch.Generator().manual_seed(args.seed), attention_recorder=recorder)
+    out = Path(args.out or Path("outputs") / "heatmaps" / f"{_slug(args.prompt)}-{args.seed}")
+    paths = write_heatmap_outputs(result.attention, 0, result.images[0], out, words=words, size=args.size)
+    for path in paths.values():
+        print(path)
+
+
 def cmd_info(args) -> None:
     from .pipeline import load_pipeline
     pipe = load_pipeline(args.model)
@@ -100,6 +120,19 @@ def cmd_make_dataset(args) -> None:
     print(f"wrote {args.num} images and metadata.jsonl to {args.out}")
 
 
+def cmd_evaluate(args) -> None:
+    from .evaluate import EvalConfig, evaluate
+    given = {k: getattr(args, k) for k in ("num_prompts", "images_per_prompt", "steps", "guidance", "scheduler",
+                                           "seed", "calibration_prompts", "batch_size")}
+    config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
+    report = evaluate(_pipeline(args), config)
+    print(report.format_table())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i", description="Text-to-image diffusion: generate, train, see each word.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -121,6 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="outputs")
     g.set_defaults(func=cmd_generate)
 
+    h = sub.add_parser("heatmap", help="generate one image and draw where each word attended")
+    h.add_argument("prompt", help="the prompt, e.g. 'a red circle above a blue square'")
+    h.add_argument("--words", help="comma-separated words to draw (default: all); 'circle#2' = the second circle")
+    h.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--steps", type=int, default=30)
+    h.add_argument("--guidance", type=float, default=3.0)
+    h.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
+    h.add_argument("--height", type=int)
+    h.add_argument("--width", type=int)
+    h.add_argument("--layers", help="regex on cross-attention module names to record (default: all)")
+    h.add_argument("--gif", action="store_true", help="also write an animated GIF per word over the steps")
+    h.add_argument("--size", type=int, default=256, help="display size of the drawings in px")
+    h.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    h.add_argument("--out", help="output folder (default: outputs/heatmaps/<prompt>-<seed>)")
+    h.set_defaults(func=cmd_heatmap)
+
     i = sub.add_parser("info", help="print a pipeline's config and parameter counts")
     i.add_argument("model", nargs="?", help="pipeline folder (default: the shipped model)")
     i.set_defaults(func=cmd_info)
@@ -141,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True)
     m.set_defaults(func=cmd_make_dataset)
+
+    e = sub.add_parser("evaluate", help="score prompt fidelity and heatmap localisation on seen and held-out "
+                       "prompts (unset sizes: t2i.evaluate.EvalConfig's defaults, printed in the report)")
+    e.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
+    e.add_argument("--num-prompts", type=int, help="prompts per split (seen, held-out)")
+    e.add_argument("--images-per-prompt", type=int, help="images per prompt, each with its own seed")
+    e.add_argument("--steps", type=int)
+    e.add_argument("--guidance", type=float)
+    e.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
+    e.add_argument("--seed", type=int, help="draws the prompts and the noise (keep it apart from the training seed)")
+    e.add_argument("--calibration-prompts", type=int, help="prompts for choosing the map threshold tau")
+    e.add_argument("--batch-size", type=int, help="images per pipeline call")
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--json", help="also write the report as JSON to this file")
+    e.set_defaults(func=cmd_evaluate)
     return p
 
 

@@ -1,0 +1,12 @@
+"""Cross-attention heatmaps: record per-token attention while sampling, read it per word, draw it.
+
+    rec = AttentionRecorder(steps=(0.0, 0.5))             # or pipe(..., record_attention=True)
+    out = pipe("a red circle", attention_recorder=rec)
+    maps = out.attention.word_maps(0, ["red", "circle"], size="image")   # {word: (H, W)}
+    grid_image(out.images[0], out.attention, 0).save("grid.png")
+"""
+
+from .heatmaps import Heatmaps
+from .recorder import AttentionRecorder, attention_with_probs, cross_attention_modules
+
+__all__ = ["AttentionRecorder", "Heatmaps", "attention_with_probs", "cross_attention_modules"]
