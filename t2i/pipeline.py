@@ -228,12 +228,17 @@ def _first_line(e: Exception) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-def load_pipeline(path: str | None = None, device: str | torch.device = "cpu") -> T2IPipeline:
-    """Load a pipeline folder; with no path, the default model shipped inside the package."""
+def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> T2IPipeline:
+    """Load a pipeline folder; with no path, the default model shipped inside the package. Weights
+    come in float32 on the CPU (half precision is slow there) and as stored elsewhere, unless `dtype`."""
     if path is None:
         path = DEFAULT_MODEL
         if not (DEFAULT_MODEL / "model_index.json").exists():
             raise ValueError(f"no default model is shipped in {DEFAULT_MODEL}; pass --model PATH/TO/PIPELINE")
-    pipe = T2IPipeline.from_pretrained(path)
+    device = torch.device(device)
+    if dtype is None and device.type == "cpu":
+        dtype = torch.float32
+    pipe = T2IPipeline.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
