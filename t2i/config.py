@@ -84,6 +84,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     mixed_precision: str = "no"          # "no", "bf16", "fp16"
+    channels_last: bool = True           # 1.13x training img/s on CPU (bench/train.py)
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 20

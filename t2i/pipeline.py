@@ -65,6 +65,7 @@ class T2IPipeline(DiffusionPipeline):
     training (None: unknown); guidance on a model trained without it warns."""
 
     model_cpu_offload_seq = "text_encoder->unet"
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: the UNet computes in it, latents stay float32
 
     def __init__(self, unet, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler,
                  uncond_dropout: float | None = None):
@@ -162,14 +163,16 @@ class T2IPipeline(DiffusionPipeline):
             recorder = AttentionRecorder()
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         timesteps = self.scheduler.timesteps
+        autocast = torch.autocast(device.type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
         recording = recorder.record(self.unet, enc, (height, width), n, guided, len(timesteps)) if recorder else nullcontext()
         with recording:
             for i, t in enumerate(self.progress_bar(timesteps)):
                 if recorder is not None:
                     recorder.set_step(i)
                 x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-                pred = self.unet(x_in, t, encoder_hidden_states=ctx, encoder_attention_mask=mask,
-                                 return_dict=False)[0]
+                with autocast:
+                    pred = self.unet(x_in, t, encoder_hidden_states=ctx, encoder_attention_mask=mask,
+                                     return_dict=False)[0].to(x.dtype)
                 if guided:
                     uncond, cond = pred.chunk(2)
                     pred = uncond + guidance_scale * (cond - uncond)
@@ -241,4 +244,5 @@ def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.dev
         dtype = torch.float32
     pipe = T2IPipeline.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
     pipe.set_progress_bar_config(disable=True)
+    pipe.unet.to(memory_format=torch.channels_last)  # 1.1-1.2x faster sampling on CPU (bench/sample.py)
     return pipe.to(device)

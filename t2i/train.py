@@ -175,6 +175,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
     tokenizer, text_encoder = build_text(cfg, corpus, out if resume else None)
     unet = T2IUNet(**cfg.model.unet_kwargs(cfg.data.size, text_encoder.config.hidden_size))
     noise_scheduler = make_noise_scheduler(cfg.noise)
+    layout = torch.channels_last if tc.channels_last else torch.contiguous_format
+    unet.to(memory_format=layout)
     ema = EMA(unet, tc.ema_decay)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.text.trainable else [])
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
@@ -216,8 +218,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
             captions = [c if torch.rand((), generator=g_drop) >= cfg.noise.uncond_prob else "" for c in batch["text"]]
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
                 states, mask = text(captions, device)
-                loss = diffusion_loss(unet, noise_scheduler, batch["pixel_values"].to(device), states, mask,
-                                      cfg.noise, g_noise)
+                x0 = batch["pixel_values"].to(device).contiguous(memory_format=layout)
+                loss = diffusion_loss(unet, noise_scheduler, x0, states, mask, cfg.noise, g_noise)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, tc.grad_clip)

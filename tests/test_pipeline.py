@@ -126,3 +126,13 @@ def test_broken_model_folders(pipe, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="could not load the pipeline"):
         T2IPipeline.from_pretrained(tmp_path / "mismatch")
+
+
+def test_bf16_autocast_keeps_latents_float32_and_stays_close(pipe):
+    ref = pipe("a red circle", num_inference_steps=3, generator=gen(), output_type="pt").images
+    seen = []
+    pipe.autocast_dtype = torch.bfloat16
+    out = pipe("a red circle", num_inference_steps=3, generator=gen(), output_type="pt",
+               callback=lambda i, t, x: seen.append(x.dtype)).images
+    assert set(seen) == {torch.float32} and out.dtype == torch.float32
+    assert (out - ref).abs().mean() < 0.05 and not torch.equal(out, ref)
