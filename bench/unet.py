@@ -5,12 +5,14 @@ resolutions and text width, side by side in one process.
     python bench/unet.py --preset base --batch 256 --tokens 77 --size 32   # on a GPU (bf16 autocast)
 
 Prints parameters, forward GFLOP/img (FlopCounterMode, a multiply-add counts 2), forward and
-forward+backward(+AdamW step) images/s, and the ratios ours/diffusers, raw and per FLOP.
+forward+backward(+AdamW step) images/s (medians of alternating runs), and the ratios
+ours/diffusers, raw and per FLOP.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -58,29 +60,34 @@ def main() -> None:
               "diffusers": matched_diffusers_unet(cfg)}
     x, t = torch.randn(B, 3, s, s, device=device), torch.randint(0, 1000, (B,), device=device)
     ctx = torch.randn(B, args.tokens, D, device=device)
-    rows = {}
+    # one forward and one training step function per model; timed alternately so drifting load hits both alike
+    fns, rows = {}, {}
     for name, model in models.items():
         model.to(device)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        flops = gflops_per_image(model, x, t, ctx)
 
-        def forward():
+        def forward(model=model):
             with torch.no_grad(), autocast:
                 model(x, t, encoder_hidden_states=ctx)
 
-        def train_step():
+        def train_step(model=model, opt=opt):
             with autocast:
                 out = model(x, t, encoder_hidden_states=ctx).sample
             out.float().pow(2).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        fwd = B / timed(forward, device, args.repeats)
-        trn = B / timed(train_step, device, args.repeats)
-        rows[name] = dict(params=sum(q.numel() for q in model.parameters()) / 1e6, gflops=flops, fwd=fwd, train=trn)
-        model.cpu()
+        fns[name] = {"fwd": forward, "train": train_step}
+        rows[name] = dict(params=sum(q.numel() for q in model.parameters()) / 1e6,
+                          gflops=gflops_per_image(model, x, t, ctx), fwd=[], train=[])
+    for _ in range(args.repeats):
+        for name in models:
+            for kind in ("fwd", "train"):
+                rows[name][kind].append(B / timed(fns[name][kind], device, repeats=1))
+    for r in rows.values():
+        r["fwd"], r["train"] = statistics.median(r["fwd"]), statistics.median(r["train"])
 
     where = machine(device)
     print(f"\nUNet benchmark: preset {args.preset}, {s}x{s}, batch {B}, {args.tokens} tokens, {where}, "

@@ -232,7 +232,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
         ema.update(accelerator.unwrap_model(unet), step)
         bar.update(1)
 
-        if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == tc.max_steps:
+        if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == end:  # before every save
             mean_loss = accelerator.reduce(running, "mean").item() / n_running
             if not math.isfinite(mean_loss):
                 last = ckpt.checkpoints(out)
