@@ -30,6 +30,15 @@ def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0, uncond_dropou
     return pipe
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread avoids oversubscribing a small, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def pipe():
     return tiny_pipeline()

@@ -13,13 +13,7 @@ from t2i.unet import Attention, SDPAProcessor, build_unet
 PROMPTS = ["a red circle", "a blue square above a green triangle"]   # 5 and 9 real tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids oversubscribing a small, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

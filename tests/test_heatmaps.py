@@ -11,13 +11,7 @@ from t2i.attention.overlay import animate, colormap, grid_image, overlay
 from t2i.cli import main
 from t2i.text import BOS, EOS
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids oversubscribing a small, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOKENS = [BOS, "a</w>", "zz", "q</w>", "circle</w>", "and</w>", "a</w>", "circle</w>", "caf", "Ã", "©</w>", EOS]
