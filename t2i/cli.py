@@ -217,8 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_loading() -> None:
+    """Loading a 4 MB model needs no progress bars; the commands show their own."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "train":
+        _quiet_loading()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
