@@ -13,16 +13,10 @@ import time
 from contextlib import contextmanager
 
 import torch
-from diffusers import DDIMScheduler
 
 from t2i.attention import AttentionRecorder, attention_with_probs, cross_attention_modules
-from t2i.pipeline import T2IPipeline
-from t2i.text import build_offline_text_encoder, build_offline_tokenizer
-from t2i.unet import build_unet
 
-CORPUS = ["a red circle above a blue square", "a small green triangle in the top left",
-          "a large purple diamond to the right of an orange circle", "a yellow square below a red triangle"]
-
+from _common import CORPUS, random_pipeline
 
 class StoreEveryMapRecorder:
     """Reference: keeps p (rows, heads, N, T) of every cross-attention layer at every step."""
@@ -63,18 +57,6 @@ class StoreEveryMapRecorder:
         return self.maps
 
 
-def build_pipeline(preset: str, text_width: int, device: str) -> T2IPipeline:
-    torch.manual_seed(0)
-    tokenizer = build_offline_tokenizer(CORPUS, max_length=24)
-    encoder = build_offline_text_encoder(tokenizer, width=text_width, layers=2, heads=4, seed=0)
-    unet = build_unet(preset, cross_attention_dim=text_width)
-    for p in unet.parameters():  # wake the zero-initialised output projections
-        p.data.add_(0.02 * torch.randn_like(p))
-    pipe = T2IPipeline(unet, encoder, tokenizer, DDIMScheduler(beta_schedule="squaredcos_cap_v2"), uncond_dropout=0.1)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
 def sample_once(pipe, prompts, steps, size, recorder, device):
     """Seconds for one guided sampling run; the recorder's bytes kept; CUDA peak bytes (else None)."""
     cuda = device.startswith("cuda")
@@ -93,7 +75,7 @@ def sample_once(pipe, prompts, steps, size, recorder, device):
 
 
 def bench(device: str, args) -> None:
-    pipe = build_pipeline(args.preset, args.text_width, device)
+    pipe = random_pipeline(args.preset, args.text_width, scheduler="ddim").to(device)
     prompts = (CORPUS * args.prompts)[: args.prompts]
     modes = {"off": lambda: None, "ours": AttentionRecorder, "store-every-map": StoreEveryMapRecorder}
     sample_once(pipe, prompts, 2, args.size, AttentionRecorder(), device)  # warm-up

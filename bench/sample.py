@@ -11,24 +11,9 @@ import argparse
 
 import torch
 
-from t2i.pipeline import T2IPipeline, load_pipeline, make_scheduler
+from t2i.pipeline import T2IPipeline, load_pipeline
 
-from _timing import machine, timed
-
-CORPUS = ["a red circle", "a blue square above a green triangle", "a small yellow circle in the top left"]
-
-
-def random_pipeline(preset: str, size: int, text_width: int) -> T2IPipeline:
-    from diffusers import DDPMScheduler
-
-    from t2i.text import build_offline_text_encoder, build_offline_tokenizer
-    from t2i.unet import build_unet
-    tok = build_offline_tokenizer(CORPUS, 24)
-    enc = build_offline_text_encoder(tok, width=text_width, layers=2, heads=4, seed=0)
-    unet = build_unet(preset, sample_size=size, cross_attention_dim=text_width)
-    return T2IPipeline(unet, enc, tok, make_scheduler("dpm", DDPMScheduler(beta_schedule="squaredcos_cap_v2").config),
-                       uncond_dropout=0.1)
-
+from _common import CORPUS, machine, random_pipeline, timed
 
 def apply(pipe: T2IPipeline, variant: str, device) -> T2IPipeline:
     if variant in ("channels_last", "all"):
@@ -66,9 +51,8 @@ def main() -> None:
     print(f"{'variant':<13}" + "".join(f"{f'{s} steps b{b}':>16}" for s in steps for b in batches) + "   (img/s, ratio)")
     base = {}
     for variant in variants:
-        torch.manual_seed(0)
-        pipe = load_pipeline(args.model, device) if args.model else random_pipeline(args.preset, args.size,
-                                                                                        args.text_width).to(device)
+        pipe = load_pipeline(args.model, device) if args.model else \
+            random_pipeline(args.preset, args.text_width, sample_size=args.size).to(device)
         pipe.set_progress_bar_config(disable=True)
         pipe = apply(pipe, variant, device)
         cells = []

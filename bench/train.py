@@ -15,15 +15,14 @@ import contextlib
 import time
 
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from t2i.config import load_config
 from t2i.diffusion import diffusion_loss, make_noise_scheduler
-from t2i.train import EMA, CounterSampler, TextStates, _Epoched, build_dataset, build_text
+from t2i.train import EMA, TextStates, build_dataset, build_text, data_stream
 from t2i.unet import T2IUNet
 
-from _timing import machine, sync
+from _common import machine, sync
 
 VARIANTS = {  # name -> switches; each adds one switch to the eager baseline
     "eager": {},
@@ -64,8 +63,7 @@ def run_variant(cfg, switches: dict, device, steps: int) -> dict:
     ema, sched, text = EMA(unet, 0.999), make_noise_scheduler(cfg.noise), TextStates(tokenizer, encoder, True)
     amp = torch.autocast(device.type, torch.bfloat16) if switches.get("bf16") else contextlib.nullcontext()
     B = cfg.train.batch_size
-    loader = iter(DataLoader(_Epoched(dataset), batch_size=B, sampler=CounterSampler(len(dataset), B, 0, 1, 0),
-                             num_workers=cfg.data.num_workers, drop_last=True))
+    loader = data_stream(dataset, cfg)
     g = torch.Generator(device=device).manual_seed(0)
     parts = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)
 

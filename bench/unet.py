@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from t2i.unet import PRESETS, build_unet
 
-from _timing import machine, timed
+from _common import machine, timed
 
 
 def matched_diffusers_unet(cfg: dict) -> UNet2DConditionModel:

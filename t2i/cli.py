@@ -135,45 +135,44 @@ def cmd_evaluate(args) -> None:
         print(f"wrote {args.json}")
 
 
+def _sampling_options(p: argparse.ArgumentParser, steps: int | None = 30, guidance: float | None = 3.0,
+                      size: bool = True) -> None:
+    """The options of every command that samples from a pipeline."""
+    p.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--guidance", type=float, default=guidance)
+    p.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
+    if size:
+        p.add_argument("--height", type=int)
+        p.add_argument("--width", type=int)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the UNet computes under bf16 autocast (1.4x on CPUs with bf16 units, slower on others)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i", description="Text-to-image diffusion: generate, train, see each word.")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate PNGs from prompts")
     g.add_argument("prompt", nargs="+", help="one or more prompts")
-    g.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=3.0)
-    g.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
+    _sampling_options(g)
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
     g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG")
     g.add_argument("--heatmaps", action="store_true", help="also write per-word attention heatmaps")
-    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the UNet computes under bf16 autocast (1.4x on CPUs with bf16 units, slower on others)")
     g.add_argument("--out", default="outputs")
     g.set_defaults(func=cmd_generate)
 
     h = sub.add_parser("heatmap", help="generate one image and draw where each word attended")
     h.add_argument("prompt", help="the prompt, e.g. 'a red circle above a blue square'")
+    _sampling_options(h)
     h.add_argument("--words", help="comma-separated words to draw (default: all); 'circle#2' = the second circle")
-    h.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
     h.add_argument("--seed", type=int, default=0)
-    h.add_argument("--steps", type=int, default=30)
-    h.add_argument("--guidance", type=float, default=3.0)
-    h.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
-    h.add_argument("--height", type=int)
-    h.add_argument("--width", type=int)
     h.add_argument("--layers", help="regex on cross-attention module names to record (default: all)")
     h.add_argument("--gif", action="store_true", help="also write an animated GIF per word over the steps")
     h.add_argument("--size", type=int, default=256, help="display size of the drawings in px")
-    h.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    h.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the UNet computes under bf16 autocast (1.4x on CPUs with bf16 units, slower on others)")
     h.add_argument("--out", help="output folder (default: outputs/heatmaps/<prompt>-<seed>)")
     h.set_defaults(func=cmd_heatmap)
 
@@ -200,18 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score prompt fidelity and heatmap localisation on seen and held-out "
                        "prompts (unset sizes: t2i.evaluate.EvalConfig's defaults, printed in the report)")
-    e.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
+    _sampling_options(e, steps=None, guidance=None, size=False)
     e.add_argument("--num-prompts", type=int, help="prompts per split (seen, held-out)")
     e.add_argument("--images-per-prompt", type=int, help="images per prompt, each with its own seed")
-    e.add_argument("--steps", type=int)
-    e.add_argument("--guidance", type=float)
-    e.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
     e.add_argument("--seed", type=int, help="draws the prompts and the noise (keep it apart from the training seed)")
     e.add_argument("--calibration-prompts", type=int, help="prompts for choosing the map threshold tau")
     e.add_argument("--batch-size", type=int, help="images per pipeline call")
-    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the UNet computes under bf16 autocast (1.4x on CPUs with bf16 units, slower on others)")
     e.add_argument("--json", help="also write the report as JSON to this file")
     e.set_defaults(func=cmd_evaluate)
     return p

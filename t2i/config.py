@@ -28,6 +28,13 @@ class DataConfig:
     holdout_positions: tuple[str, ...] = ()  # "shape@position" never shown together in training
     seed: int = 0
 
+    def shapes_world(self, split: str = "train"):
+        """The t2i.data.shapes.ShapesConfig these settings describe."""
+        from .data.shapes import ShapesConfig
+        return ShapesConfig(size=self.size, min_objects=self.min_objects, max_objects=self.max_objects,
+                            seed=self.seed, holdout_pairs=self.holdout_pairs,
+                            holdout_positions=self.holdout_positions, split=split)
+
 
 @dataclass(frozen=True)
 class ModelConfig:

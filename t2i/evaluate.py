@@ -93,9 +93,7 @@ def training_world(pipe) -> tuple[ShapesConfig, str]:
     else:
         data = DataConfig(size=pipe.unet.config.sample_size, **ASSUMED_HOLDOUT)
         source = "assumed (no train_config.yaml beside the model): configs/shapes32.yaml's hold-out"
-    world = ShapesConfig(size=data.size, min_objects=data.min_objects, max_objects=data.max_objects,
-                         holdout_pairs=data.holdout_pairs, holdout_positions=data.holdout_positions, split="train")
-    return world, source
+    return data.shapes_world("train"), source
 
 
 def prompt_scenes(world: ShapesConfig, split: str, num: int, seed: int) -> list[ShapeScene]:

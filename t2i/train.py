@@ -28,10 +28,9 @@ def build_dataset(cfg: RunConfig) -> tuple[Dataset, list[str]]:
     """The training set and the caption corpus the offline tokenizer is learned from."""
     d = cfg.data
     if d.kind == "shapes":
-        from .data.shapes import ShapesConfig, ShapesDataset, caption_corpus
-        scfg = ShapesConfig(size=d.size, min_objects=d.min_objects, max_objects=d.max_objects, seed=d.seed,
-                            holdout_pairs=d.holdout_pairs, holdout_positions=d.holdout_positions, split="train")
-        return ShapesDataset(scfg, length=2**31 - 1), caption_corpus(scfg)
+        from .data.shapes import ShapesDataset, caption_corpus
+        world = d.shapes_world("train")
+        return ShapesDataset(world, length=2**31 - 1), caption_corpus(world)
     from .data.folder import ImageFolderDataset
     ds = ImageFolderDataset(d.root, size=d.size, crop=d.crop, flip=d.flip, seed=d.seed, caption_column=d.caption_column)
     return ds, list(ds.captions)
@@ -84,6 +83,14 @@ class CounterSampler(Sampler):
 # ----------------------------------------------------------------------------------------------
 
 
+def data_stream(dataset, cfg: RunConfig, rank: int = 0, world: int = 1, start: int = 0):
+    """Batches of this process from global sample `start` on, in the order CounterSampler fixes."""
+    b = cfg.train.batch_size
+    sampler = CounterSampler(len(dataset), b, rank, world, cfg.train.seed, start=start)
+    return iter(DataLoader(_Epoched(dataset), batch_size=b, sampler=sampler, num_workers=cfg.data.num_workers,
+                           drop_last=True))
+
+
 class EMA:
     """Exponential moving average of parameters, with the usual warm-up: decay_t = min(decay, (1+t)/(10+t))."""
 
@@ -102,6 +109,13 @@ class EMA:
 
     def copy_to(self, model: torch.nn.Module) -> None:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+    def averaged(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A copy of `model` holding the averaged weights; `model` is left as it is."""
+        import copy
+        average = copy.deepcopy(model)
+        self.copy_to(average)
+        return average
 
 
 def build_text(cfg: RunConfig, corpus: list[str], run_dir: Path | None = None):
@@ -195,9 +209,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
         unet, optimizer = accelerator.prepare(unet, optimizer)
         text_encoder = text_encoder.to(device).eval()
     text = TextStates(tokenizer, text_encoder, cfg.text.trainable)
-    sampler = CounterSampler(len(dataset), tc.batch_size, rank, world, tc.seed, start=samples)
-    loader = iter(DataLoader(_Epoched(dataset), batch_size=tc.batch_size, sampler=sampler,
-                             num_workers=cfg.data.num_workers, drop_last=True))
+    loader = data_stream(dataset, cfg, rank, world, start=samples)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -325,12 +337,9 @@ def build_pipeline(cfg, unet, text_encoder, tokenizer, noise_scheduler):
 @torch.no_grad()
 def preview(accelerator, cfg, out, step, unet, text_encoder, tokenizer, ema, noise_scheduler) -> None:
     """Images for the fixed preview prompts with the EMA weights, saved and logged to TensorBoard."""
-    import copy
-
     import numpy as np
     from PIL import Image
-    model = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
-    ema.copy_to(model)
+    model = ema.averaged(accelerator.unwrap_model(unet)).eval()
     encoder = accelerator.unwrap_model(text_encoder)
     was_training = encoder.training
     pipe = build_pipeline(cfg, model, encoder.eval(), tokenizer, noise_scheduler)
@@ -348,8 +357,7 @@ def preview(accelerator, cfg, out, step, unet, text_encoder, tokenizer, ema, noi
 
 def export_pipeline(cfg, unet, text_encoder, tokenizer, ema, noise_scheduler, path: Path) -> None:
     import copy
-    model = copy.deepcopy(unet)
-    ema.copy_to(model)
+    model = ema.averaged(unet)
     encoder = copy.deepcopy(text_encoder)
     if cfg.train.export_dtype == "float16":  # halves the folder; sampling upcasts where it needs to
         model, encoder = model.half(), encoder.half()
