@@ -26,6 +26,7 @@ class DataConfig:
     max_objects: int = 2
     holdout_pairs: tuple[str, ...] = ()      # "colour shape" never shown together in training
     holdout_positions: tuple[str, ...] = ()  # "shape@position" never shown together in training
+    position_prob: float = 0.5               # share of captions that state positions or a relation
     seed: int = 0
 
     def shapes_world(self, split: str = "train"):
@@ -33,7 +34,8 @@ class DataConfig:
         from .data.shapes import ShapesConfig
         return ShapesConfig(size=self.size, min_objects=self.min_objects, max_objects=self.max_objects,
                             seed=self.seed, holdout_pairs=self.holdout_pairs,
-                            holdout_positions=self.holdout_positions, split=split)
+                            holdout_positions=self.holdout_positions, position_prob=self.position_prob,
+                            split=split)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class ModelConfig:
     num_heads: int | None = None
     norm_groups: int | None = None
     dropout: float | None = None
+    pos_embed: bool | None = None            # 2D sin-cos positions (learned projection) in every attention block
+    context_layers: int | None = None        # bidirectional transformer layers over the text states in the UNet
 
     def unet_kwargs(self, sample_size: int, cross_attention_dim: int) -> dict:
         from .unet import PRESETS
@@ -78,6 +82,7 @@ class NoiseConfig:
     num_train_timesteps: int = 1000
     min_snr_gamma: float | None = 5.0    # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
     uncond_prob: float = 0.1             # caption dropout for classifier-free guidance
+    timestep_bias: float = 1.0           # t = T * u**(1/bias), u ~ U(0, 1): 1 uniform, > 1 favours high noise (layout)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class TrainConfig:
     preview_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle in the top left")
     preview_steps: int = 20
     export_dtype: str = "float32"        # "float32" or "float16" for the exported pipeline
+    grounding_weight: float = 0.0        # token-grounding loss (TokenCompose-style): object words' maps -> masks
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,9 @@ class RunConfig:
             (self.train.export_dtype in ("float32", "float16"), "train.export_dtype must be float32 or float16"),
             (self.train.batch_size > 0 and self.train.grad_accum > 0, "train.batch_size and grad_accum must be > 0"),
             (self.train.max_steps > 0, "train.max_steps must be > 0"),
+            (self.noise.timestep_bias > 0, "noise.timestep_bias must be > 0 (1 is uniform)"),
+            (0 <= self.data.position_prob <= 1, "data.position_prob must be in [0, 1]"),
+            (self.train.grounding_weight >= 0, "train.grounding_weight must be >= 0 (0 turns it off)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -19,10 +19,15 @@ def diffusion_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, text_states
                    text_mask: torch.Tensor | None, cfg: NoiseConfig, generator: torch.Generator) -> torch.Tensor:
     """Mean weighted MSE over a batch. x0: (B, C, H, W) in [-1, 1]; text_states: (B, T, D).
 
-    t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4).
+    t = floor(T * u**(1/timestep_bias)), u ~ U(0, 1) (uniform over 0..T-1 at bias 1), eps ~ N(0, I), x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4).
     """
     B, device = x0.shape[0], x0.device
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), device=device, generator=generator)
+    T = scheduler.config.num_train_timesteps
+    if cfg.timestep_bias == 1.0:
+        t = torch.randint(0, T, (B,), device=device, generator=generator)
+    else:
+        u = torch.rand((B,), device=device, generator=generator)
+        t = (T * u.pow(1.0 / cfg.timestep_bias)).long().clamp(max=T - 1)
     eps = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
     x_t = scheduler.add_noise(x0, eps, t)
     target = eps if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)

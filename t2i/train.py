@@ -17,6 +17,7 @@ from transformers import CLIPTokenizer
 from . import checkpoint as ckpt
 from .config import RunConfig, config_to_dict, save_config
 from .diffusion import diffusion_loss, make_noise_scheduler
+from .grounding import capture_cross_attention, grounding_loss, token_indices
 from .text import build_offline_text_encoder, build_offline_tokenizer, load_pretrained_clip, tokenize
 from .unet import T2IUNet
 
@@ -30,9 +31,10 @@ def build_dataset(cfg: RunConfig) -> tuple[Dataset, list[str]]:
     if d.kind == "shapes":
         from .data.shapes import ShapesDataset, caption_corpus
         world = d.shapes_world("train")
-        return ShapesDataset(world, length=2**31 - 1), caption_corpus(world)
+        return ShapesDataset(world, length=2**31 - 1, grounding=cfg.train.grounding_weight > 0), caption_corpus(world)
     from .data.folder import ImageFolderDataset
-    ds = ImageFolderDataset(d.root, size=d.size, crop=d.crop, flip=d.flip, seed=d.seed, caption_column=d.caption_column)
+    ds = ImageFolderDataset(d.root, size=d.size, crop=d.crop, flip=d.flip, seed=d.seed, caption_column=d.caption_column,
+                            grounding=cfg.train.grounding_weight > 0)
     return ds, list(ds.captions)
 
 
@@ -222,6 +224,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
     # 3. the loop: one optimiser step = grad_accum micro-batches on every process
     bar = tqdm(total=tc.max_steps, initial=step, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     running, n_running, t0, seen0 = torch.zeros((), device=device), 0, time.perf_counter(), samples
+    running_ground = torch.zeros((), device=device)
     unet.train(), text_encoder.train(cfg.text.trainable)
     end = min(tc.max_steps, stop_at or tc.max_steps)
     while step < end:
@@ -231,7 +234,15 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
                 states, mask = text(captions, device)
                 x0 = batch["pixel_values"].to(device).contiguous(memory_format=layout)
-                loss = diffusion_loss(unet, noise_scheduler, x0, states, mask, cfg.noise, g_noise)
+                if tc.grounding_weight > 0:
+                    with capture_cross_attention(accelerator.unwrap_model(unet)) as probs:
+                        loss = diffusion_loss(unet, noise_scheduler, x0, states, mask, cfg.noise, g_noise)
+                    words = token_indices(tokenizer, captions, batch["ground_spans"]).to(device)
+                    ground = grounding_loss(probs, batch["ground_masks"].to(device), words)
+                    running_ground += ground.detach() / tc.grad_accum
+                    loss = loss + tc.grounding_weight * ground
+                else:
+                    loss = diffusion_loss(unet, noise_scheduler, x0, states, mask, cfg.noise, g_noise)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, tc.grad_clip)
@@ -253,7 +264,11 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
                     f"{last[-1] if last else 'none'}: resume from it with a lower train.lr, or mixed_precision=no.")
             rate = (samples - seen0) / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
-            accelerator.log({"loss": mean_loss, "lr": lr_schedule.get_last_lr()[0], "img_per_s": rate}, step=step)
+            logs = {"loss": mean_loss, "lr": lr_schedule.get_last_lr()[0], "img_per_s": rate}
+            if tc.grounding_weight > 0:
+                logs["grounding_loss"] = accelerator.reduce(running_ground, "mean").item() / n_running
+                running_ground.zero_()
+            accelerator.log(logs, step=step)
             running.zero_()
             n_running, t0, seen0 = 0, time.perf_counter(), samples
         if step % tc.checkpoint_every == 0 or step == end:

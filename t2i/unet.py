@@ -88,13 +88,33 @@ class Attention(nn.Module):
         return self.processor(self, x, context, mask)
 
 
-class SpatialTransformer(nn.Module):
-    """GroupNorm -> 1x1 in -> [self-attn, cross-attn, MLP] on HW tokens -> 1x1 out (zero init) -> + x."""
+def sincos_2d(height: int, width: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 2D sin-cos position features (Vaswani et al. 2017, per axis as in MAE), (height * width, dim).
+    Coordinates are fractions of the image side, so a grid cell means the same place at every resolution."""
+    quarter = dim // 4
+    freqs = 2.0 ** torch.arange(quarter, device=device, dtype=torch.float32) * math.pi   # 1/2 .. cycles per side
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    y, x = torch.meshgrid(ys, xs, indexing="ij")                                           # (H, W) each
+    args = torch.cat([y.reshape(-1, 1) * freqs, x.reshape(-1, 1) * freqs], dim=1)        # (HW, dim / 2)
+    feats = torch.cat([args.sin(), args.cos()], dim=1)
+    return F.pad(feats, (0, dim - feats.shape[1]))
 
-    def __init__(self, ch: int, heads: int, context_dim: int, groups: int, ff_mult: int = 4):
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> 1x1 in [-> + learned projection of 2D sin-cos positions] -> [self-attn, cross-attn, MLP]
+    on HW tokens -> 1x1 out (zero init) -> + x. The position term (zero init) lets cross-attention queries
+    know where they are, so "top left" can be matched to a place (issue #8's ablation in docs/results.md)."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int, groups: int, ff_mult: int = 4,
+                 pos_embed: bool = False):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.pos_proj = nn.Linear(ch, ch) if pos_embed else None
+        if self.pos_proj is not None:
+            nn.init.zeros_(self.pos_proj.weight)
+            nn.init.zeros_(self.pos_proj.bias)
         self.norm1, self.self_attn = nn.LayerNorm(ch), Attention(ch, heads)
         self.norm2, self.cross_attn = nn.LayerNorm(ch), Attention(ch, heads, context_dim)
         self.norm3 = nn.LayerNorm(ch)
@@ -106,10 +126,30 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, context, mask=None):
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)      # (B, HW, C)
+        if self.pos_proj is not None:
+            h = h + self.pos_proj(sincos_2d(H, W, C, x.device).to(h.dtype))
         h = h + self.self_attn(self.norm1(h))
         h = h + self.cross_attn(self.norm2(h), context, mask)
         h = h + self.ff(self.norm3(h))
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class ContextRefiner(nn.Module):
+    """Bidirectional pre-norm transformer layers over the text states, applied once per forward. CLIP's
+    text transformer is causal, so a noun's state cannot see the position words after it; these layers
+    let every token see the whole prompt (padding masked) before cross-attention reads it."""
+
+    def __init__(self, dim: int, layers: int, heads: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
+                                                               batch_first=True, norm_first=True)
+                                    for _ in range(layers))
+
+    def forward(self, ctx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        pad = None if keep is None else ~keep.to(torch.bool)                  # (B, T), True where padding
+        for layer in self.layers:
+            ctx = layer(ctx, src_key_padding_mask=pad)
+        return ctx
 
 
 class ResBlock(nn.Module):
@@ -177,7 +217,8 @@ class T2IUNet(ModelMixin, ConfigMixin):
     def __init__(self, sample_size: int = 32, in_channels: int = 3, out_channels: int = 3,
                  block_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
                  attention_levels: tuple[bool, ...] = (False, True, True), num_heads: int = 4,
-                 cross_attention_dim: int = 128, norm_groups: int = 8, ff_mult: int = 4, dropout: float = 0.0):
+                 cross_attention_dim: int = 128, norm_groups: int = 8, ff_mult: int = 4, dropout: float = 0.0,
+                 pos_embed: bool = False, context_layers: int = 0):
         super().__init__()
         chs = list(block_channels)
         if len(attention_levels) != len(chs):
@@ -193,7 +234,9 @@ class T2IUNet(ModelMixin, ConfigMixin):
             return ResBlock(cin, cout, temb_dim, norm_groups, dropout)
 
         def tfm(ch):
-            return SpatialTransformer(ch, num_heads, cross_attention_dim, norm_groups, ff_mult)
+            return SpatialTransformer(ch, num_heads, cross_attention_dim, norm_groups, ff_mult, pos_embed)
+
+        self.context_refiner = ContextRefiner(cross_attention_dim, context_layers, num_heads) if context_layers else None
 
         # 1. down path; remember the channels of every skip connection
         skips, ch, self.down = [chs[0]], chs[0], nn.ModuleList()
@@ -259,6 +302,8 @@ class T2IUNet(ModelMixin, ConfigMixin):
         t = t.expand(B) if t.ndim == 0 else t
         temb = self.time_mlp(timestep_embedding(t, self.config.block_channels[0]).to(sample.dtype))
         ctx = encoder_hidden_states.to(sample.dtype)
+        if self.context_refiner is not None:
+            ctx = self.context_refiner(ctx, encoder_attention_mask)
         bias = None
         if encoder_attention_mask is not None:                   # (B, T) keep-mask -> (B, 1, 1, T) additive bias
             keep = encoder_attention_mask.to(torch.bool)[:, None, None, :]

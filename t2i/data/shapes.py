@@ -66,6 +66,7 @@ class ShapesConfig:
     holdout_positions: tuple[str, ...] = ()
     split: str = "train"
     jitter: bool = True
+    position_prob: float = 0.5  # share of one-object and "A and B" captions that state grid positions
 
     def __post_init__(self):
         for name in ("background", "colours", "shapes", "holdout_pairs", "holdout_positions"):
@@ -78,6 +79,8 @@ class ShapesConfig:
             )
         if self.seed < 0:
             raise ValueError(f"ShapesConfig.seed must be >= 0, got {self.seed}")
+        if not 0 <= self.position_prob <= 1:
+            raise ValueError(f"ShapesConfig.position_prob must be in [0, 1], got {self.position_prob}")
         _check_names("colour", self.colours, tuple(PALETTE))
         _check_names("shape", self.shapes, SHAPES)
         if len(set(self.colours)) < self.max_objects:
@@ -246,11 +249,12 @@ def relation(a: ShapeObject, b: ShapeObject) -> str:
     return " and ".join(w for w in (vertical, horizontal) if w)
 
 
-def _caption(objects: list[ShapeObject], rng: np.random.Generator) -> tuple[str, tuple[str, ...]]:
+def _caption(objects: list[ShapeObject], rng: np.random.Generator,
+             position_prob: float = 0.5) -> tuple[str, tuple[str, ...]]:
     """A caption for the scene and what it states about each object."""
-    # Templates: one object (size and position each half the time); two objects: "A <relation> B" or
-    # "A and B" (with positions half the time); three objects: "A and B and C" with sizes or positions or neither.
-    with_size, with_position = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+    # Templates: one object (size half the time, position with position_prob); two objects: "A <relation> B" or
+    # "A and B" (with positions at position_prob); three objects: "A and B and C" with sizes or positions or neither.
+    with_size, with_position = bool(rng.random() < 0.5), bool(rng.random() < position_prob)
     use_relation = len(objects) == 2 and bool(rng.random() < 0.5)
     if len(objects) == 3 and with_size and with_position:
         with_size = with_position = False  # keep three-object captions short
@@ -293,7 +297,7 @@ def render_scene(config: ShapesConfig, index: int) -> ShapeScene:
         raise ValueError(f"scene index must be >= 0, got {index}")
     rng = np.random.default_rng((config.seed, index))
     objects = _draw_objects(config, rng)
-    caption, stated = _caption(objects, rng)
+    caption, stated = _caption(objects, rng, config.position_prob)
     n = config.size
     masks = np.stack([shape_mask(o.shape, o.box, n, n) for o in objects])  # (k, H, W)
     image = np.empty((n, n, 3), dtype=np.uint8)
@@ -305,16 +309,50 @@ def render_scene(config: ShapesConfig, index: int) -> ShapeScene:
     return ShapeScene(image, caption, tuple(objects), masks, stated)
 
 
+def word_spans(scene: ShapeScene) -> list[tuple[int, int, int]]:
+    """(start, end, object index) character spans of each object's own words in `scene.caption`: its size
+    (when stated), colour and shape noun. Colours are unique in a scene, and a noun phrase is always
+    "[size] colour shape", so the words are found from the colour's place."""
+    starts, pos = [], 0
+    words = scene.caption.split(" ")
+    for w in words:
+        starts.append(pos)
+        pos += len(w) + 1
+    spans = []
+    for k, obj in enumerate(scene.objects):
+        i = words.index(obj.colour)
+        own = [i - 1, i, i + 1] if "size" in scene.stated else [i, i + 1]
+        spans += [(starts[j], starts[j] + len(words[j]), k) for j in own]
+    return spans
+
+
+MAX_GROUNDED_WORDS = 9  # 3 objects x (size, colour, shape)
+
+
+def grounding_targets(scene: ShapeScene) -> dict[str, torch.Tensor]:
+    """Padded grounding targets of a scene: "ground_spans" long (K, 2) character spans of object words
+    (-1 where unused) and "ground_masks" float (K, H, W), the mask of each word's object."""
+    spans = word_spans(scene)
+    n = scene.image.shape[0]
+    out_spans = torch.full((MAX_GROUNDED_WORDS, 2), -1, dtype=torch.long)
+    out_masks = torch.zeros((MAX_GROUNDED_WORDS, n, n), dtype=torch.float32)
+    for j, (a, b, k) in enumerate(spans):
+        out_spans[j] = torch.tensor([a, b])
+        out_masks[j] = torch.from_numpy(scene.masks[k].astype(np.float32))
+    return {"ground_spans": out_spans, "ground_masks": out_masks}
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """Scenes generated on the fly: item i is always scene i, so a run can resume at any index.
 
-    Items: {"pixel_values": float32 (3, H, W) in [-1, 1], "text": caption}.
+    Items: {"pixel_values": float32 (3, H, W) in [-1, 1], "text": caption}, plus `grounding_targets`
+    when `grounding=True`.
     """
 
-    def __init__(self, config: ShapesConfig = ShapesConfig(), length: int = 1_000_000):
+    def __init__(self, config: ShapesConfig = ShapesConfig(), length: int = 1_000_000, grounding: bool = False):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
-        self.config, self.length = config, length
+        self.config, self.length, self.grounding = config, length, grounding
 
     def __len__(self) -> int:
         return self.length
@@ -327,7 +365,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | str]:
         scene = self.scene(i)
         pixels = np.ascontiguousarray(scene.image.transpose(2, 0, 1), dtype=np.float32) / 127.5 - 1.0  # (3, H, W)
-        return {"pixel_values": torch.from_numpy(pixels), "text": scene.caption}
+        item = {"pixel_values": torch.from_numpy(pixels), "text": scene.caption}
+        return {**item, **grounding_targets(scene)} if self.grounding else item
 
 
 def write_image_folder(config: ShapesConfig, num: int, out_dir: str | Path, progress: bool = True) -> Path:
