@@ -14,12 +14,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data.paraphrase import paraphrase
 from .data.shapes import ShapesConfig, ShapeScene, render_scene
-from .metrics import (FIDELITY, FIDELITY_HELP, TAUS, Tally, calibrate_tau, centre_prior_map, iou_curve,
+from .metrics import (FIDELITY, FIDELITY_HELP, GENEVAL, GENEVAL_HELP, TAUS, Tally, calibrate_tau, centre_prior_map, iou_curve,
                       normalise_map, pointing, score_fidelity, to_uint8, uniform_map)
 from .segment import match_objects, segment
 
 SPLITS = {"seen": "train", "held-out": "holdout"}  # report name -> ShapesConfig.split
+PARAPHRASE = "paraphrase"  # seen-split scenes (another seed) re-worded as the training templates never do
+BENCHMARK_POSITION_PROB = 0.5  # prompts state positions as often for every model, whatever its training used
 WORD_CLASSES = ("noun", "colour")
 IMAGE_SOURCES = ("model", "training images", "noise", "another prompt's scene")
 MAP_SOURCES = ("ours", "uniform", "centre prior")
@@ -93,13 +96,20 @@ def training_world(pipe) -> tuple[ShapesConfig, str]:
     else:
         data = DataConfig(size=pipe.unet.config.sample_size, **ASSUMED_HOLDOUT)
         source = "assumed (no train_config.yaml beside the model): configs/shapes32.yaml's hold-out"
-    return data.shapes_world("train"), source
+    world = dataclasses.replace(data.shapes_world("train"), position_prob=BENCHMARK_POSITION_PROB)
+    return world, source
 
 
 def prompt_scenes(world: ShapesConfig, split: str, num: int, seed: int) -> list[ShapeScene]:
     """`num` scenes of `world` under `seed` from ShapesConfig split 'train', 'holdout' or 'all'."""
     config = dataclasses.replace(world, split=split, seed=seed)
     return [render_scene(config, i) for i in range(num)]
+
+
+def paraphrase_scenes(world: ShapesConfig, num: int, seed: int) -> list[ShapeScene]:
+    """`num` seen-split scenes under seed + 2, each captioned in a wording training never used."""
+    rng = np.random.default_rng([seed, 2])
+    return [paraphrase(s, rng) for s in prompt_scenes(world, "train", num, seed + 2)]
 
 
 def object_words(scene: ShapeScene) -> list[dict[str, str]]:
@@ -242,6 +252,7 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
               if split == "train" or world.holdout_pairs or world.holdout_positions}
     if "held-out" not in splits:
         notes.append("the model's training data holds nothing out, so there is no held-out split")
+    splits[PARAPHRASE] = paraphrase_scenes(world, config.num_prompts, config.seed)
     calibration = prompt_scenes(world, "train", config.calibration_prompts, config.seed + 1)
     size = world.size
 
@@ -281,7 +292,7 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
     fidelity, localisation = {}, {}
     for split_id, (name, scenes) in enumerate(splits.items(), start=1):
         tally, mapset, n = results[name]
-        fidelity[name] = {"model": {"images": n, **tally.to_dict(FIDELITY)}}
+        fidelity[name] = {"model": {"images": n, **tally.to_dict(FIDELITY), "geneval": tally.to_dict(GENEVAL)}}
         for image_source, (t, m) in score_baseline_images(scenes, config.seed, split_id).items():
             fidelity[name][image_source] = {"images": m, **t.to_dict(FIDELITY)}
         localisation[name] = score_maps(mapset, size, tau)
@@ -323,7 +334,17 @@ def format_report(report: EvalReport) -> str:
            f"({w['source']})",
            f"{c.num_prompts} prompts per split x {c.images_per_prompt} images, {c.steps} steps "
            f"({report.calibration['scheduler']}), guidance {c.guidance}, seed {c.seed}; {report.seconds:.0f} s", "",
-           "## Prompt fidelity (% of trials, judged by the segmenter)"]
+           "## GenEval-style summary (% of images, judged by the segmenter)"]
+    rows = []
+    for split, sources in report.fidelity.items():
+        ge = sources["model"]["geneval"]
+        rates = [ge[m]["rate"] for m in GENEVAL]
+        known = [r for r in rates if r is not None]
+        rows.append([split, str(sources["model"]["images"])] + [_pct(r) for r in rates]
+                    + [_pct(sum(known) / len(known) if known else None)])
+    out += _table(["split", "n"] + list(GENEVAL) + ["overall"], rows)
+    out += [""] + [f"- {m}: {GENEVAL_HELP[m]}" for m in GENEVAL]
+    out += ["", "## Prompt fidelity (% of trials, judged by the segmenter)"]
     labels = {"model": "model", "training images": "training images (ceiling)", "noise": "uniform noise (chance)",
               "another prompt's scene": "another prompt's scene (chance)"}
     rows = [[split, labels[src], str(r["images"])] + [_pct(r[m]["rate"]) for m in FIDELITY]

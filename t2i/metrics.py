@@ -23,6 +23,15 @@ FIDELITY_HELP = {
     "count": "images with as many objects as prompted",
     "exact": "images with every object found, every stated attribute right and nothing else",
 }
+GENEVAL = ("single object", "two objects", "counting", "colours", "position", "colour attribution")
+GENEVAL_HELP = {  # GenEval's categories (Ghosh et al. 2023) as they read in the shapes world
+    "single object": "one-object prompts: an object of the prompted shape is there",
+    "two objects": "two-object prompts: both prompted shapes are there",
+    "counting": "as many objects as prompted",
+    "colours": "one-object prompts: the object of the prompted colour has the prompted shape",
+    "position": "every stated grid position or relation is right (prompts that state one)",
+    "colour attribution": "two-object prompts: both colour-shape pairs are right",
+}
 TAUS = tuple(np.round(np.arange(0.1, 0.95, 0.1), 2).tolist())  # thresholds for the tau calibration
 DAAM_TAU = 0.4  # DAAM's threshold, used when calibration has no objects to calibrate on
 
@@ -97,7 +106,27 @@ def score_fidelity(scene: ShapeScene, detected: Sequence[DetectedObject],
             exact &= ok
     tally.add("count", len(detected) == len(scene.objects))
     tally.add("exact", exact)
+    _add_geneval(tally, scene, detected, pairs)
     return tally
+
+
+def _add_geneval(tally: Tally, scene: ShapeScene, detected: Sequence[DetectedObject],
+                 pairs: list[tuple[ShapeObject, DetectedObject | None]]) -> None:
+    """The GENEVAL categories of one image, each a 0/1 trial where it applies."""
+    n, shapes = len(scene.objects), Counter(d.shape for d in detected)
+    bound = all(det is not None and det.shape == obj.shape for obj, det in pairs)
+    if n == 1:
+        tally.add("single object", shapes[scene.objects[0].shape] > 0)
+        tally.add("colours", bound)
+    if n == 2:
+        tally.add("two objects", not Counter(o.shape for o in scene.objects) - shapes)
+        tally.add("colour attribution", bound)
+    tally.add("counting", len(detected) == n)
+    if "position" in scene.stated:
+        tally.add("position", all(det is not None and det.position == obj.position for obj, det in pairs))
+    if "relation" in scene.stated:
+        (a, da), (b, db) = pairs
+        tally.add("position", da is not None and db is not None and _same_relation(a, b, da, db))
 
 
 def _same_relation(a: ShapeObject, b: ShapeObject, da: DetectedObject, db: DetectedObject) -> bool:

@@ -135,7 +135,7 @@ def test_word_map_reads_heatmaps_at_image_size():
 def test_evaluate_is_deterministic_and_json_ready():
     pipe = shapes_pipeline()
     report = evaluate(pipe, TINY, world=WORLD, progress=False)
-    assert set(report.fidelity) == {"seen", "held-out"}
+    assert set(report.fidelity) == {"seen", "held-out", "paraphrase"}
     assert report.fidelity["seen"]["model"]["images"] == 2
     assert report.fidelity["held-out"]["training images"]["recall"]["rate"] == 1.0
     loc = report.localisation["seen"]["noun"]
@@ -162,9 +162,9 @@ def test_cli_evaluate_prints_table_and_writes_json(tmp_path, capsys):
             "--steps", "2", "--calibration-prompts", "1", "--device", "cpu", "--json", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "## Prompt fidelity" in printed and "## Heatmap localisation" in printed and "58.8" in printed
+    assert "## GenEval-style summary" in printed and "## Prompt fidelity" in printed and "## Heatmap localisation" in printed and "58.8" in printed
     report = json.loads(out.read_text())
-    assert set(report["fidelity"]) == {"seen", "held-out"}                 # no train_config: assumed hold-out
+    assert set(report["fidelity"]) == {"seen", "held-out", "paraphrase"}   # no train_config: assumed hold-out
     assert report["config"]["num_prompts"] == 2 and report["config"]["steps"] == 2
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--num-prompts", "0"]) == 2
     assert "num_prompts" in capsys.readouterr().err

@@ -8,6 +8,10 @@ Captions come from any of three formats (they can be mixed; an image may have on
     3. metadata.csv or captions.csv with columns file_name,text (or image,caption).
 Entries in metadata.jsonl / CSV files take precedence over .txt sidecars.
 
+For the token-grounding loss (grounding=True), a metadata.jsonl line may also name a mask image per word of
+its caption: {"file_name": "a.png", "text": "a red cube", "masks": {"cube": "a_cube.png"}} (paths relative to
+the jsonl's folder; white = the object). Images without "masks" train without grounding.
+
 Random crops and flips are a pure function of (seed, epoch, index): call set_epoch(e)
 before each epoch (with DataLoader workers that are re-created each epoch, the default
 persistent_workers=False) and a resumed run sees exactly the same samples.
@@ -127,6 +131,7 @@ class ImageFolderDataset(Dataset):
         flip: bool = False,
         seed: int = 0,
         caption_column: str = "text",
+        grounding: bool = False,
     ) -> None:
         # 1. Check arguments.
         self.root = Path(root).expanduser().absolute()
@@ -141,7 +146,9 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
         self.size, self.crop, self.flip, self.seed = size, crop, bool(flip), seed
         self.caption_column = caption_column
+        self.grounding = grounding
         self.epoch = 0
+        self.masks: dict[Path, list[tuple[int, int, Path]]] = {}  # image -> (start, end, mask file) per word
 
         # 2. Find images and caption files.
         files = list(_walk(self.root))
@@ -224,6 +231,8 @@ class ImageFolderDataset(Dataset):
                 if image in sources:
                     raise ValueError(f"{where}: {file_name!r} already has a caption from {sources[image]}; keep one entry.")
                 captions[image], sources[image] = caption.strip(), where
+                if self.grounding and row.get("masks"):
+                    self.masks[image] = _mask_entries(row["masks"], caption.strip(), table.parent, where)
         if missing_images:
             shown = "; ".join(missing_images[:MAX_LISTED])
             more = f" and {len(missing_images) - MAX_LISTED} more" if len(missing_images) > MAX_LISTED else ""
@@ -255,4 +264,37 @@ class ImageFolderDataset(Dataset):
         image = resize_and_crop(image, self.size, self.crop, rng)
         if self.flip and rng.random() < 0.5:
             image = horizontal_flip(image)
-        return {"pixel_values": to_tensor(image), "text": self.captions[index]}
+        item = {"pixel_values": to_tensor(image), "text": self.captions[index]}
+        if self.grounding:
+            item.update(self._grounding_targets(index))
+        return item
+
+    def _grounding_targets(self, index: int) -> dict[str, torch.Tensor]:
+        """Spans (K, 2) and masks (K, size, size) of the image's grounded words, cropped like the image."""
+        from t2i.data.shapes import MAX_GROUNDED_WORDS
+        spans = torch.full((MAX_GROUNDED_WORDS, 2), -1, dtype=torch.long)
+        masks = torch.zeros((MAX_GROUNDED_WORDS, self.size, self.size))
+        for k, (start, end, path) in enumerate(self.masks.get(self.paths[index], [])[:MAX_GROUNDED_WORDS]):
+            rng = np.random.default_rng([self.seed, self.epoch, index])  # the image's crop and flip, replayed
+            mask = resize_and_crop(Image.open(path).convert("L"), self.size, self.crop, rng)
+            if self.flip and rng.random() < 0.5:
+                mask = horizontal_flip(mask)
+            spans[k] = torch.tensor([start, end])
+            masks[k] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+        return {"ground_spans": spans, "ground_masks": masks}
+
+
+def _mask_entries(masks, caption: str, folder: Path, where: str) -> list[tuple[int, int, Path]]:
+    """[(start, end, mask path)] for a metadata line's {"word": "mask.png"}, checked up front."""
+    if not isinstance(masks, dict):
+        raise ValueError(f'{where}: "masks" must map words of the caption to mask files, e.g. {{"cube": "a_cube.png"}}.')
+    entries = []
+    for word, name in masks.items():
+        match = re.search(rf"\b{re.escape(word)}\b", caption)
+        if match is None:
+            raise ValueError(f"{where}: mask word {word!r} is not a word of the caption {caption!r}; fix the word.")
+        path = Path(os.path.normpath(folder / str(name)))
+        if not path.is_file():
+            raise ValueError(f"{where}: mask file {str(path)!r} for {word!r} does not exist; add it or remove the entry.")
+        entries.append((match.start(), match.end(), path))
+    return entries
