@@ -149,6 +149,7 @@ class ImageFolderDataset(Dataset):
         self.grounding = grounding
         self.epoch = 0
         self.masks: dict[Path, list[tuple[int, int, Path]]] = {}  # image -> (start, end, mask file) per word
+        self.mask_files: set[Path] = set()
 
         # 2. Find images and caption files.
         files = list(_walk(self.root))
@@ -174,6 +175,7 @@ class ImageFolderDataset(Dataset):
 
         # 4. Pair each image with its caption: metadata files first, then .txt sidecars.
         captions = self._metadata_captions(files, set(images))
+        readable = [p for p in readable if p not in self.mask_files]
         missing = []
         for path in readable:
             if path not in captions:
@@ -231,6 +233,8 @@ class ImageFolderDataset(Dataset):
                 if image in sources:
                     raise ValueError(f"{where}: {file_name!r} already has a caption from {sources[image]}; keep one entry.")
                 captions[image], sources[image] = caption.strip(), where
+                if isinstance(row.get("masks"), dict):  # mask images are not training images
+                    self.mask_files.update(Path(os.path.normpath(table.parent / str(m))) for m in row["masks"].values())
                 if self.grounding and row.get("masks"):
                     self.masks[image] = _mask_entries(row["masks"], caption.strip(), table.parent, where)
         if missing_images:
