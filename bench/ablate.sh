@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue #8's ablation: short runs of configs/shapes32.yaml at equal compute (same steps, batch, seed, one
-# thread each), one row per change, each scored by `t2i evaluate`. Rows run one after another; pass row
-# names to run some of them. Results: $RUNS/<row>/pipeline and $RUNS/<row>.json.
-#   bash bench/ablate.sh                 # every row, 400 steps each (~12 min a row on one 2-core CPU thread)
+# thread each), one row per change, each scored by `t2i evaluate` (24 prompts x 2 images per split). Rows
+# run one after another; pass row names to run some of them. Results: $RUNS/<row>/pipeline, $RUNS/<row>.json.
+#   bash bench/ablate.sh                 # every row, 400 steps each (~12 min a row on one idle CPU thread)
 #   STEPS=800 bash bench/ablate.sh full no-grounding
+#   EVAL_ONLY=1 bash bench/ablate.sh     # score the rows already trained
+#   python bench/ablation_table.py runs/ablate   # the table
 set -euo pipefail
 STEPS=${STEPS:-400}
 RUNS=${RUNS:-runs/ablate}
@@ -22,8 +24,13 @@ declare -A ROWS=(
 ORDER=(full today no-grounding no-pos-embed no-context-refiner min-snr position-prob-0.5 timestep-bias-2 finest-attention)
 [ $# -gt 0 ] && ORDER=("$@")
 for row in "${ORDER[@]}"; do
-  [ -e "$RUNS/$row/pipeline/model_index.json" ] && continue
-  echo "== $row: ${ROWS[$row]}"
-  OMP_NUM_THREADS=1 $T2I train --config configs/shapes32.yaml train.output_dir="$RUNS/$row" train.max_steps="$STEPS" \
-    train.warmup_steps=50 train.checkpoint_every=100 train.preview_every=0 ${ROWS[$row]}
+  if [ ! -e "$RUNS/$row/pipeline/model_index.json" ] && [ -z "${EVAL_ONLY:-}" ]; then
+    echo "== $row: ${ROWS[$row]}"
+    OMP_NUM_THREADS=1 $T2I train --config configs/shapes32.yaml train.output_dir="$RUNS/$row" train.max_steps="$STEPS" \
+      train.warmup_steps=50 train.checkpoint_every=100 train.preview_every=0 ${ROWS[$row]}
+  fi
+  if [ -e "$RUNS/$row/pipeline/model_index.json" ] && [ ! -e "$RUNS/$row.json" ]; then
+    OMP_NUM_THREADS=1 $T2I evaluate --model "$RUNS/$row/pipeline" --num-prompts 24 --images-per-prompt 2 \
+      --calibration-prompts 16 --json "$RUNS/$row.json" > "$RUNS/$row.txt"
+  fi
 done
