@@ -136,3 +136,28 @@ def test_bf16_autocast_keeps_latents_float32_and_stays_close(pipe):
                callback=lambda i, t, x: seen.append(x.dtype)).images
     assert set(seen) == {torch.float32} and out.dtype == torch.float32
     assert (out - ref).abs().mean() < 0.05 and not torch.equal(out, ref)
+
+
+def test_guidance_is_uncond_plus_scale_times_cond_minus_uncond(pipe, monkeypatch):
+    """A stub UNet predicts, at every pixel, the number of real tokens of its row's prompt: 2 for the empty
+    prompt (start, end), 5 and 9 for the prompts. The scheduler must get uncond + s * (cond - uncond)."""
+    def count_tokens(x, t, encoder_hidden_states, encoder_attention_mask, return_dict=True):
+        return (encoder_attention_mask.sum(1).to(x.dtype)[:, None, None, None].expand_as(x).clone(),)
+
+    seen, step = [], pipe.scheduler.step
+
+    def spy(model_output, timestep, sample, generator=None, **kwargs):
+        seen.append(model_output.clone())
+        return step(model_output, timestep, sample, generator=generator, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", count_tokens)
+    monkeypatch.setattr(pipe.scheduler, "step", spy)
+    prompts = ["a red circle", "a blue square above a green triangle"]
+    pipe(prompts, num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2, generator=gen())
+    cond, uncond = torch.tensor([5.0, 5.0, 9.0, 9.0]), 2.0
+    assert len(seen) == 2
+    for pred in seen:
+        assert torch.equal(pred, (uncond + 3.0 * (cond - uncond))[:, None, None, None].expand(4, 3, 16, 16))
+    seen.clear()
+    pipe(prompts, num_inference_steps=1, guidance_scale=1.0, generator=gen())  # unguided: cond alone
+    assert torch.equal(seen[0], torch.tensor([5.0, 9.0])[:, None, None, None].expand(2, 3, 16, 16))
