@@ -77,7 +77,7 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    prediction_type: str = "epsilon"     # "epsilon" or "v_prediction"
+    prediction_type: str = "epsilon"     # "epsilon" or "v_prediction"; the noise scheduler carries it from here
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
     min_snr_gamma: float | None = 5.0    # min-SNR loss weighting (Hang et al. 2023); None: plain MSE

@@ -38,3 +38,18 @@ def test_diffusion_loss_equals_a_hand_computation(prediction_type, gamma):
         assert (snr > gamma).any() and (snr < gamma).any()               # both sides of the clamp are exercised
         mse = mse * snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
     assert loss.item() == pytest.approx(mse.mean().item(), rel=1e-5)
+
+
+def test_the_target_follows_the_scheduler_and_an_unknown_prediction_type_is_an_error():
+    x0, ctx = torch.zeros(2, 3, 4, 4), torch.zeros(2, 2, 4)
+    cfg = NoiseConfig(prediction_type="epsilon")
+    v_scheduler = make_noise_scheduler(NoiseConfig(prediction_type="v_prediction"))
+    # x0 = 0: the eps target is eps, the v target sqrt(alpha_bar) eps; the stub predicts x_t / 2
+    loss_v = diffusion_loss(HalfOfInput(), v_scheduler, x0, ctx, None, cfg, torch.Generator().manual_seed(0))
+    loss_eps = diffusion_loss(HalfOfInput(), make_noise_scheduler(cfg), x0, ctx, None, cfg,
+                              torch.Generator().manual_seed(0))
+    assert loss_v.item() != pytest.approx(loss_eps.item())
+    sample = make_noise_scheduler(cfg)
+    sample.register_to_config(prediction_type="sample")
+    with pytest.raises(ValueError, match="'epsilon' or 'v_prediction'.*'sample'"):
+        diffusion_loss(HalfOfInput(), sample, x0, ctx, None, cfg, torch.Generator())
