@@ -29,18 +29,10 @@ class DataConfig:
     position_prob: float = 0.5               # share of captions that state positions or a relation
     seed: int = 0
 
-    def shapes_world(self, split: str = "train"):
-        """The t2i.data.shapes.ShapesConfig these settings describe."""
-        from .data.shapes import ShapesConfig
-        return ShapesConfig(size=self.size, min_objects=self.min_objects, max_objects=self.max_objects,
-                            seed=self.seed, holdout_pairs=self.holdout_pairs,
-                            holdout_positions=self.holdout_positions, position_prob=self.position_prob,
-                            split=split)
-
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "small"                # t2i.unet.PRESETS; fields below override it when set
+    preset: str = "small"                # a t2i.unet preset; fields below override it when set (unet.build_unet)
     block_channels: tuple[int, ...] | None = None
     layers_per_block: int | None = None
     attention_levels: tuple[bool, ...] | None = None
@@ -49,16 +41,6 @@ class ModelConfig:
     dropout: float | None = None
     pos_embed: bool | None = None            # 2D sin-cos positions (learned projection) in every attention block
     context_layers: int | None = None        # bidirectional transformer layers over the text states in the UNet
-
-    def unet_kwargs(self, sample_size: int, cross_attention_dim: int) -> dict:
-        from .unet import PRESETS
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown model.preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        kw = dict(PRESETS[self.preset])
-        kw.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.name != "preset" and getattr(self, f.name) is not None})
-        kw.update(sample_size=sample_size, cross_attention_dim=cross_attention_dim)
-        return kw
 
 
 @dataclass(frozen=True)

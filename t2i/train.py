@@ -2,6 +2,7 @@
 # data order, EMA, checkpoints, previews and export are named functions beside it.
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -19,7 +20,7 @@ from .config import RunConfig, config_to_dict, save_config
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .grounding import capture_cross_attention, grounding_loss, token_indices
 from .text import build_offline_text_encoder, build_offline_tokenizer, load_pretrained_clip, tokenize
-from .unet import T2IUNet
+from .unet import build_unet
 
 # ----------------------------------------------------------------------------------------------
 # Data: a global sample counter k -> dataset index, so the data position is one integer.
@@ -29,8 +30,8 @@ def build_dataset(cfg: RunConfig) -> tuple[Dataset, list[str]]:
     """The training set and the caption corpus the offline tokenizer is learned from."""
     d = cfg.data
     if d.kind == "shapes":
-        from .data.shapes import ShapesDataset, caption_corpus
-        world = d.shapes_world("train")
+        from .data.shapes import ShapesDataset, caption_corpus, shapes_world
+        world = shapes_world(d, "train")
         return ShapesDataset(world, length=2**31 - 1, grounding=cfg.train.grounding_weight > 0), caption_corpus(world)
     from .data.folder import ImageFolderDataset
     ds = ImageFolderDataset(d.root, size=d.size, crop=d.crop, flip=d.flip, seed=d.seed, caption_column=d.caption_column,
@@ -189,7 +190,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
     set_seed(tc.seed)
     dataset, corpus = build_dataset(cfg)
     tokenizer, text_encoder = build_text(cfg, corpus, out if resume else None)
-    unet = T2IUNet(**cfg.model.unet_kwargs(cfg.data.size, text_encoder.config.hidden_size))
+    unet = build_unet(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size,
+                      cross_attention_dim=text_encoder.config.hidden_size)
     noise_scheduler = make_noise_scheduler(cfg.noise)
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     unet.to(memory_format=layout)
