@@ -20,8 +20,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from dataclasses import asdict
 
 from t2i.config import load_config
+from t2i.data.stream import build_dataset, data_stream
 from t2i.diffusion import diffusion_loss, make_noise_scheduler
-from t2i.train import EMA, TextStates, build_dataset, build_text, data_stream
+from t2i.text import TextStates, build_text
+from t2i.train import EMA
 from t2i.unet import build_unet
 
 from _common import machine, sync
@@ -53,7 +55,7 @@ def matmul_tflops(device: torch.device) -> float:
 def run_variant(cfg, switches: dict, device, steps: int) -> dict:
     torch.manual_seed(0)
     dataset, corpus = build_dataset(cfg)
-    tokenizer, encoder = build_text(cfg, corpus)
+    tokenizer, encoder = build_text(cfg.text, corpus)
     unet = build_unet(**asdict(cfg.model), sample_size=cfg.data.size,
                       cross_attention_dim=encoder.config.hidden_size).to(device)
     encoder.to(device)

@@ -360,6 +360,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     when `grounding=True`.
     """
 
+    shuffle = False  # scene i is already a random draw: the training stream reads items in order
+
     def __init__(self, config: ShapesConfig = ShapesConfig(), length: int = 1_000_000, grounding: bool = False):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
