@@ -99,7 +99,7 @@ def cmd_info(args) -> None:
     sc = pipe.scheduler.config
     print(f"scheduler: {type(pipe.scheduler).__name__}, prediction {sc.prediction_type}, beta schedule "
           f"{sc.beta_schedule}, {sc.num_train_timesteps} train steps")
-    print(f"caption dropout in training: {pipe.config.uncond_dropout}")
+    print(f"caption dropout in training: {pipe.config.caption_dropout}")
 
 
 def cmd_train(args) -> None:

@@ -61,19 +61,28 @@ class T2IPipelineOutput(BaseOutput):
 
 class T2IPipeline(DiffusionPipeline):
     """unet (T2IUNet or any diffusers UNet2DConditionModel in pixel space), CLIP text_encoder and
-    tokenizer, and a diffusers scheduler. `uncond_dropout` records the caption dropout used in
+    tokenizer, and a diffusers scheduler. `caption_dropout` records the caption dropout used in
     training (None: unknown); guidance on a model trained without it warns."""
 
     model_cpu_offload_seq = "text_encoder->unet"
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: the UNet computes in it, latents stay float32
 
     def __init__(self, unet, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler,
-                 uncond_dropout: float | None = None):
+                 caption_dropout: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(uncond_dropout=uncond_dropout)
+        self.register_to_config(caption_dropout=caption_dropout)
 
     # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict, **kwargs):
+        """model_index.json -> __init__ arguments; a folder saved before caption dropout had its name
+        calls it `uncond_dropout`."""
+        if "uncond_dropout" in config_dict:
+            config_dict = dict(config_dict)
+            config_dict.setdefault("caption_dropout", config_dict.pop("uncond_dropout"))
+        return super().extract_init_dict(config_dict, **kwargs)
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "T2IPipeline":
         """Load a pipeline folder written by `save_pretrained`, with clear errors for broken folders."""
@@ -101,7 +110,7 @@ class T2IPipeline(DiffusionPipeline):
                              f"got {height}x{width}; try {max(f, round(height / f) * f)}x{max(f, round(width / f) * f)}")
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
-        if guidance_scale > 1.0 and self.config.uncond_dropout == 0:
+        if guidance_scale > 1.0 and self.config.caption_dropout == 0:
             warnings.warn("this model was trained without caption dropout, so it has no unconditional "
                           "prediction to guide against; use guidance_scale=1.0", stacklevel=3)
 

@@ -80,7 +80,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
     while state.step < end:
         for _ in range(tc.grad_accum):
             batch = next(loader)
-            captions = drop_captions(batch["text"], cfg.noise.uncond_prob, g_drop)
+            captions = drop_captions(batch["text"], tc.caption_dropout, g_drop)
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
                 states, mask = text(captions, device)
                 x0 = batch["pixel_values"].to(device).contiguous(memory_format=layout)
@@ -188,7 +188,7 @@ def ema_pipeline(cfg: RunConfig, state: ckpt.TrainingState, text_encoder, tokeni
     """A T2IPipeline of the EMA weights (a copy) and `text_encoder`, sampling with DPM-Solver++."""
     from .pipeline import T2IPipeline, make_scheduler
     return T2IPipeline(state.ema.averaged(state.unet), text_encoder, tokenizer,
-                       make_scheduler("dpm", noise_scheduler.config), uncond_dropout=cfg.noise.uncond_prob)
+                       make_scheduler("dpm", noise_scheduler.config), caption_dropout=cfg.train.caption_dropout)
 
 
 @torch.no_grad()

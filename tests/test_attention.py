@@ -229,7 +229,7 @@ def diffusers_pipeline():
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
-    pipe = T2IPipeline(unet, base.text_encoder, base.tokenizer, base.scheduler, uncond_dropout=0.1)
+    pipe = T2IPipeline(unet, base.text_encoder, base.tokenizer, base.scheduler, caption_dropout=0.1)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -32,6 +32,8 @@ def test_overrides_types_and_round_trip(tmp_path):
     (["noise.prediction_type=x0"], "prediction_type must be"),
     (["data.kind=folder"], "needs data.root"),
     (["train.lr"], "must look like section.key=value"),
+    (["noise.uncond_prob=0.1"], "'noise.uncond_prob' is now 'train.caption_dropout'"),
+    (["train.caption_dropout=1"], r"train.caption_dropout must be in \[0, 1\)"),
     (["model.preset=huge"], None),
 ])
 def test_bad_config_is_a_clear_error(override, message):

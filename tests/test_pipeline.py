@@ -38,7 +38,7 @@ def test_seed_determinism_and_per_image_generators(pipe):
 
 def test_save_and_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "model_index.json").read_text())["uncond_dropout"] == 0.1
+    assert json.loads((tmp_path / "model_index.json").read_text())["caption_dropout"] == 0.1
     assert list((tmp_path / "unet").glob("*.safetensors")) and list((tmp_path / "text_encoder").glob("*.safetensors"))
     again = T2IPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
@@ -106,7 +106,7 @@ def test_too_long_prompt_warns_with_dropped_count(pipe):
 
 
 def test_guidance_without_caption_dropout_warns():
-    pipe = tiny_pipeline(uncond_dropout=0.0)
+    pipe = tiny_pipeline(caption_dropout=0.0)
     with pytest.warns(UserWarning, match="without caption dropout"):
         pipe("a red circle", num_inference_steps=1, guidance_scale=3.0)
 
@@ -161,3 +161,11 @@ def test_guidance_is_uncond_plus_scale_times_cond_minus_uncond(pipe, monkeypatch
     seen.clear()
     pipe(prompts, num_inference_steps=1, guidance_scale=1.0, generator=gen())  # unguided: cond alone
     assert torch.equal(seen[0], torch.tensor([5.0, 9.0])[:, None, None, None].expand(2, 3, 16, 16))
+
+
+def test_a_folder_saved_with_the_old_caption_dropout_key_still_loads(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["uncond_dropout"] = index.pop("caption_dropout")       # as written before issue 9
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert T2IPipeline.from_pretrained(tmp_path).config.caption_dropout == 0.1

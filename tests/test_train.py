@@ -214,6 +214,6 @@ def test_the_loop_drops_captions_at_the_configured_rate(tmp_path, monkeypatch):
     seen, call = [], TextStates.__call__
     monkeypatch.setattr(TextStates, "__call__", lambda self, captions, device: (seen.extend(captions),
                                                                                 call(self, captions, device))[1])
-    train(tiny_config(tmp_path, "train.max_steps=2", "train.batch_size=8", "noise.uncond_prob=0.5",
+    train(tiny_config(tmp_path, "train.max_steps=2", "train.batch_size=8", "train.caption_dropout=0.5",
                       "train.checkpoint_every=100"), stop_at=2)
     assert len(seen) == 16 and 3 <= seen.count("") <= 13              # 16 draws at p = 0.5
