@@ -1,5 +1,6 @@
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -169,3 +170,13 @@ def test_a_folder_saved_with_the_old_caption_dropout_key_still_loads(pipe, tmp_p
     index["uncond_dropout"] = index.pop("caption_dropout")       # as written before issue 9
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     assert T2IPipeline.from_pretrained(tmp_path).config.caption_dropout == 0.1
+
+
+def test_prompt_tokens_are_the_tokens_the_pipeline_encodes(pipe):
+    from t2i.text import encode_prompts
+    prompts = ["a red circle", "a blue square above a green triangle in the top left"]   # the second is cut
+    with pytest.warns(UserWarning, match="dropped the last 1 tokens"):
+        encoded = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts).tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                               # sampling warns, not the word check
+        assert pipe.prompt_tokens(prompts) == encoded and encoded[1][-2] == "top</w>"
