@@ -53,6 +53,6 @@ def random_pipeline(preset: str, text_width: int, scheduler: str = "dpm", sample
     for p in unet.parameters():
         p.data.add_(0.02 * torch.randn_like(p))
     noise = DDPMScheduler(beta_schedule="squaredcos_cap_v2").config
-    pipe = T2IPipeline(unet, encoder, tokenizer, make_scheduler(scheduler, noise), uncond_dropout=0.1)
+    pipe = T2IPipeline(unet, encoder, tokenizer, make_scheduler(scheduler, noise), caption_dropout=0.1)
     pipe.set_progress_bar_config(disable=True)
     return pipe

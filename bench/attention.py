@@ -26,7 +26,7 @@ class StoreEveryMapRecorder:
         self._step = 0
 
     @contextmanager
-    def record(self, unet, enc, image_size, num_images_per_prompt=1, guided=False, num_inference_steps=None):
+    def record(self, unet, layout):
         self.maps = {}
         modules = cross_attention_modules(unet)
         originals = {k: m.processor for k, m in modules.items()}
@@ -66,7 +66,7 @@ def sample_once(pipe, prompts, steps, size, recorder, device):
         base = torch.cuda.memory_allocated()
     start = time.perf_counter()
     pipe(prompts, num_inference_steps=steps, guidance_scale=3.0, height=size, width=size, output_type="pt",
-         generator=torch.Generator().manual_seed(0), attention_recorder=recorder)
+         generator=torch.Generator().manual_seed(0), record_attention=recorder)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

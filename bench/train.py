@@ -17,10 +17,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dataclasses import asdict
+
 from t2i.config import load_config
+from t2i.data.stream import build_dataset, data_stream
 from t2i.diffusion import diffusion_loss, make_noise_scheduler
-from t2i.train import EMA, TextStates, build_dataset, build_text, data_stream
-from t2i.unet import T2IUNet
+from t2i.text import TextStates, build_text
+from t2i.train import EMA
+from t2i.unet import build_unet
 
 from _common import machine, sync
 
@@ -51,8 +55,9 @@ def matmul_tflops(device: torch.device) -> float:
 def run_variant(cfg, switches: dict, device, steps: int) -> dict:
     torch.manual_seed(0)
     dataset, corpus = build_dataset(cfg)
-    tokenizer, encoder = build_text(cfg, corpus)
-    unet = T2IUNet(**cfg.model.unet_kwargs(cfg.data.size, encoder.config.hidden_size)).to(device)
+    tokenizer, encoder = build_text(cfg.text, corpus)
+    unet = build_unet(**asdict(cfg.model), sample_size=cfg.data.size,
+                      cross_attention_dim=encoder.config.hidden_size).to(device)
     encoder.to(device)
     if switches.get("channels_last"):
         unet.to(memory_format=torch.channels_last)
@@ -125,7 +130,7 @@ def main() -> None:
     names = (args.variants or default).split(",")
 
     torch.manual_seed(0)
-    probe = T2IUNet(**cfg.model.unet_kwargs(args.size, args.text_width))
+    probe = build_unet(**asdict(cfg.model), sample_size=args.size, cross_attention_dim=args.text_width)
     x = torch.randn(1, 3, args.size, args.size)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         probe(x, torch.tensor([1]), torch.randn(1, cfg.text.max_length, args.text_width))

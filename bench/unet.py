@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from t2i.unet import PRESETS, build_unet
+from t2i.unet import PRESETS, T2IUNet, unet_config
 
 from _common import machine, timed
 
@@ -51,12 +51,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
-    cfg = dict(PRESETS[args.preset], sample_size=args.size or PRESETS[args.preset]["sample_size"])
+    cfg = unet_config(args.preset, sample_size=args.size)  # args.size None: the preset's
     s, B, D = cfg["sample_size"], args.batch, cfg["cross_attention_dim"]
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     torch.manual_seed(0)
-    models = {"t2i": build_unet(args.preset, **cfg),
+    models = {"t2i": T2IUNet(**cfg),
               "diffusers": matched_diffusers_unet(cfg)}
     x, t = torch.randn(B, 3, s, s, device=device), torch.randint(0, 1000, (B,), device=device)
     ctx = torch.randn(B, args.tokens, D, device=device)

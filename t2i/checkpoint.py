@@ -1,18 +1,90 @@
 # Training checkpoints as folders of safetensors plus JSON, written atomically: everything goes
 # into a temporary folder that is renamed into place only when complete, so an interrupted save
-# leaves the previous checkpoint untouched. Nothing here unpickles anything.
+# leaves the previous checkpoint untouched. Nothing here unpickles anything. TrainingState is what
+# a run saves and resumes from; every process stages its own RNG, the main process the rest.
 from __future__ import annotations
 
 import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
+if TYPE_CHECKING:
+    from .train import EMA
+
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainingState:
+    """Everything a resumed run needs, held by reference: `save` writes the live objects and `load`
+    restores them in place. Modules are the unwrapped ones; `text_encoder` only when it is trained."""
+
+    unet: torch.nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    generators: dict[str, torch.Generator] = field(default_factory=dict)  # by name; one set per process
+    text_encoder: torch.nn.Module | None = None
+    step: int = 0
+    samples: int = 0                                                      # global samples seen: the data position
+
+    def save(self, accelerator, run_dir: str | Path, config: dict, keep: int) -> Path:
+        """Checkpoint `{run_dir}/checkpoint-{step}`, called on every process: each stages its RNG, then
+        the main process writes the rest and renames the folder into place."""
+        # 1. refuse to save when the processes have drifted apart
+        weights = torch.stack([p.detach().double().sum() for p in self.unet.parameters()]).sum()
+        spread = accelerator.gather(weights[None].float()).float()
+        if (spread - spread[0]).abs().max() > 1e-3 * spread[0].abs().clamp(min=1):
+            raise RuntimeError(f"processes hold different weights at step {self.step} ({spread.tolist()}): not saving")
+        # 2. every process stages its RNG
+        stage = staging_dir(run_dir, self.step)
+        if accelerator.is_main_process:
+            stage.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        rng = {"torch": torch.get_rng_state(), **{name: g.get_state() for name, g in self.generators.items()}}
+        save_file(rng, str(stage / f"rng-{accelerator.process_index}.safetensors"))
+        accelerator.wait_for_everyone()
+        # 3. the main process writes the rest and renames the folder into place
+        if accelerator.is_main_process:
+            opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer.state_dict())
+            tensors = {"unet": self.unet.state_dict(), "ema": self.ema.shadow, "optimizer": opt_tensors}
+            if self.text_encoder is not None:
+                tensors["text_encoder"] = self.text_encoder.state_dict()
+            schedule = {k: v for k, v in self.lr_schedule.state_dict().items() if k != "lr_lambdas"}
+            state = {"step": self.step, "samples": self.samples, "world_size": accelerator.num_processes,
+                     "optimizer": opt_meta, "lr_schedule": schedule, "config": config}
+            write_checkpoint(run_dir, self.step, tensors, state, keep)
+        accelerator.wait_for_everyone()
+        return Path(run_dir) / f"checkpoint-{self.step:07d}"
+
+    def load(self, path: str | Path, rank: int = 0) -> None:
+        """Restore everything from the checkpoint folder `path`, with process `rank`'s generators."""
+        tensors, state = read_checkpoint(path)
+        try:
+            self.unet.load_state_dict(tensors["unet"])
+            if self.text_encoder is not None:
+                self.text_encoder.load_state_dict(tensors["text_encoder"])
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(f"checkpoint {path} does not match the model in this config ({str(e).splitlines()[0]}); "
+                             f"resume with the run's own config ({path}/../config.yaml)") from None
+        self.ema.shadow = {k: v.float() for k, v in tensors["ema"].items()}
+        self.optimizer.load_state_dict(optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
+        self.lr_schedule.load_state_dict({**state["lr_schedule"], "lr_lambdas": [None]})
+        rng = tensors.get(f"rng-{rank}")
+        if rng is None:
+            raise ValueError(f"checkpoint {path} has no RNG state for process {rank}: resume with the same number of "
+                             f"processes ({state['world_size']})")
+        torch.set_rng_state(rng["torch"])
+        for name, g in self.generators.items():
+            g.set_state(rng[name].to(g.get_state().device))
+        self.step, self.samples = state["step"], state["samples"]
 
 
 def optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -70,12 +70,11 @@ def cmd_heatmap(args) -> None:
     from .attention.heatmaps import check_words
     words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
     pipe = _pipeline(args)
-    if words:  # fail before sampling when a word is not in the prompt
-        ids = pipe.tokenizer(args.prompt, truncation=True)["input_ids"]
-        check_words(pipe.tokenizer.convert_ids_to_tokens(ids), words)
+    if words:  # fail before sampling when a word is not in the prompt as the pipeline tokenises it
+        check_words(pipe.prompt_tokens(args.prompt)[0], words)
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
     result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                  width=args.width, generator=torch.Generator().manual_seed(args.seed), attention_recorder=recorder)
+                  width=args.width, generator=torch.Generator().manual_seed(args.seed), record_attention=recorder)
     out = Path(args.out or Path("outputs") / "heatmaps" / f"{_slug(args.prompt)}-{args.seed}")
     paths = write_heatmap_outputs(result.attention, 0, result.images[0], out, words=words, size=args.size)
     for path in paths.values():
@@ -99,7 +98,7 @@ def cmd_info(args) -> None:
     sc = pipe.scheduler.config
     print(f"scheduler: {type(pipe.scheduler).__name__}, prediction {sc.prediction_type}, beta schedule "
           f"{sc.beta_schedule}, {sc.num_train_timesteps} train steps")
-    print(f"caption dropout in training: {pipe.config.uncond_dropout}")
+    print(f"caption dropout in training: {pipe.config.caption_dropout}")
 
 
 def cmd_train(args) -> None:

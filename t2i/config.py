@@ -29,18 +29,10 @@ class DataConfig:
     position_prob: float = 0.5               # share of captions that state positions or a relation
     seed: int = 0
 
-    def shapes_world(self, split: str = "train"):
-        """The t2i.data.shapes.ShapesConfig these settings describe."""
-        from .data.shapes import ShapesConfig
-        return ShapesConfig(size=self.size, min_objects=self.min_objects, max_objects=self.max_objects,
-                            seed=self.seed, holdout_pairs=self.holdout_pairs,
-                            holdout_positions=self.holdout_positions, position_prob=self.position_prob,
-                            split=split)
-
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "small"                # t2i.unet.PRESETS; fields below override it when set
+    preset: str = "small"                # a t2i.unet preset; fields below override it when set (unet.build_unet)
     block_channels: tuple[int, ...] | None = None
     layers_per_block: int | None = None
     attention_levels: tuple[bool, ...] | None = None
@@ -49,16 +41,6 @@ class ModelConfig:
     dropout: float | None = None
     pos_embed: bool | None = None            # 2D sin-cos positions (learned projection) in every attention block
     context_layers: int | None = None        # bidirectional transformer layers over the text states in the UNet
-
-    def unet_kwargs(self, sample_size: int, cross_attention_dim: int) -> dict:
-        from .unet import PRESETS
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown model.preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        kw = dict(PRESETS[self.preset])
-        kw.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.name != "preset" and getattr(self, f.name) is not None})
-        kw.update(sample_size=sample_size, cross_attention_dim=cross_attention_dim)
-        return kw
 
 
 @dataclass(frozen=True)
@@ -77,11 +59,10 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    prediction_type: str = "epsilon"     # "epsilon" or "v_prediction"
+    prediction_type: str = "epsilon"     # "epsilon" or "v_prediction"; the noise scheduler carries it from here
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
     min_snr_gamma: float | None = 5.0    # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
-    uncond_prob: float = 0.1             # caption dropout for classifier-free guidance
     timestep_bias: float = 1.0           # t = T * u**(1/bias), u ~ U(0, 1): 1 uniform, > 1 favours high noise (layout)
 
 
@@ -98,6 +79,8 @@ class TrainConfig:
     mixed_precision: str = "no"          # "no", "bf16", "fp16"
     channels_last: bool = True           # 1.13x training img/s on CPU (bench/train.py)
     ema_decay: float = 0.999
+    caption_dropout: float = 0.1         # share of captions replaced by "" so the model learns the unconditional
+                                         # prediction that classifier-free guidance needs
     seed: int = 0
     log_every: int = 20
     checkpoint_every: int = 500
@@ -124,7 +107,7 @@ class RunConfig:
             (self.data.crop in ("center", "random"), "data.crop must be 'center' or 'random'"),
             (self.noise.prediction_type in ("epsilon", "v_prediction"),
              "noise.prediction_type must be 'epsilon' or 'v_prediction'"),
-            (0 <= self.noise.uncond_prob < 1, "noise.uncond_prob must be in [0, 1)"),
+            (0 <= self.train.caption_dropout < 1, "train.caption_dropout must be in [0, 1)"),
             (self.train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16"),
             (self.train.export_dtype in ("float32", "float16"), "train.export_dtype must be float32 or float16"),
             (self.train.batch_size > 0 and self.train.grad_accum > 0, "train.batch_size and grad_accum must be > 0"),
@@ -166,11 +149,16 @@ def _coerce(value, tp, key: str):
     return value
 
 
+RENAMED = {"noise.uncond_prob": "train.caption_dropout"}  # old key -> its name now
+
+
 def _build(cls, values: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if prefix + key in RENAMED:
+            raise ValueError(f"config key {prefix + key!r} is now {RENAMED[prefix + key]!r}; rename it")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"

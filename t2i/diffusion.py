@@ -17,10 +17,18 @@ def make_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
 
 def diffusion_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, text_states: torch.Tensor,
                    text_mask: torch.Tensor | None, cfg: NoiseConfig, generator: torch.Generator) -> torch.Tensor:
-    """Mean weighted MSE over a batch. x0: (B, C, H, W) in [-1, 1]; text_states: (B, T, D).
+    """Mean weighted MSE over a batch. x0: (B, C, H, W) in [-1, 1]; text_states: (B, T, D). The target
+    follows the scheduler's prediction_type; `cfg` gives the timestep bias and min-SNR gamma.
 
-    t = floor(T * u**(1/timestep_bias)), u ~ U(0, 1) (uniform over 0..T-1 at bias 1), eps ~ N(0, I), x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4).
+    t = floor(T * u**(1/timestep_bias)), u ~ U(0, 1) (uniform over 0..T-1 at bias 1), eps ~ N(0, I),
+    x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4); the target is eps or
+    v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0, weighted by min(snr, gamma) / snr (eps) or
+    min(snr, gamma) / (snr + 1) (v), snr = alpha_bar_t / (1 - alpha_bar_t) (Hang et al. 2023).
     """
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"diffusion_loss trains 'epsilon' or 'v_prediction', the scheduler predicts "
+                         f"{prediction_type!r}; set noise.prediction_type to one of them")
     B, device = x0.shape[0], x0.device
     T = scheduler.config.num_train_timesteps
     if cfg.timestep_bias == 1.0:
@@ -30,12 +38,12 @@ def diffusion_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, text_states
         t = (T * u.pow(1.0 / cfg.timestep_bias)).long().clamp(max=T - 1)
     eps = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
     x_t = scheduler.add_noise(x0, eps, t)
-    target = eps if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
+    target = eps if prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
     pred = unet(x_t, t, encoder_hidden_states=text_states, encoder_attention_mask=text_mask).sample
     mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))                    # (B,)
     if cfg.min_snr_gamma is not None:
         alpha_bar = scheduler.alphas_cumprod.to(device)[t]
         snr = alpha_bar / (1 - alpha_bar)
-        weight = snr.clamp(max=cfg.min_snr_gamma) / (snr if cfg.prediction_type == "epsilon" else snr + 1)
+        weight = snr.clamp(max=cfg.min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
         mse = mse * weight
     return mse.mean()

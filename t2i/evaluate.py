@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.paraphrase import paraphrase
-from .data.shapes import ShapesConfig, ShapeScene, render_scene
+from .data.shapes import ShapesConfig, ShapeScene, render_scene, shapes_world
 from .metrics import (FIDELITY, FIDELITY_HELP, GENEVAL, GENEVAL_HELP, TAUS, Tally, calibrate_tau, centre_prior_map, iou_curve,
                       normalise_map, pointing, score_fidelity, to_uint8, uniform_map)
 from .segment import match_objects, segment
@@ -96,7 +96,7 @@ def training_world(pipe) -> tuple[ShapesConfig, str]:
     else:
         data = DataConfig(size=pipe.unet.config.sample_size, **ASSUMED_HOLDOUT)
         source = "assumed (no train_config.yaml beside the model): configs/shapes32.yaml's hold-out"
-    world = dataclasses.replace(data.shapes_world("train"), position_prob=BENCHMARK_POSITION_PROB)
+    world = dataclasses.replace(shapes_world(data, "train"), position_prob=BENCHMARK_POSITION_PROB)
     return world, source
 
 

@@ -9,7 +9,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -20,8 +20,11 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .text import encode_prompts
+from .text import PromptEncoding, encode_prompts, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
+
+if TYPE_CHECKING:
+    from .attention import AttentionRecorder
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 SCHEDULERS: dict[str, tuple[type, dict]] = {
@@ -56,24 +59,69 @@ def scheduler_name(scheduler) -> str:
 @dataclass
 class T2IPipelineOutput(BaseOutput):
     images: list[Image.Image] | np.ndarray | torch.Tensor
-    attention: Any = None  # the recorder's Heatmaps when record_attention=True
+    attention: Any = None  # the recorder's Heatmaps when record_attention is set
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The rows of the UNet's batch while sampling: [uncond x B*n, cond x B*n] when guided, else
+    [cond x B*n], each text's n images in a row. The pipeline makes it; the attention recorder reads it."""
+
+    encoding: PromptEncoding              # the encoded texts: [uncond (B), cond (B)] when guided, else [cond (B)]
+    image_size: tuple[int, int]           # (H, W) the UNet samples at
+    images_per_prompt: int = 1            # n
+    guided: bool = False
+    num_inference_steps: int | None = None
+
+    def __post_init__(self):
+        if self.guided and len(self.encoding.tokens) % 2:
+            raise ValueError(f"a guided batch needs [uncond, cond] texts, got an odd number ({len(self.encoding.tokens)})")
+
+    @property
+    def num_prompts(self) -> int:
+        """B, the number of prompts."""
+        return len(self.encoding.tokens) // (2 if self.guided else 1)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the UNet's batch: B * n, twice that when guided."""
+        return len(self.encoding.tokens) * self.images_per_prompt
+
+    def texts(self, branch: str = "cond") -> range:
+        """Indices into `encoding` of the branch's texts: 'cond' (the prompts) or 'uncond' (guided only)."""
+        first = self.num_prompts if self.guided and branch == "cond" else 0
+        return range(first, first + self.num_prompts)
+
+    def branch_rows(self, branch: str = "cond") -> slice:
+        """The UNet batch rows of a branch."""
+        texts, n = self.texts(branch), self.images_per_prompt
+        return slice(texts.start * n, texts.stop * n)
 
 
 class T2IPipeline(DiffusionPipeline):
     """unet (T2IUNet or any diffusers UNet2DConditionModel in pixel space), CLIP text_encoder and
-    tokenizer, and a diffusers scheduler. `uncond_dropout` records the caption dropout used in
+    tokenizer, and a diffusers scheduler. `caption_dropout` records the caption dropout used in
     training (None: unknown); guidance on a model trained without it warns."""
 
     model_cpu_offload_seq = "text_encoder->unet"
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: the UNet computes in it, latents stay float32
 
     def __init__(self, unet, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler,
-                 uncond_dropout: float | None = None):
+                 caption_dropout: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(uncond_dropout=uncond_dropout)
+        self.register_to_config(caption_dropout=caption_dropout)
 
     # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict, **kwargs):
+        """model_index.json -> __init__ arguments; a folder saved before caption dropout had its name
+        calls it `uncond_dropout`."""
+        if "uncond_dropout" in config_dict:
+            config_dict = dict(config_dict)
+            config_dict.setdefault("caption_dropout", config_dict.pop("uncond_dropout"))
+        return super().extract_init_dict(config_dict, **kwargs)
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "T2IPipeline":
         """Load a pipeline folder written by `save_pretrained`, with clear errors for broken folders."""
@@ -101,7 +149,7 @@ class T2IPipeline(DiffusionPipeline):
                              f"got {height}x{width}; try {max(f, round(height / f) * f)}x{max(f, round(width / f) * f)}")
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
-        if guidance_scale > 1.0 and self.config.uncond_dropout == 0:
+        if guidance_scale > 1.0 and self.config.caption_dropout == 0:
             warnings.warn("this model was trained without caption dropout, so it has no unconditional "
                           "prediction to guide against; use guidance_scale=1.0", stacklevel=3)
 
@@ -109,6 +157,15 @@ class T2IPipeline(DiffusionPipeline):
         """(uncond ++ cond) text states when guided, else cond only."""
         texts = (negative_prompt or [""] * len(prompt)) + prompt if guided else prompt
         return encode_prompts(self.tokenizer, self.text_encoder, texts)
+
+    def prompt_tokens(self, prompt: str | list[str]) -> list[list[str]]:
+        """The real tokens of each prompt as `__call__` encodes them (start, words, end; cut at the
+        tokenizer's max length), without running the text encoder. Too-long prompts warn in `__call__`."""
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"prompt .* tokens", category=UserWarning)
+            batch = tokenize(self.tokenizer, prompt)
+        return token_strings(self.tokenizer, batch["input_ids"], batch["attention_mask"])
 
     @torch.no_grad()
     def __call__(
@@ -123,13 +180,13 @@ class T2IPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-        attention_recorder=None,
-        record_attention: bool = False,
+        record_attention: bool | AttentionRecorder = False,
         return_dict: bool = True,
     ):
         """Generate images. `callback(i, t, x_t)` runs after each step. Images come back as a list of
         PIL images, a float array (B, H, W, 3) in [0, 1] ('np') or a tensor (B, 3, H, W) in [0, 1] ('pt').
-        `record_attention=True` (or an `attention_recorder`) also returns cross-attention heatmaps."""
+        `record_attention`: True, or an AttentionRecorder that chooses layers, steps and heads, also
+        returns the cross-attention heatmaps as `.attention`."""
         # 1. check inputs
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(negative_prompt, str):
@@ -144,7 +201,7 @@ class T2IPipeline(DiffusionPipeline):
         guided = guidance_scale != 1.0
         device, dtype = self.unet.device, self.unet.dtype
 
-        # 2. encode the prompt, repeated for each image: rows are [uncond x B, cond x B] when guided
+        # 2. encode the prompt, repeated for each image: rows as BatchLayout says, [uncond x B*n, cond x B*n]
         enc = self.encode_prompt(prompt, negative_prompt, guided)
         n = num_images_per_prompt
         ctx = enc.hidden_states.repeat_interleave(n, dim=0).to(dtype)
@@ -157,14 +214,15 @@ class T2IPipeline(DiffusionPipeline):
         x = randn(shape, generator, device, dtype) * self.scheduler.init_noise_sigma
 
         # 4. denoise, optionally recording cross-attention
-        recorder = attention_recorder
-        if record_attention and recorder is None:
+        recorder = record_attention or None
+        if recorder is True:
             from .attention import AttentionRecorder
             recorder = AttentionRecorder()
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         timesteps = self.scheduler.timesteps
         autocast = torch.autocast(device.type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        recording = recorder.record(self.unet, enc, (height, width), n, guided, len(timesteps)) if recorder else nullcontext()
+        layout = BatchLayout(enc, (height, width), n, guided, len(timesteps))
+        recording = recorder.record(self.unet, layout) if recorder is not None else nullcontext()
         with recording:
             for i, t in enumerate(self.progress_bar(timesteps)):
                 if recorder is not None:

@@ -1,19 +1,25 @@
 # CLIP text encoding (Radford et al. 2021) through transformers: a pretrained CLIP by hub name or
 # local path, or an offline CLIP whose BPE vocabulary is learned from a caption corpus and whose
-# text transformer is built from a small CLIPTextConfig and trained with the UNet.
+# text transformer is built from a small CLIPTextConfig and trained with the UNet. One encode path
+# serves sampling (encode_prompts) and training (TextStates, with caption dropout).
 from __future__ import annotations
 
 import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-END_OF_WORD = "</w>"
+if TYPE_CHECKING:
+    from .config import TextConfig
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"   # CLIP's start and end tokens
+END_OF_WORD = "</w>"                             # closes the last sub-token of a word
 
 
 @dataclass
@@ -122,16 +128,76 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], max_length: int | Non
             dropped = tokenizer.decode(ids[T - 1:-1])
             warnings.warn(
                 f"prompt {prompt!r} is {len(ids)} tokens with start/end, the limit is {T}: dropped the last "
-                f"{len(ids) - T} tokens ({dropped!r}). Shorten the prompt to keep them.", stacklevel=3)
+                f"{len(ids) - T} tokens ({dropped!r}). Shorten the prompt to keep them.", stacklevel=4)
     return tokenizer(prompts, padding="max_length", truncation=True, max_length=T, return_tensors="pt")
+
+
+def encode(tokenizer: CLIPTokenizer, text_encoder, texts: list[str], device: torch.device | str | None = None,
+           max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Texts -> (hidden states (B, T, width), attention mask (B, T), input ids (B, T)) on `device`
+    (default: the encoder's). The one encode path of sampling and training."""
+    batch = tokenize(tokenizer, texts, max_length)
+    device = text_encoder.device if device is None else device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, ids
+
+
+def token_strings(tokenizer: CLIPTokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[list[str]]:
+    """The real tokens (start, words, end) of each row of ids (B, T) where mask (B, T) is 1."""
+    return [tokenizer.convert_ids_to_tokens(row[m.bool()].tolist()) for row, m in zip(ids.cpu(), mask.cpu())]
 
 
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str],
                    max_length: int | None = None) -> PromptEncoding:
     """Prompts -> per-token hidden states (B, T, width) with their mask and token strings."""
-    batch = tokenize(tokenizer, prompts, max_length)
-    device = text_encoder.device
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    hidden = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    tokens = [tokenizer.convert_ids_to_tokens(row[m.bool()].tolist()) for row, m in zip(ids.cpu(), mask.cpu())]
-    return PromptEncoding(hidden, mask, ids, tokens)
+    hidden, mask, ids = encode(tokenizer, text_encoder, prompts, max_length=max_length)
+    return PromptEncoding(hidden, mask, ids, token_strings(tokenizer, ids, mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the run's tokenizer and encoder, caption dropout, and text states per batch.
+
+
+def build_text(cfg: TextConfig, corpus: list[str], run_dir: Path | None = None):
+    """Tokenizer and text encoder. An offline tokenizer is learned once per run and kept in
+    `{run_dir}/tokenizer`, so a resumed run reads the same vocabulary even if the corpus changed."""
+    if cfg.pretrained:
+        tokenizer, encoder = load_pretrained_clip(cfg.pretrained)
+    else:
+        saved = run_dir / "tokenizer" if run_dir is not None else None
+        if saved is not None and (saved / "tokenizer.json").exists():
+            tokenizer = CLIPTokenizer.from_pretrained(saved)
+        else:
+            tokenizer = build_offline_tokenizer(corpus, cfg.max_length)
+        encoder = build_offline_text_encoder(tokenizer, cfg.width, cfg.layers, cfg.heads)
+    encoder.requires_grad_(cfg.trainable)
+    return tokenizer, encoder
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+    """Caption dropout for classifier-free guidance (Ho & Salimans 2022): each caption becomes the empty
+    prompt with probability p, one draw from `generator` per caption."""
+    return [c if torch.rand((), generator=generator) >= p else "" for c in captions]
+
+
+class TextStates:
+    """Captions -> (states (B, T, width), mask (B, T)). A frozen encoder's states are cached per caption."""
+
+    def __init__(self, tokenizer, encoder, trainable: bool, cache_size: int = 100_000):
+        self.tokenizer, self.encoder, self.trainable = tokenizer, encoder, trainable
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache_size = cache_size
+
+    def __call__(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.trainable:
+            states, mask, _ = encode(self.tokenizer, self.encoder, captions, device)
+            return states, mask
+        todo = sorted({c for c in captions if c not in self.cache})
+        if todo:
+            with torch.no_grad():
+                states, masks, _ = encode(self.tokenizer, self.encoder, todo, device)
+            if len(self.cache) + len(todo) > self.cache_size:
+                self.cache.clear()
+            for c, s, m in zip(todo, states, masks):
+                self.cache[c] = (s, m)
+        return (torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions]))

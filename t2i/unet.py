@@ -337,8 +337,15 @@ class T2IUNet(ModelMixin, ConfigMixin):
         return UNetOutput(sample=out) if return_dict else (out,)
 
 
-def build_unet(preset: str = "small", **overrides) -> T2IUNet:
-    """A T2IUNet from a named preset ('tiny', 'small', 'base') with keyword overrides."""
+def unet_config(preset: str = "small", **overrides) -> dict:
+    """T2IUNet's keyword arguments: a named preset ('tiny', 'small', 'base') updated with the overrides that
+    are not None (a run config's model section leaves unset fields None). The one place presets are merged."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown UNet preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return T2IUNet(**{**PRESETS[preset], **overrides})
+        raise ValueError(f"unknown UNet preset {preset!r} (model.preset); choose one of {sorted(PRESETS)}")
+    return {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def build_unet(preset: str = "small", **overrides) -> T2IUNet:
+    """A T2IUNet from a named preset with keyword overrides, e.g. build_unet(**asdict(run_config.model),
+    sample_size=32, cross_attention_dim=128)."""
+    return T2IUNet(**unet_config(preset, **overrides))

@@ -11,7 +11,7 @@ CORPUS = ["a red circle", "a blue square above a green triangle", "a small yello
           "a purple square to the right of an orange triangle"]
 
 
-def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0, uncond_dropout: float | None = 0.1):
+def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0, caption_dropout: float | None = 0.1):
     """A randomly initialised 16x16 pipeline with tiny components."""
     from diffusers import DDPMScheduler
 
@@ -25,7 +25,7 @@ def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0, uncond_dropou
     for p in unet.parameters():  # zero-initialised output projections would hide the text path
         p.data.add_(0.02 * torch.randn_like(p))
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
-    pipe = T2IPipeline(unet, encoder, tokenizer, scheduler, uncond_dropout=uncond_dropout)
+    pipe = T2IPipeline(unet, encoder, tokenizer, scheduler, caption_dropout=caption_dropout)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -7,6 +7,7 @@ from conftest import tiny_pipeline
 from torch import nn
 
 from t2i.attention import AttentionRecorder, attention_with_probs
+from t2i.pipeline import BatchLayout
 from t2i.text import BOS, EOS, PromptEncoding
 from t2i.unet import Attention, SDPAProcessor, build_unet
 
@@ -23,7 +24,7 @@ def pipe():
 
 def run(pipe, prompts=PROMPTS, steps=2, recorder=None, **kw):
     kw.setdefault("generator", torch.Generator().manual_seed(0))
-    return pipe(prompts, num_inference_steps=steps, output_type="np", attention_recorder=recorder, **kw)
+    return pipe(prompts, num_inference_steps=steps, output_type="np", record_attention=recorder, **kw)
 
 
 def assert_distributions(hm):
@@ -70,7 +71,7 @@ def test_processor_output_equals_sdpa_and_each_query_row_is_a_distribution(monke
     rec, seen = AttentionRecorder(), []
     original_add = rec._add
     monkeypatch.setattr(rec, "_add", lambda name, grid, p: (seen.append((grid, p)), original_add(name, grid, p)))
-    with rec.record(net, enc, (6, 8)):
+    with rec.record(net, BatchLayout(enc, (6, 8))):
         rec.set_step(0)
         out = net.cross_attn(x, enc.hidden_states, bias)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
@@ -204,7 +205,7 @@ def test_synthetic_model_maps_point_at_the_known_regions(axis, words):
     ctx[0, 4, 0] = 100.0                                           # would dominate everywhere if not masked
     enc = PromptEncoding(ctx, mask, torch.zeros_like(mask), tokens)
     rec = AttentionRecorder()
-    with torch.no_grad(), rec.record(unet, enc, (H, W), num_inference_steps=2):
+    with torch.no_grad(), rec.record(unet, BatchLayout(enc, (H, W), num_inference_steps=2)):
         for i in range(2):
             rec.set_step(i)
             unet(torch.randn(1, 3, H, W), 500 - 250 * i, encoder_hidden_states=ctx, encoder_attention_mask=mask)
@@ -229,7 +230,7 @@ def diffusers_pipeline():
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
-    pipe = T2IPipeline(unet, base.text_encoder, base.tokenizer, base.scheduler, uncond_dropout=0.1)
+    pipe = T2IPipeline(unet, base.text_encoder, base.tokenizer, base.scheduler, caption_dropout=0.1)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -256,3 +257,24 @@ def test_diffusers_unet_maps_output_and_processors_restored():
         run(pipe, recorder=AttentionRecorder())
     attn2.set_processor(before["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"])
     assert all(pipe.unet.attn_processors[k] is p for k, p in before.items())
+
+
+# -- the seam: the batch layout and the UNet's own set_attn_processor --------------------------------
+
+def test_batch_layout_names_the_rows_of_each_branch():
+    enc = encoding([[BOS, EOS]] * 2 + [[BOS, "a</w>", EOS]] * 2, T=3, dim=8)   # [uncond x 2, cond x 2]
+    layout = BatchLayout(enc, (16, 16), images_per_prompt=3, guided=True)
+    assert layout.num_prompts == 2 and layout.rows == 12
+    assert layout.branch_rows("uncond") == slice(0, 6) and layout.branch_rows("cond") == slice(6, 12)
+    assert list(layout.texts("cond")) == [2, 3] and list(BatchLayout(enc, (16, 16)).texts()) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="odd number"):
+        BatchLayout(encoding([[BOS, EOS]] * 3, T=2, dim=8), (16, 16), guided=True)
+
+
+def test_the_recorder_installs_through_the_unets_own_set_attn_processor(pipe, monkeypatch):
+    calls, real = [], type(pipe.unet).set_attn_processor
+    monkeypatch.setattr(type(pipe.unet), "set_attn_processor", lambda self, p: (calls.append(dict(p)), real(self, p)))
+    run(pipe, recorder=AttentionRecorder(layers="mid"))
+    assert len(calls) == 2                                          # install, then restore
+    assert type(calls[0]["mid.transformers.0.cross_attn"]).__name__ == "T2IRecordingProcessor"
+    assert type(calls[1]["mid.transformers.0.cross_attn"]) is SDPAProcessor

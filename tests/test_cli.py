@@ -55,3 +55,13 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys):
     assert "unknown scheduler" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(model_dir), "--height", "17", "--out", str(tmp_path)]) == 2
     assert "multiples of 2" in capsys.readouterr().err
+
+
+def test_info_prints_the_exact_parameter_counts(model_dir, capsys):
+    pipe = tiny_pipeline()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert main(["info", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"unet: T2IUNet, {count(pipe.unet):,} parameters" in out
+    assert f"text_encoder: CLIPTextModel, {count(pipe.text_encoder):,} parameters" in out
+    assert count(pipe.unet) != count(pipe.text_encoder)

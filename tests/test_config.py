@@ -1,9 +1,11 @@
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
 
 from t2i.config import RunConfig, config_to_dict, load_config
+from t2i.unet import unet_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -12,7 +14,8 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
-    assert cfg.model.unet_kwargs(cfg.data.size, 64)["sample_size"] == cfg.data.size
+    kw = unet_config(**asdict(cfg.model), sample_size=cfg.data.size, cross_attention_dim=64)
+    assert kw["sample_size"] == cfg.data.size
 
 
 def test_overrides_types_and_round_trip(tmp_path):
@@ -29,13 +32,21 @@ def test_overrides_types_and_round_trip(tmp_path):
     (["noise.prediction_type=x0"], "prediction_type must be"),
     (["data.kind=folder"], "needs data.root"),
     (["train.lr"], "must look like section.key=value"),
+    (["noise.uncond_prob=0.1"], "'noise.uncond_prob' is now 'train.caption_dropout'"),
+    (["train.caption_dropout=1"], r"train.caption_dropout must be in \[0, 1\)"),
     (["model.preset=huge"], None),
 ])
 def test_bad_config_is_a_clear_error(override, message):
     if message is None:
         cfg = load_config(None, override)
-        with pytest.raises(ValueError, match="unknown model.preset 'huge'"):
-            cfg.model.unet_kwargs(32, 64)
+        with pytest.raises(ValueError, match=r"unknown UNet preset 'huge' \(model.preset\)"):
+            unet_config(**asdict(cfg.model), sample_size=32, cross_attention_dim=64)
         return
     with pytest.raises(ValueError, match=message):
         load_config(None, override)
+
+
+def test_presets_are_merged_with_the_fields_a_config_sets():
+    cfg = load_config(None, ["model.preset=tiny", "model.num_heads=4"])
+    kw = unet_config(**asdict(cfg.model), sample_size=16, cross_attention_dim=8)
+    assert kw["num_heads"] == 4 and kw["block_channels"] == (16, 32) and kw["cross_attention_dim"] == 8

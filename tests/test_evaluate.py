@@ -179,3 +179,56 @@ def test_training_world_reads_train_config(tmp_path):
     from t2i.pipeline import load_pipeline
     world, source = training_world(load_pipeline(str(tmp_path)))
     assert world.holdout_pairs == ("red circle",) and world.max_objects == 1 and "train_config" in source
+
+
+# -- localisation scoring with known maps -----------------------------------------------------------
+
+class OraclePipeline:
+    """Stands in for a model on `world`: for each caption it returns that caption's scene as the image and,
+    as each object word's attention map, the object's mask ("masks") or, for every token, all ones
+    ("uniform"). Tokens are one per word, CLIP-style."""
+
+    def __init__(self, world: ShapesConfig, config: EvalConfig, maps: str):
+        from diffusers import DDPMScheduler
+
+        from t2i.evaluate import paraphrase_scenes, prompt_scenes
+        scenes = (prompt_scenes(world, "train", config.num_prompts, config.seed)
+                  + prompt_scenes(world, "holdout", config.num_prompts, config.seed)
+                  + paraphrase_scenes(world, config.num_prompts, config.seed)
+                  + prompt_scenes(world, "train", config.calibration_prompts, config.seed + 1))
+        self.scenes = {s.caption: s for s in scenes}
+        self.maps, self.scheduler, self.name_or_path = maps, DDPMScheduler(), None
+
+    def __call__(self, prompts, height, width, **kwargs):
+        from types import SimpleNamespace
+
+        from t2i.attention.heatmaps import resolve_word
+        from t2i.text import BOS, EOS
+        scenes = [self.scenes[p] for p in prompts]
+        tokens = [[BOS] + [w + "</w>" for w in p.split()] + [EOS] for p in prompts]
+        maps = torch.zeros(len(prompts), max(map(len, tokens)), height, width)
+        for row, (scene, toks) in enumerate(zip(scenes, tokens)):
+            if self.maps == "uniform":
+                maps[row, : len(toks)] = 1.0
+                continue
+            for mask, labels in zip(scene.masks, object_words(scene)):
+                for word in labels.values():
+                    maps[row, resolve_word(toks, word)[1]] = torch.tensor(mask, dtype=torch.float32)
+        images = np.stack([s.image for s in scenes]).astype(np.float32) / 255
+        return SimpleNamespace(images=images, attention=Heatmaps(maps=maps, tokens=tokens, prompts=list(prompts),
+                                                                 image_size=(height, width), layers=["oracle"],
+                                                                 steps=[0]))
+
+
+def test_maps_equal_to_the_masks_score_full_marks_and_uniform_maps_the_uniform_baseline():
+    world = dataclasses.replace(WORLD, size=32)
+    config = EvalConfig(num_prompts=6, images_per_prompt=1, steps=1, calibration_prompts=3, batch_size=4)
+    perfect = evaluate(OraclePipeline(world, config, "masks"), config, world=world, progress=False)
+    flat = evaluate(OraclePipeline(world, config, "uniform"), config, world=world, progress=False)
+    for split in ("seen", "held-out", "paraphrase"):
+        for word_class in ("noun", "colour"):
+            p, f = perfect.localisation[split][word_class], flat.localisation[split][word_class]
+            assert p["scored"] > 0 and p["no_token"] == 0, (split, word_class)
+            assert p["ours"]["miou"] > 0.99 and p["ours"]["pointing"] == 1.0, (split, word_class, p["ours"])
+            for metric in ("miou", "pointing"):
+                assert f["ours"][metric] == pytest.approx(f["uniform"][metric]) and f["ours"][metric] < 0.5

@@ -1,5 +1,6 @@
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def test_seed_determinism_and_per_image_generators(pipe):
 
 def test_save_and_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "model_index.json").read_text())["uncond_dropout"] == 0.1
+    assert json.loads((tmp_path / "model_index.json").read_text())["caption_dropout"] == 0.1
     assert list((tmp_path / "unet").glob("*.safetensors")) and list((tmp_path / "text_encoder").glob("*.safetensors"))
     again = T2IPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
@@ -106,7 +107,7 @@ def test_too_long_prompt_warns_with_dropped_count(pipe):
 
 
 def test_guidance_without_caption_dropout_warns():
-    pipe = tiny_pipeline(uncond_dropout=0.0)
+    pipe = tiny_pipeline(caption_dropout=0.0)
     with pytest.warns(UserWarning, match="without caption dropout"):
         pipe("a red circle", num_inference_steps=1, guidance_scale=3.0)
 
@@ -136,3 +137,46 @@ def test_bf16_autocast_keeps_latents_float32_and_stays_close(pipe):
                callback=lambda i, t, x: seen.append(x.dtype)).images
     assert set(seen) == {torch.float32} and out.dtype == torch.float32
     assert (out - ref).abs().mean() < 0.05 and not torch.equal(out, ref)
+
+
+def test_guidance_is_uncond_plus_scale_times_cond_minus_uncond(pipe, monkeypatch):
+    """A stub UNet predicts, at every pixel, the number of real tokens of its row's prompt: 2 for the empty
+    prompt (start, end), 5 and 9 for the prompts. The scheduler must get uncond + s * (cond - uncond)."""
+    def count_tokens(x, t, encoder_hidden_states, encoder_attention_mask, return_dict=True):
+        return (encoder_attention_mask.sum(1).to(x.dtype)[:, None, None, None].expand_as(x).clone(),)
+
+    seen, step = [], pipe.scheduler.step
+
+    def spy(model_output, timestep, sample, generator=None, **kwargs):
+        seen.append(model_output.clone())
+        return step(model_output, timestep, sample, generator=generator, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", count_tokens)
+    monkeypatch.setattr(pipe.scheduler, "step", spy)
+    prompts = ["a red circle", "a blue square above a green triangle"]
+    pipe(prompts, num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2, generator=gen())
+    cond, uncond = torch.tensor([5.0, 5.0, 9.0, 9.0]), 2.0
+    assert len(seen) == 2
+    for pred in seen:
+        assert torch.equal(pred, (uncond + 3.0 * (cond - uncond))[:, None, None, None].expand(4, 3, 16, 16))
+    seen.clear()
+    pipe(prompts, num_inference_steps=1, guidance_scale=1.0, generator=gen())  # unguided: cond alone
+    assert torch.equal(seen[0], torch.tensor([5.0, 9.0])[:, None, None, None].expand(2, 3, 16, 16))
+
+
+def test_a_folder_saved_with_the_old_caption_dropout_key_still_loads(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["uncond_dropout"] = index.pop("caption_dropout")       # as written before issue 9
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert T2IPipeline.from_pretrained(tmp_path).config.caption_dropout == 0.1
+
+
+def test_prompt_tokens_are_the_tokens_the_pipeline_encodes(pipe):
+    from t2i.text import encode_prompts
+    prompts = ["a red circle", "a blue square above a green triangle in the top left"]   # the second is cut
+    with pytest.warns(UserWarning, match="dropped the last 1 tokens"):
+        encoded = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts).tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                               # sampling warns, not the word check
+        assert pipe.prompt_tokens(prompts) == encoded and encoded[1][-2] == "top</w>"

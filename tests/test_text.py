@@ -62,3 +62,12 @@ def test_load_pretrained_clip_unreachable_is_clear(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="could not load a CLIP text encoder"):
         load_pretrained_clip("no-such-org/no-such-clip")
+
+
+def test_caption_dropout_rate_over_many_draws():
+    from t2i.text import drop_captions
+    g = torch.Generator().manual_seed(0)
+    kept = drop_captions(["a red circle"] * 20_000, 0.1, g)
+    assert set(kept) == {"", "a red circle"}
+    assert abs(kept.count("") / len(kept) - 0.1) < 0.01                 # the standard error is 0.002
+    assert drop_captions(["a red circle"] * 1000, 0.0, g) == ["a red circle"] * 1000

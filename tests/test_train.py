@@ -154,7 +154,7 @@ def test_make_dataset_then_train_on_the_folder_with_a_frozen_local_clip(tmp_path
 
 
 def test_training_data_is_deterministic_and_sharded():
-    from t2i.train import CounterSampler
+    from t2i.data.stream import CounterSampler
     one = CounterSampler(n=10, batch=2, rank=0, world=1, seed=3)
     it = iter(one)
     single = [next(it) for _ in range(20)]
@@ -164,3 +164,56 @@ def test_training_data_is_deterministic_and_sharded():
     assert a[:2] + b[:2] + a[2:] + b[2:] == single[:8]  # two processes split the single-process stream
     resumed = iter(CounterSampler(10, 2, 0, 1, 3, start=6))
     assert [next(resumed) for _ in range(6)] == single[6:12]
+
+
+def test_one_ema_step_moves_the_average_by_one_minus_decay():
+    from t2i.train import EMA
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.9)
+    start = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net, step=1000)                          # past the warm-up: decay_t = decay
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(ema.shadow[k], start[k] + (1 - 0.9) * (v - start[k]))
+        torch.testing.assert_close(ema.averaged(net).state_dict()[k], ema.shadow[k])
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    ema.update(net, step=0)                             # warm-up: decay_t = (1 + 0) / (10 + 0)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(ema.shadow[k], before[k] + (1 - 0.1) * (v - before[k]))
+
+
+class Numbers(torch.utils.data.Dataset):
+    def __init__(self, n: int, shuffle: bool):
+        self.n, self.shuffle = n, shuffle
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"i": i}
+
+
+def test_a_dataset_declares_whether_the_stream_shuffles_it():
+    from t2i.data.folder import ImageFolderDataset
+    from t2i.data.shapes import ShapesDataset
+    from t2i.data.stream import data_stream
+    assert ShapesDataset.shuffle is False and ImageFolderDataset.shuffle is True
+    cfg = load_config(None, ["train.batch_size=5"])
+    in_order = next(data_stream(Numbers(20_000_000, shuffle=False), cfg))["i"].tolist()
+    shuffled = next(data_stream(Numbers(20, shuffle=True), cfg))["i"].tolist()
+    assert in_order == [0, 1, 2, 3, 4] and shuffled != [0, 1, 2, 3, 4] and len(set(shuffled)) == 5
+    large = next(data_stream(Numbers(10_000_001, shuffle=True), load_config(None, ["train.batch_size=2"])))["i"]
+    assert large.tolist() != [0, 1]                     # a folder of over 10M images is still shuffled
+
+
+def test_the_loop_drops_captions_at_the_configured_rate(tmp_path, monkeypatch):
+    from t2i.text import TextStates
+    seen, call = [], TextStates.__call__
+    monkeypatch.setattr(TextStates, "__call__", lambda self, captions, device: (seen.extend(captions),
+                                                                                call(self, captions, device))[1])
+    train(tiny_config(tmp_path, "train.max_steps=2", "train.batch_size=8", "train.caption_dropout=0.5",
+                      "train.checkpoint_every=100"), stop_at=2)
+    assert len(seen) == 16 and 3 <= seen.count("") <= 13              # 16 draws at p = 0.5

@@ -1,7 +1,7 @@
 """Cross-attention heatmaps: record per-token attention while sampling, read it per word, draw it.
 
     rec = AttentionRecorder(steps=(0.0, 0.5))             # or pipe(..., record_attention=True)
-    out = pipe("a red circle", attention_recorder=rec)
+    out = pipe("a red circle", record_attention=rec)
     maps = out.attention.word_maps(0, ["red", "circle"], size="image")   # {word: (H, W)}
     grid_image(out.images[0], out.attention, 0).save("grid.png")
 """

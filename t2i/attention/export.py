@@ -1,5 +1,5 @@
-# Heatmaps on disk: raw float32 maps as safetensors with their metadata (prompt, tokens, words,
-# layers, steps, image size) as JSON in the safetensors header, plus the pictures for one image.
+# One image's heatmaps on disk for people: the image, a grid and an overlay (and GIF) per word, beside
+# its raw maps (Heatmaps.save) and their metadata as JSON.
 from __future__ import annotations
 
 import json
@@ -8,46 +8,9 @@ import re
 from pathlib import Path
 
 from PIL import Image
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from .heatmaps import Heatmaps
 from .overlay import animate, grid_image, upscale, word_overlays
-
-METADATA_KEY = "t2i.heatmaps"
-FORMAT_VERSION = 1
-_FIELDS = ("tokens", "prompts", "image_size", "layers", "steps", "num_inference_steps", "branch", "heads",
-           "prompt_index")
-
-
-def save_heatmaps(heatmaps: Heatmaps, path: str | os.PathLike) -> None:
-    """Write `maps` (images, T, h, w) and, if kept, `timeline` (S, images, T, hc, wc) to a .safetensors
-    file; the metadata goes into its header as JSON under 't2i.heatmaps'."""
-    tensors = {"maps": heatmaps.maps.float().contiguous()}
-    if heatmaps.timeline is not None:
-        tensors["timeline"] = heatmaps.timeline.float().contiguous()
-    meta = {"version": FORMAT_VERSION, **heatmaps.metadata()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(meta)})
-
-
-def load_heatmaps(path: str | os.PathLike) -> Heatmaps:
-    """Read a file written by `save_heatmaps` (or `Heatmaps.save`)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no heatmaps file at {path!r}")
-    with safe_open(path, framework="pt") as f:
-        header = (f.metadata() or {}).get(METADATA_KEY)
-    if header is None:
-        raise ValueError(f"{path!r} is a safetensors file without t2i heatmap metadata; "
-                         "write it with Heatmaps.save")
-    meta = json.loads(header)
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path!r} has heatmaps format version {meta.get('version')}, this t2i reads "
-                         f"{FORMAT_VERSION}")
-    tensors = load_file(path)
-    return Heatmaps(maps=tensors["maps"], timeline=tensors.get("timeline"),
-                    **{k: meta[k] for k in _FIELDS})
 
 
 def _stems(labels: list[str]) -> dict[str, str]:

@@ -1,17 +1,24 @@
 # Per-token cross-attention heatmaps of generated images, and their reading by word: sub-tokens of a
-# word merged, repeated words told apart ("circle#2"), normalised and upsampled to the image in torch.
+# word merged, repeated words told apart ("circle#2"), normalised and upsampled to the image in torch;
+# and their file format: the maps as safetensors with the metadata as JSON in its header.
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tokenizers.decoders import ByteLevel
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-END_OF_WORD = "</w>"
+from ..text import BOS, END_OF_WORD, EOS
+
+METADATA_KEY = "t2i.heatmaps"
+FORMAT_VERSION = 1
 NORMALIZE = ("token", "shared", None)
 _BYTES = ByteLevel()
 
@@ -207,14 +214,34 @@ class Heatmaps:
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write maps (and timeline) to a .safetensors file with the metadata as JSON in its header."""
-        from .export import save_heatmaps
-        save_heatmaps(self, path)
+        """Write `maps` (images, T, h, w) and, if kept, `timeline` (S, images, T, hc, wc) to a .safetensors
+        file; the metadata goes into its header as JSON under 't2i.heatmaps'."""
+        tensors = {"maps": self.maps.float().contiguous()}
+        if self.timeline is not None:
+            tensors["timeline"] = self.timeline.float().contiguous()
+        meta = {"version": FORMAT_VERSION, **self.metadata()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Heatmaps":
-        from .export import load_heatmaps
-        return load_heatmaps(path)
+        """Read a file written by `save`."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no heatmaps file at {path!r}")
+        with safe_open(path, framework="pt") as f:
+            header = (f.metadata() or {}).get(METADATA_KEY)
+        if header is None:
+            raise ValueError(f"{path!r} is a safetensors file without t2i heatmap metadata; "
+                             "write it with Heatmaps.save")
+        meta = json.loads(header)
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path!r} has heatmaps format version {meta.get('version')}, this t2i reads "
+                             f"{FORMAT_VERSION}")
+        tensors = load_file(path)
+        fields = ("tokens", "prompts", "image_size", "layers", "steps", "num_inference_steps", "branch", "heads",
+                  "prompt_index")
+        return cls(maps=tensors["maps"], timeline=tensors.get("timeline"), **{k: meta[k] for k in fields})
 
     def __repr__(self) -> str:
         return (f"Heatmaps({self.num_images} image(s), maps {tuple(self.maps.shape)}, image {self.image_size}, "

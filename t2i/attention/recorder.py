@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from torch import nn
 from ..unet import Attention as T2IAttention
 from ..unet import SDPAProcessor
 from .heatmaps import Heatmaps, prompt_text
+
+if TYPE_CHECKING:
+    from ..pipeline import BatchLayout
 
 BRANCHES = ("cond", "uncond")
 
@@ -139,11 +142,21 @@ def _recording_processor(recorder: "AttentionRecorder", name: str, module: nn.Mo
     return DiffusersRecordingProcessor(recorder, name, original, module.scale if kind == "AttnProcessor" else None)
 
 
-def _set_processor(module: nn.Module, processor) -> None:
-    if hasattr(module, "set_processor"):
-        module.set_processor(processor)      # diffusers: keeps its _modules bookkeeping right
-    else:
-        module.processor = processor
+def _install(unet: nn.Module, processors: dict[str, object]) -> None:
+    """Set {module name: processor} through the UNet's own `set_attn_processor` where it has one (t2i's
+    is keyed by module name; diffusers' by '<module name>.processor' and wants every layer's), else on
+    each module."""
+    if hasattr(unet, "set_attn_processor"):
+        current = dict(unet.attn_processors)
+        suffix = "" if all(name in current for name in processors) else ".processor"
+        unet.set_attn_processor({**current, **{name + suffix: p for name, p in processors.items()}})
+        return
+    for name, processor in processors.items():
+        module = unet.get_submodule(name)
+        if hasattr(module, "set_processor"):
+            module.set_processor(processor)  # diffusers: keeps its _modules bookkeeping right
+        else:
+            module.processor = processor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +173,9 @@ class AttentionRecorder:
     heads: head indices to average, None = all. branch: 'cond' (the prompts) or 'uncond' (the
     negative or empty prompts; needs classifier-free guidance). timeline: also keep one coarse map
     per recorded step (memory then grows with the steps).
-    Usage: `with rec.record(unet, enc, (H, W), n, guided, S): for i ...: rec.set_step(i); unet(...)`,
-    then `rec.heatmaps()`."""
+    Usage: `with rec.record(unet, layout): for i ...: rec.set_step(i); unet(...)`, then `rec.heatmaps()`,
+    where `layout` is the t2i.pipeline.BatchLayout of the UNet's batch (pipe(..., record_attention=rec)
+    does all of this)."""
 
     def __init__(self, layers: str | None = None, resolutions: Iterable[int | tuple[int, int]] | None = None,
                  steps: tuple[float, float] | Iterable[int] | None = None, heads: Iterable[int] | None = None,
@@ -180,7 +194,7 @@ class AttentionRecorder:
         if self.heads is not None and (not self.heads or self.heads[0] < 0):
             raise ValueError(f"heads must be non-empty, non-negative indices, got {heads}")
         self.branch, self.timeline = branch, timeline
-        self._enc = None
+        self._layout: BatchLayout | None = None
         self._reset()
 
     def _reset(self):
@@ -204,7 +218,7 @@ class AttentionRecorder:
             if not 0.0 <= start < stop <= 1.0:
                 raise ValueError(f"steps window {s} must be (start, stop) with 0 <= start < stop <= 1")
             if not num_steps:
-                raise ValueError("a fractional steps window needs num_inference_steps in record()")
+                raise ValueError("a fractional steps window needs the layout's num_inference_steps in record()")
             chosen = {i for i in range(num_steps) if start * num_steps <= i < stop * num_steps}
             if not chosen:
                 raise ValueError(f"steps window {s} selects none of {num_steps} steps; widen it")
@@ -223,8 +237,8 @@ class AttentionRecorder:
             f = max(1, round(math.sqrt(H * W / N)))
             h, w = -(-H // f), -(-W // f)
             if h * w != N:
-                raise ValueError(f"cannot lay {N} queries on a grid for a {H}x{W} image: pass record() the "
-                                 "image size the UNet is sampling")
+                raise ValueError(f"cannot lay {N} queries on a grid for a {H}x{W} image: give record() a layout "
+                                 "with the image size the UNet is sampling")
             self._grids[N] = (h, w)
         return self._grids[N]
 
@@ -241,29 +255,18 @@ class AttentionRecorder:
 
     # -- recording -------------------------------------------------------------------------------
     @contextmanager
-    def record(self, unet: nn.Module, enc, image_size: tuple[int, int], num_images_per_prompt: int = 1,
-               guided: bool = False, num_inference_steps: int | None = None) -> Iterator["AttentionRecorder"]:
+    def record(self, unet: nn.Module, layout: BatchLayout) -> Iterator["AttentionRecorder"]:
         """Install recording processors on the selected cross-attention modules of `unet`, and always
-        restore the original ones on exit. `enc` is the PromptEncoding of the encoded texts: [uncond (B),
-        cond (B)] when `guided`, else [cond (B)]; the UNet's rows are those texts each repeated
-        `num_images_per_prompt` times. `image_size` (H, W) is the size the UNet samples at."""
+        restore the original ones on exit. `layout` says which texts the UNet's rows hold (the branch's
+        rows are kept), the image size and the number of steps."""
         # 1. check the request against the batch
-        if self.branch == "uncond" and not guided:
+        if self.branch == "uncond" and not layout.guided:
             raise ValueError("branch='uncond' needs classifier-free guidance (guidance_scale != 1): "
                              "without it there is no unconditional branch")
-        texts = len(enc.tokens)
-        if guided and texts % 2:
-            raise ValueError(f"guided sampling needs [uncond, cond] texts, got an odd number ({texts})")
         self._reset()
-        B = texts // 2 if guided else texts
-        n = num_images_per_prompt
-        self._enc, self._guided, self._n, self._B = enc, guided, n, B
-        self._image_size = tuple(int(s) for s in image_size)
-        self._rows = B * n * (2 if guided else 1)
-        first = B * n if (guided and self.branch == "cond") else 0
-        self._row_slice = slice(first, first + B * n)
-        self._num_steps = num_inference_steps
-        self._step_set = self._select_steps(num_inference_steps)
+        self._layout = layout
+        self._image_size = tuple(int(s) for s in layout.image_size)
+        self._step_set = self._select_steps(layout.num_inference_steps)
 
         # 2. pick the modules
         modules = cross_attention_modules(unet)
@@ -283,12 +286,10 @@ class AttentionRecorder:
         # 3. install, run, always restore
         originals = {k: m.processor for k, m in chosen.items()}
         try:
-            for k, m in chosen.items():
-                _set_processor(m, processors[k])
+            _install(unet, processors)
             yield self
         finally:
-            for k, m in chosen.items():
-                _set_processor(m, originals[k])
+            _install(unet, originals)
             self._fold_step()
             self._step, self._active = None, False
 
@@ -301,10 +302,12 @@ class AttentionRecorder:
 
     def _add(self, name: str, grid: tuple[int, int], p: torch.Tensor) -> None:
         """Add one layer's probabilities p (rows, heads, N, T) float32 to the running sums."""
-        if p.shape[0] != self._rows:
-            raise ValueError(f"the UNet ran {p.shape[0]} rows but record() was told {self._rows} "
-                             f"({self._B} prompt(s) x {self._n} image(s){' x 2 for guidance' if self._guided else ''})")
-        p = p[self._row_slice]                                             # (B*n, heads, N, T)
+        layout = self._layout
+        if p.shape[0] != layout.rows:
+            raise ValueError(f"the UNet ran {p.shape[0]} rows but record() was told {layout.rows} "
+                             f"({layout.num_prompts} prompt(s) x {layout.images_per_prompt} image(s)"
+                             f"{' x 2 for guidance' if layout.guided else ''})")
+        p = p[layout.branch_rows(self.branch)]                             # (B*n, heads, N, T)
         if self.heads is not None:
             if self._head_index is None or self._head_index.device != p.device:
                 self._head_index = torch.tensor(self.heads, device=p.device)
@@ -365,13 +368,13 @@ class AttentionRecorder:
 
     def _to_heatmaps(self, maps: torch.Tensor, timeline: torch.Tensor | None) -> Heatmaps:
         """Keep each image's real tokens, padded to the longest prompt."""
-        enc, B, n = self._enc, self._B, self._n
-        offset = B if (self._guided and self.branch == "cond") else 0
-        text_of_row = [offset + r // n for r in range(B * n)]
+        layout = self._layout
+        enc, texts, n = layout.encoding, layout.texts(self.branch), layout.images_per_prompt
+        text_of_row = [texts[r // n] for r in range(len(texts) * n)]
         keep = enc.attention_mask.detach().bool().cpu()
         tokens = [list(enc.tokens[t]) for t in text_of_row]
         L = max(len(t) for t in tokens)
-        out = maps.new_zeros((B * n, L) + maps.shape[2:])
+        out = maps.new_zeros((len(text_of_row), L) + maps.shape[2:])
         tl = None if timeline is None else timeline.new_zeros(timeline.shape[:2] + (L,) + timeline.shape[3:])
         for r, t in enumerate(text_of_row):
             idx = keep[t].nonzero().squeeze(1).to(maps.device)
@@ -380,8 +383,8 @@ class AttentionRecorder:
                 tl[:, r, : len(idx)] = timeline[:, r].index_select(1, idx)
         return Heatmaps(maps=out.float().cpu(), tokens=tokens, prompts=[prompt_text(t) for t in tokens],
                         image_size=self._image_size, layers=list(self._layers_seen), steps=sorted(self._steps_seen),
-                        num_inference_steps=self._num_steps, branch=self.branch, heads=self.heads,
-                        prompt_index=[r // n for r in range(B * n)],
+                        num_inference_steps=layout.num_inference_steps, branch=self.branch, heads=self.heads,
+                        prompt_index=[r // n for r in range(len(text_of_row))],
                         timeline=None if tl is None else tl.float().cpu())
 
 

@@ -123,6 +123,8 @@ class ImageFolderDataset(Dataset):
     without images, and an empty folder are ValueErrors.
     """
 
+    shuffle = True  # files come in path order: the training stream permutes them each epoch
+
     def __init__(
         self,
         root: Union[str, os.PathLike],

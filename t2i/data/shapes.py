@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 RGB = tuple[int, int, int]
 
@@ -106,6 +110,13 @@ class ShapesConfig:
             _is_held_out(self, c, s, p) for c in self.colours for s in self.shapes for p in POSITIONS
         ):
             raise ValueError("the hold-out covers every colour-shape-position combination; split='train' is empty")
+
+
+def shapes_world(data: DataConfig, split: str = "train") -> ShapesConfig:
+    """The world a run config's data section describes (t2i.config.DataConfig), for one split."""
+    return ShapesConfig(size=data.size, min_objects=data.min_objects, max_objects=data.max_objects, seed=data.seed,
+                        holdout_pairs=data.holdout_pairs, holdout_positions=data.holdout_positions,
+                        position_prob=data.position_prob, split=split)
 
 
 def _check_names(kind: str, names, valid, where: str = "") -> None:
@@ -348,6 +359,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     Items: {"pixel_values": float32 (3, H, W) in [-1, 1], "text": caption}, plus `grounding_targets`
     when `grounding=True`.
     """
+
+    shuffle = False  # scene i is already a random draw: the training stream reads items in order
 
     def __init__(self, config: ShapesConfig = ShapesConfig(), length: int = 1_000_000, grounding: bool = False):
         if length < 1:

@@ -1,0 +1,80 @@
+# The training stream: the dataset a run config names, and the order of its samples as one global
+# counter k -> (index, epoch), so the data position of a run is one integer and resumes exactly.
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+
+def build_dataset(cfg: RunConfig) -> tuple[Dataset, list[str]]:
+    """The training set and the caption corpus the offline tokenizer is learned from."""
+    d, grounding = cfg.data, cfg.train.grounding_weight > 0
+    if d.kind == "shapes":
+        from .shapes import ShapesDataset, caption_corpus, shapes_world
+        world = shapes_world(d, "train")
+        return ShapesDataset(world, length=2**31 - 1, grounding=grounding), caption_corpus(world)
+    from .folder import ImageFolderDataset
+    ds = ImageFolderDataset(d.root, size=d.size, crop=d.crop, flip=d.flip, seed=d.seed, caption_column=d.caption_column,
+                            grounding=grounding)
+    return ds, list(ds.captions)
+
+
+class Epoched(Dataset):
+    """Adapts a dataset to (index, epoch) keys so that random crops and flips replay exactly on resume."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch)
+        return self.ds[index]
+
+
+class CounterSampler(Sampler):
+    """Yields the (index, epoch) keys of global samples start, start+1, ... owned by this process.
+    Sample k lives in epoch k // N at position k % N of a permutation seeded by (seed, epoch), or at
+    index k % N when `shuffle` is off; process r of W takes, in each global micro-batch of W*b samples,
+    the slice [r*b, (r+1)*b)."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, start: int = 0, shuffle: bool = True):
+        self.n, self.b, self.rank, self.world, self.seed, self.start = n, batch, rank, world, seed, start
+        self.shuffle = shuffle
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def key(self, k: int) -> tuple[int, int]:
+        epoch, pos = divmod(k, self.n)
+        if not self.shuffle:
+            return pos, epoch
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return int(self._perm[1][pos]), epoch
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            base = k // (self.world * self.b) * self.world * self.b
+            for j in range(self.b):
+                yield self.key(base + self.rank * self.b + j)
+            k = base + self.world * self.b
+
+
+def data_stream(dataset, cfg: RunConfig, rank: int = 0, world: int = 1, start: int = 0):
+    """Batches of this process from global sample `start` on, in the order CounterSampler fixes. A dataset
+    declares with `shuffle = False` that its items are already in random order (a procedural world);
+    any other is shuffled per epoch."""
+    b = cfg.train.batch_size
+    sampler = CounterSampler(len(dataset), b, rank, world, cfg.train.seed, start=start,
+                             shuffle=getattr(dataset, "shuffle", True))
+    return iter(DataLoader(Epoched(dataset), batch_size=b, sampler=sampler, num_workers=cfg.data.num_workers,
+                           drop_last=True))
