@@ -3,22 +3,75 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import warnings
 from pathlib import Path
+
+MAX_SIZE_FACTOR = 8  # --height/--width: at most 8x the model's sample size (pixel space: memory grows with the area)
+BOUNDS = {"upscale": (1, 16), "size": (32, 2048), "steps": (1, None), "height": (1, None), "width": (1, None),
+          "num_images": (1, None)}  # option: (least, most); None: no fixed bound
+
+
+def check_options(args) -> None:
+    """Bad options of a sampling command, one line each, before anything is loaded or sampled."""
+    for name, (least, most) in BOUNDS.items():
+        value, flag = getattr(args, name, None), "--" + name.replace("_", "-")
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+        if value is not None and most is not None and value > most:
+            raise ValueError(f"{flag} must be at most {most}, got {value}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+
+
+def check_against_model(args, pipe) -> None:
+    """Options bounded by the loaded model: steps by its scheduler, image size by its sample size."""
+    from .pipeline import max_inference_steps
+    most = max_inference_steps(pipe.scheduler)
+    if args.steps is not None and args.steps > most:
+        raise ValueError(f"--steps must be at most {most} (fewer than the scheduler's training timesteps), "
+                         f"got {args.steps}")
+    sample_size = pipe.unet.config.sample_size
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None and value > MAX_SIZE_FACTOR * sample_size:
+            raise ValueError(f"--{name} must be at most {MAX_SIZE_FACTOR * sample_size} ({MAX_SIZE_FACTOR}x the "
+                             f"model's sample size {sample_size}), got {value}")
+
+
+def sampling_device(name: str | None):
+    """The torch device of --device (default: cuda when available), or a ValueError saying what to use."""
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available on this machine (or torch was built "
+                         "without CUDA); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: use cpu or cuda")
+    return device
 
 
 def _pipeline(args):
     import torch
 
     from .pipeline import load_pipeline, make_scheduler
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_options(args)
+    device = sampling_device(args.device)
     pipe = load_pipeline(args.model, device)
     if getattr(args, "precision", "fp32") == "bf16":
         pipe.autocast_dtype = torch.bfloat16
     if getattr(args, "scheduler", None):
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    check_against_model(args, pipe)
     return pipe
 
 

@@ -45,6 +45,13 @@ def make_scheduler(name: str, config: dict):
     return cls.from_config(config, **extra)
 
 
+def max_inference_steps(scheduler) -> int:
+    """The most sampling steps `scheduler` runs soundly: fewer than its training timesteps (at that
+    many, DPM-Solver++ and UniPC repeat a timestep and return NaN; beyond, DDPM and DDIM refuse and
+    DPM-Solver++ fails with an IndexError)."""
+    return scheduler.config.num_train_timesteps - 1
+
+
 def scheduler_name(scheduler) -> str:
     """The short name of a scheduler instance (the inverse of make_scheduler), else its class name."""
     for name, (cls, extra) in SCHEDULERS.items():
@@ -90,7 +97,7 @@ class T2IPipeline(DiffusionPipeline):
                              "weights do not match its config.json, re-export the folder from its run.") from e
 
     # -- the steps of __call__ -------------------------------------------------------------------
-    def check_inputs(self, prompt, height, width, guidance_scale, num_images_per_prompt):
+    def check_inputs(self, prompt, height, width, guidance_scale, num_images_per_prompt, num_inference_steps):
         if not prompt:
             raise ValueError("the prompt list is empty: pass at least one prompt")
         if not all(isinstance(p, str) for p in prompt):
@@ -101,6 +108,10 @@ class T2IPipeline(DiffusionPipeline):
                              f"got {height}x{width}; try {max(f, round(height / f) * f)}x{max(f, round(width / f) * f)}")
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
+        most = max_inference_steps(self.scheduler)
+        if not 1 <= num_inference_steps <= most:
+            raise ValueError(f"num_inference_steps must be between 1 and {most} for {type(self.scheduler).__name__} "
+                             f"(fewer than its training timesteps), got {num_inference_steps}")
         if guidance_scale > 1.0 and self.config.uncond_dropout == 0:
             warnings.warn("this model was trained without caption dropout, so it has no unconditional "
                           "prediction to guide against; use guidance_scale=1.0", stacklevel=3)
@@ -139,8 +150,8 @@ class T2IPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         sample_size = self.unet.config.sample_size
-        height, width = height or sample_size, width or sample_size
-        self.check_inputs(prompt, height, width, guidance_scale, num_images_per_prompt)
+        height, width = (sample_size if s is None else s for s in (height, width))
+        self.check_inputs(prompt, height, width, guidance_scale, num_images_per_prompt, num_inference_steps)
         guided = guidance_scale != 1.0
         device, dtype = self.unet.device, self.unet.dtype
 

@@ -55,3 +55,46 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys):
     assert "unknown scheduler" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(model_dir), "--height", "17", "--out", str(tmp_path)]) == 2
     assert "multiples of 2" in capsys.readouterr().err
+
+
+# -- issue 10: bad input before any work, no overwrites, threads, help and warnings ------------------
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Fail the test if anything samples: bad options must be refused before any work."""
+    from t2i.pipeline import T2IPipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sampled before the options were checked")
+    monkeypatch.setattr(T2IPipeline, "__call__", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["generate", "x", "--steps", "-1"], "--steps must be at least 1, got -1"),
+    (["generate", "x", "--steps", "2000"], "--steps must be at most 999"),
+    (["generate", "x", "--steps", "1000", "--scheduler", "dpm"], "--steps must be at most 999"),
+    (["generate", "x", "--height", "0"], "--height must be at least 1, got 0"),
+    (["generate", "x", "--width", "100000"], "at most 128 (8x the model's sample size 16)"),
+    (["generate", "x", "--upscale", "0"], "--upscale must be at least 1, got 0"),
+    (["generate", "x", "--upscale", "1000"], "--upscale must be at most 16"),
+    (["generate", "x", "--num-images", "0"], "--num-images must be at least 1, got 0"),
+    (["generate", "x", "--guidance", "nan"], "--guidance must be a finite number"),
+    (["generate", "x", "--device", "cuda"], "--device cuda: no CUDA GPU is available"),
+    (["generate", "x", "--device", "gpu"], "--device 'gpu' is not a device"),
+    (["heatmap", "x", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["heatmap", "x", "--height", "100000"], "at most 128"),
+    (["heatmap", "x", "--size", "0"], "--size must be at least 32, got 0"),
+    (["heatmap", "x", "--device", "cuda"], "--device cuda: no CUDA GPU is available"),
+    (["evaluate", "--steps", "5000"], "--steps must be at most 999"),
+    (["evaluate", "--device", "cuda:0"], "--device cuda:0: no CUDA GPU is available"),
+])
+def test_bad_options_are_one_line_before_any_work(argv, message, model_dir, tmp_path, capsys, monkeypatch,
+                                                  no_sampling):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = ["--out", str(tmp_path / "out")] if argv[0] != "evaluate" else []
+    assert main(argv + ["--model", str(model_dir)] + out) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -136,3 +136,12 @@ def test_bf16_autocast_keeps_latents_float32_and_stays_close(pipe):
                callback=lambda i, t, x: seen.append(x.dtype)).images
     assert set(seen) == {torch.float32} and out.dtype == torch.float32
     assert (out - ref).abs().mean() < 0.05 and not torch.equal(out, ref)
+
+
+def test_steps_beyond_the_scheduler_are_refused_before_sampling(pipe):
+    with pytest.raises(ValueError, match="num_inference_steps must be between 1 and 999 for DDPMScheduler .*got 0"):
+        pipe("a red circle", num_inference_steps=0)
+    with pytest.raises(ValueError, match="between 1 and 999 .*got 1000"):
+        pipe("a red circle", num_inference_steps=1000)
+    with pytest.raises(ValueError, match="positive multiples of 2"):
+        pipe("a red circle", height=0, num_inference_steps=1)
