@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import json
 import math
 import re
 import sys
+import unicodedata
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 MAX_SIZE_FACTOR = 8  # --height/--width: at most 8x the model's sample size (pixel space: memory grows with the area)
 BOUNDS = {"upscale": (1, 16), "size": (32, 2048), "steps": (1, None), "height": (1, None), "width": (1, None),
@@ -76,7 +80,28 @@ def _pipeline(args):
 
 
 def _slug(text: str, n: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "image"
+    """A file-name stem for a prompt: its letters and digits in any script, else (emoji) a hash of it."""
+    slug = re.sub(r"[\W_]+", "-", unicodedata.normalize("NFKC", text).lower()).strip("-")[:n].strip("-")
+    return slug or "prompt-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _new_name(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """stem, stem-v2, stem-v3, ...: the stems for which no stem + suffix exists in folder yet."""
+    for k in itertools.count(1):
+        name = stem if k == 1 else f"{stem}-v{k}"
+        if not any((folder / (name + s)).exists() for s in suffixes):
+            yield name
+
+
+def save_new_png(image, folder: Path, stem: str, **save_kw) -> Path:
+    """Save as folder/stem.png, or stem-v2.png, ... never replacing a file (an exclusive create)."""
+    for name in _new_name(folder, stem, (".png", "-heatmaps")):
+        try:
+            with open(folder / f"{name}.png", "xb") as f:
+                image.save(f, format="PNG", **save_kw)
+            return folder / f"{name}.png"
+        except FileExistsError:  # another run took the name since it was checked
+            continue
 
 
 def png_metadata(**fields):
@@ -103,12 +128,11 @@ def cmd_generate(args) -> None:
                   generator=[torch.Generator().manual_seed(s) for s in seeds], record_attention=args.heatmaps)
     for i, (image, seed) in enumerate(zip(result.images, seeds)):
         prompt = args.prompt[i // n]
-        path = out / f"{_slug(prompt)}-{seed}.png"
         meta = dict(prompt=prompt, negative_prompt=args.negative or "", seed=seed, steps=args.steps,
                     guidance=args.guidance, scheduler=scheduler, model=model, height=image.height,
                     width=image.width, upscale=args.upscale, precision=args.precision)
         big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
-        big.save(path, pnginfo=png_metadata(**meta))
+        path = save_new_png(big, out, f"{_slug(prompt)}-{seed}", pnginfo=png_metadata(**meta))
         print(path)
         if args.heatmaps:
             from .attention.export import write_heatmap_outputs
@@ -122,14 +146,19 @@ def cmd_heatmap(args) -> None:
     from .attention.export import write_heatmap_outputs
     from .attention.heatmaps import check_words
     words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and (out.is_file() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already holds files or is one; pass a new folder (nothing is overwritten)")
     pipe = _pipeline(args)
     if words:  # fail before sampling when a word is not in the prompt
         ids = pipe.tokenizer(args.prompt, truncation=True)["input_ids"]
         check_words(pipe.tokenizer.convert_ids_to_tokens(ids), words)
+    if out is None:
+        default = Path("outputs") / "heatmaps"
+        out = default / next(_new_name(default, f"{_slug(args.prompt)}-{args.seed}", ("",)))
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
     result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                   width=args.width, generator=torch.Generator().manual_seed(args.seed), attention_recorder=recorder)
-    out = Path(args.out or Path("outputs") / "heatmaps" / f"{_slug(args.prompt)}-{args.seed}")
     paths = write_heatmap_outputs(result.attention, 0, result.images[0], out, words=words, size=args.size)
     for path in paths.values():
         print(path)
@@ -180,11 +209,14 @@ def cmd_evaluate(args) -> None:
     given = {k: getattr(args, k) for k in ("num_prompts", "images_per_prompt", "steps", "guidance", "scheduler",
                                            "seed", "calibration_prompts", "batch_size")}
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
+    if args.json and Path(args.json).exists():
+        raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
     report = evaluate(_pipeline(args), config)
     print(report.format_table())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        with open(args.json, "x") as f:
+            f.write(json.dumps(report.to_dict(), indent=2))
         print(f"wrote {args.json}")
 
 
@@ -215,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG")
     g.add_argument("--heatmaps", action="store_true", help="also write per-word attention heatmaps")
-    g.add_argument("--out", default="outputs")
+    g.add_argument("--out", default="outputs", help="output folder; no file in it is replaced (default: outputs)")
     g.set_defaults(func=cmd_generate)
 
     h = sub.add_parser("heatmap", help="generate one image and draw where each word attended")
@@ -226,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--layers", help="regex on cross-attention module names to record (default: all)")
     h.add_argument("--gif", action="store_true", help="also write an animated GIF per word over the steps")
     h.add_argument("--size", type=int, default=256, help="display size of the drawings in px")
-    h.add_argument("--out", help="output folder (default: outputs/heatmaps/<prompt>-<seed>)")
+    h.add_argument("--out", help="a new or empty output folder (default: outputs/heatmaps/<prompt>-<seed>)")
     h.set_defaults(func=cmd_heatmap)
 
     i = sub.add_parser("info", help="print a pipeline's config and parameter counts")
@@ -277,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_loading()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
         print(f"t2i {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

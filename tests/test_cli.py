@@ -98,3 +98,24 @@ def test_bad_options_are_one_line_before_any_work(argv, message, model_dir, tmp_
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_files_are_never_overwritten_and_any_script_names_its_file(model_dir, tmp_path, capsys):
+    def generate(*prompts, seed="0"):
+        assert main(["generate", *prompts, "--model", str(model_dir), "--steps", "1", "--seed", seed,
+                     "--out", str(tmp_path), "--device", "cpu"]) == 0
+        return [line.rsplit("/", 1)[-1] for line in capsys.readouterr().out.split("\n") if line]
+
+    assert generate("a red circle") == ["a-red-circle-0.png"]
+    first = (tmp_path / "a-red-circle-0.png").read_bytes()
+    assert generate("a red circle") == ["a-red-circle-0-v2.png"]
+    assert generate("A red circle!") == ["a-red-circle-0-v3.png"]      # same slug, another prompt
+    assert (tmp_path / "a-red-circle-0.png").read_bytes() == first
+    names = generate("红色的圆", "🔴", "🟦", seed="5")
+    assert names[0] == "红色的圆-5.png" and len(set(names)) == 3 and all(n.startswith("prompt-") for n in names[1:])
+    assert Image.open(tmp_path / names[1]).text["prompt"] == "🔴"
+    (tmp_path / "a-red-circle-9-heatmaps").mkdir()                     # a stale heatmaps folder is not reused
+    assert main(["generate", "a red circle", "--model", str(model_dir), "--steps", "1", "--seed", "9", "--heatmaps",
+                 "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert "a-red-circle-9-v2.png" in capsys.readouterr().out
+    assert not any((tmp_path / "a-red-circle-9-heatmaps").iterdir())

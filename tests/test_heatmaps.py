@@ -118,3 +118,14 @@ def test_cli_generate_heatmaps_for_each_image(tmp_path, capsys):
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert folders == ["a-red-circle-0-heatmaps", "a-red-circle-1-heatmaps"]
     assert (tmp_path / folders[1] / "grid.png").is_file() and (tmp_path / folders[1] / "word-circle.png").is_file()
+
+
+def test_cli_heatmap_never_overwrites_a_folder(tmp_path, capsys):
+    out = tmp_path / "hm"
+    args = ["heatmap", "a red circle", "--steps", "1", "--device", "cpu", "--size", "32", "--out", str(out)]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(args) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
