@@ -150,9 +150,11 @@ def cmd_heatmap(args) -> None:
     if out is not None and out.exists() and (out.is_file() or any(out.iterdir())):
         raise ValueError(f"--out {out} already holds files or is one; pass a new folder (nothing is overwritten)")
     pipe = _pipeline(args)
-    if words:  # fail before sampling when a word is not in the prompt
-        ids = pipe.tokenizer(args.prompt, truncation=True)["input_ids"]
-        check_words(pipe.tokenizer.convert_ids_to_tokens(ids), words)
+    if words:  # fail before sampling when a word is not in the prompt or was cut off
+        tok = pipe.tokenizer
+        kept, full = (tok.convert_ids_to_tokens(tok(args.prompt, truncation=cut, verbose=False)["input_ids"])
+                      for cut in (True, False))
+        check_words(kept, words, all_tokens=full)
     if out is None:
         default = Path("outputs") / "heatmaps"
         out = default / next(_new_name(default, f"{_slug(args.prompt)}-{args.seed}", ("",)))

@@ -67,10 +67,25 @@ def resolve_word(tokens: list[str], word: str) -> tuple[str, list[int]]:
     return (name if k == 1 else f"{name}#{k}"), spans[k - 1]
 
 
-def check_words(tokens: list[str], words: list[str]) -> None:
-    """Fail fast (before sampling) when a word is not in the tokenised prompt."""
+def check_words(tokens: list[str], words: list[str], all_tokens: list[str] | None = None) -> None:
+    """Fail fast (before sampling) when a word is not in the tokenised prompt. `all_tokens`, the prompt
+    tokenised without the length limit, tells a word the limit cut off from one that was never there."""
     for w in words:
-        resolve_word(tokens, w)
+        try:
+            resolve_word(tokens, w)
+        except ValueError:
+            if all_tokens is None or not _has_word(all_tokens, w):
+                raise
+            raise ValueError(f"{w!r} was cut off by the text encoder's {len(tokens)}-token limit: the model sees "
+                             f"only {prompt_text(tokens)!r}; shorten the prompt to keep it") from None
+
+
+def _has_word(tokens: list[str], word: str) -> bool:
+    try:
+        resolve_word(tokens, word)
+        return True
+    except ValueError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
