@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 import sys
 import unicodedata
@@ -13,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+SAMPLING_COMMANDS = ("generate", "heatmap", "evaluate")
 MAX_SIZE_FACTOR = 8  # --height/--width: at most 8x the model's sample size (pixel space: memory grows with the area)
 BOUNDS = {"upscale": (1, 16), "size": (32, 2048), "steps": (1, None), "height": (1, None), "width": (1, None),
           "num_images": (1, None)}  # option: (least, most); None: no fixed bound
@@ -64,6 +66,24 @@ def sampling_device(name: str | None):
     return device
 
 
+def sampling_threads(cores: int, load: float) -> int:
+    """Torch threads for sampling on the CPU: the cores other work leaves idle (by the 1-minute load
+    average), at least one. A thread that shares a core with other work stalls every step while it
+    waits its turn (bench/threads.py)."""
+    return max(1, min(cores, round(cores - load)))
+
+
+def _use_idle_cores() -> None:
+    import torch
+    if "OMP_NUM_THREADS" in os.environ:  # the user's choice
+        return
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return
+    torch.set_num_threads(sampling_threads(torch.get_num_threads(), load))
+
+
 def _pipeline(args):
     import torch
 
@@ -76,6 +96,8 @@ def _pipeline(args):
     if getattr(args, "scheduler", None):
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     check_against_model(args, pipe)
+    if device.type == "cpu":
+        _use_idle_cores()
     return pipe
 
 
@@ -307,6 +329,8 @@ def _quiet_loading() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in SAMPLING_COMMANDS:  # waiting OpenMP threads sleep, not spin; read once, when torch loads
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command != "train":
         _quiet_loading()
     try:

@@ -119,3 +119,26 @@ def test_files_are_never_overwritten_and_any_script_names_its_file(model_dir, tm
                  "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert "a-red-circle-9-v2.png" in capsys.readouterr().out
     assert not any((tmp_path / "a-red-circle-9-heatmaps").iterdir())
+
+
+def test_sampling_threads_leave_busy_cores_alone():
+    from t2i.cli import sampling_threads
+    assert sampling_threads(cores=2, load=0.1) == 2        # idle: every core
+    assert sampling_threads(cores=2, load=1.0) == 1        # one core busy
+    assert sampling_threads(cores=2, load=5.0) == 1        # busy machine: one thread, never zero
+    assert sampling_threads(cores=16, load=4.2) == 12
+
+
+def test_sampling_commands_run_openmp_threads_passive(model_dir, tmp_path):
+    """With spinning OpenMP threads one 32x32 image took 66 s on a busy 2-core machine (1 s with one
+    thread); sleeping (passive) threads must be chosen before torch loads OpenMP."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"                     # libgomp prints its settings when it starts
+    run = subprocess.run([sys.executable, "-m", "t2i.cli", "generate", "x", "--model", str(model_dir), "--steps", "1",
+                          "--out", str(tmp_path), "--device", "cpu"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "GOMP_SPINCOUNT = '0'" in run.stderr            # unset, libgomp spins 300000 times before sleeping
