@@ -84,7 +84,7 @@ def _use_idle_cores() -> None:
     torch.set_num_threads(sampling_threads(torch.get_num_threads(), load))
 
 
-def _pipeline(args):
+def _pipeline(args, progress: bool = False):
     import torch
 
     from .pipeline import load_pipeline, make_scheduler
@@ -98,6 +98,8 @@ def _pipeline(args):
     check_against_model(args, pipe)
     if device.type == "cpu":
         _use_idle_cores()
+    if progress:
+        pipe.set_progress_bar_config(desc="sampling", unit="step", leave=False)
     return pipe
 
 
@@ -137,7 +139,10 @@ def png_metadata(**fields):
 def cmd_generate(args) -> None:
     import torch
     from PIL import Image
-    pipe = _pipeline(args)
+    if len(args.prompt) > 1 and all(len(p.split()) == 1 for p in args.prompt):
+        print(f"t2i generate: warning: {len(args.prompt)} one-word prompts make one image each; for one image of "
+              f"\"{' '.join(args.prompt)}\", quote it", file=sys.stderr)
+    pipe = _pipeline(args, progress=True)
     model = args.model or "default"
     from .pipeline import scheduler_name
     scheduler = scheduler_name(pipe.scheduler)
@@ -171,7 +176,7 @@ def cmd_heatmap(args) -> None:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and (out.is_file() or any(out.iterdir())):
         raise ValueError(f"--out {out} already holds files or is one; pass a new folder (nothing is overwritten)")
-    pipe = _pipeline(args)
+    pipe = _pipeline(args, progress=True)
     if words:  # fail before sampling when a word is not in the prompt or was cut off
         tok = pipe.tokenizer
         kept, full = (tok.convert_ids_to_tokens(tok(args.prompt, truncation=cut, verbose=False)["input_ids"])
@@ -248,12 +253,15 @@ def _sampling_options(p: argparse.ArgumentParser, steps: int | None = 30, guidan
                       size: bool = True) -> None:
     """The options of every command that samples from a pipeline."""
     p.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--guidance", type=float, default=guidance)
+    shown = "%(default)s" if steps is not None else "the evaluation's"
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {shown})")
+    p.add_argument("--guidance", type=float, default=guidance,
+                   help=f"classifier-free guidance scale; 1: none (default: {shown})")
     p.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
     if size:
-        p.add_argument("--height", type=int)
-        p.add_argument("--width", type=int)
+        for side in ("--height", "--width"):
+            p.add_argument(side, type=int, help="in pixels, a multiple of the UNet's downsampling "
+                           "(default: the model's sample size, 32 for the shipped model)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the UNet computes under bf16 autocast (1.4x on CPUs with bf16 units, slower on others)")
@@ -269,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG")
+    g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG (default: 4)")
     g.add_argument("--heatmaps", action="store_true", help="also write per-word attention heatmaps")
     g.add_argument("--out", default="outputs", help="output folder; no file in it is replaced (default: outputs)")
     g.set_defaults(func=cmd_generate)
@@ -281,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--layers", help="regex on cross-attention module names to record (default: all)")
     h.add_argument("--gif", action="store_true", help="also write an animated GIF per word over the steps")
-    h.add_argument("--size", type=int, default=256, help="display size of the drawings in px")
+    h.add_argument("--size", type=int, default=256, help="display size of the drawings in px (default: 256)")
     h.add_argument("--out", help="a new or empty output folder (default: outputs/heatmaps/<prompt>-<seed>)")
     h.set_defaults(func=cmd_heatmap)
 

@@ -96,6 +96,14 @@ class T2IPipeline(DiffusionPipeline):
             raise ValueError(f"could not load the pipeline in {path!r}: {_first_line(e)}. If a component's "
                              "weights do not match its config.json, re-export the folder from its run.") from e
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """diffusers' save_pretrained, with the weights given the file mode of the configs beside them
+        (safetensors writes them 0600, unreadable to the group and others)."""
+        super().save_pretrained(save_directory, **kwargs)
+        mode = (Path(save_directory) / "model_index.json").stat().st_mode & 0o777
+        for weights in Path(save_directory).rglob("*.safetensors"):
+            weights.chmod(mode)
+
     # -- the steps of __call__ -------------------------------------------------------------------
     def check_inputs(self, prompt, height, width, guidance_scale, num_images_per_prompt, num_inference_steps):
         if not prompt:

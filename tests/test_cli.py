@@ -142,3 +142,30 @@ def test_sampling_commands_run_openmp_threads_passive(model_dir, tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert "GOMP_SPINCOUNT = '0'" in run.stderr            # unset, libgomp spins 300000 times before sleeping
+
+
+def test_generate_and_heatmap_show_a_progress_bar(model_dir, tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(model_dir), "--steps", "2", "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    assert "sampling" in capsys.readouterr().err
+    assert main(["heatmap", "a red circle", "--model", str(model_dir), "--steps", "2", "--out", str(tmp_path / "h"),
+                 "--device", "cpu"]) == 0
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_help_shows_the_sampling_defaults():
+    from t2i.cli import build_parser
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command in ("generate", "heatmap"):
+        text = " ".join(sub[command].format_help().split())
+        assert "(default: 30)" in text and "(default: 3.0)" in text
+        assert text.count("(default: the model's sample size") == 2
+
+
+def test_unquoted_multi_word_prompt_warns(model_dir, tmp_path, capsys):
+    assert main(["generate", "a", "red", "circle", "--model", str(model_dir), "--steps", "1", "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    assert "3 one-word prompts" in capsys.readouterr().err and len(list(tmp_path.glob("*.png"))) == 3
+    assert main(["generate", "a red circle", "a blue square", "--model", str(model_dir), "--steps", "1",
+                 "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert "one-word" not in capsys.readouterr().err

@@ -139,3 +139,8 @@ def test_cli_heatmap_never_overwrites_a_folder(tmp_path, capsys):
     assert "already holds" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
+
+def test_saved_maps_get_the_usual_file_mode(tmp_path):
+    heatmaps().save(tmp_path / "maps.safetensors")
+    (tmp_path / "other").write_text("")
+    assert (tmp_path / "maps.safetensors").stat().st_mode == (tmp_path / "other").stat().st_mode

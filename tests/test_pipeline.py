@@ -138,6 +138,13 @@ def test_bf16_autocast_keeps_latents_float32_and_stays_close(pipe):
     assert (out - ref).abs().mean() < 0.05 and not torch.equal(out, ref)
 
 
+def test_saved_weights_get_the_mode_of_every_other_file(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    config_mode = (tmp_path / "unet" / "config.json").stat().st_mode & 0o777
+    weights = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(weights) == 2 and all(w.stat().st_mode & 0o777 == config_mode for w in weights)
+
+
 def test_steps_beyond_the_scheduler_are_refused_before_sampling(pipe):
     with pytest.raises(ValueError, match="num_inference_steps must be between 1 and 999 for DDPMScheduler .*got 0"):
         pipe("a red circle", num_inference_steps=0)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from safetensors import safe_open
 
 from .heatmaps import Heatmaps
@@ -28,7 +28,7 @@ def save_heatmaps(heatmaps: Heatmaps, path: str | os.PathLike) -> None:
         tensors["timeline"] = heatmaps.timeline.float().contiguous()
     meta = {"version": FORMAT_VERSION, **heatmaps.metadata()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(meta)})
+    Path(path).write_bytes(save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))  # save_file would make it 0600
 
 
 def load_heatmaps(path: str | os.PathLike) -> Heatmaps:
