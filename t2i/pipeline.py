@@ -77,6 +77,7 @@ class T2IPipeline(DiffusionPipeline):
     def __init__(self, unet, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler,
                  uncond_dropout: float | None = None):
         super().__init__()
+        check_unet(unet)
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(uncond_dropout=uncond_dropout)
 
@@ -226,6 +227,15 @@ def downsample_factor(unet) -> int:
     if hasattr(unet, "downsample_factor"):
         return unet.downsample_factor
     return 2 ** (len(unet.config.block_out_channels) - 1)  # diffusers UNet2DConditionModel
+
+
+def check_unet(unet) -> None:
+    """Refuse a UNet that needs conditioning the pipeline does not give (SDXL's added text and time embeddings)."""
+    config = getattr(unet, "config", {})
+    extra = [f"{k}={config[k]!r}" for k in ("addition_embed_type", "class_embed_type") if config.get(k) is not None]
+    if extra:
+        raise ValueError(f"T2IPipeline gives the UNet text states only, and this UNet has {', '.join(extra)}, "
+                         "which needs more (SDXL's pooled text and time ids): use a UNet without it")
 
 
 def check_pipeline_folder(path: str) -> None:

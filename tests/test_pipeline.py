@@ -7,7 +7,7 @@ import torch
 
 from t2i.pipeline import SCHEDULERS, T2IPipeline, make_scheduler, scheduler_name
 
-from conftest import tiny_pipeline
+from conftest import tiny_diffusers_unet, tiny_pipeline
 
 
 def gen(seed=0):
@@ -143,6 +143,13 @@ def test_saved_weights_get_the_mode_of_every_other_file(pipe, tmp_path):
     config_mode = (tmp_path / "unet" / "config.json").stat().st_mode & 0o777
     weights = sorted(tmp_path.rglob("*.safetensors"))
     assert len(weights) == 2 and all(w.stat().st_mode & 0o777 == config_mode for w in weights)
+
+
+def test_unet_with_added_conditioning_is_refused_up_front(pipe):
+    unet = tiny_diffusers_unet(addition_embed_type="text_time", addition_time_embed_dim=8,
+                               projection_class_embeddings_input_dim=32 + 6 * 8)   # SDXL: pooled text + 6 time ids
+    with pytest.raises(ValueError, match="addition_embed_type='text_time'"):
+        T2IPipeline(unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
 
 
 def test_steps_beyond_the_scheduler_are_refused_before_sampling(pipe):

@@ -300,11 +300,12 @@ class AttentionRecorder:
         self._active = self._step_set is None or self._step in self._step_set
 
     def _add(self, name: str, grid: tuple[int, int], p: torch.Tensor) -> None:
-        """Add one layer's probabilities p (rows, heads, N, T) float32 to the running sums."""
+        """Add one layer's probabilities p (rows, heads, N, T) float32 to the running sums (detached, so
+        memory does not grow with the steps when gradients are on)."""
         if p.shape[0] != self._rows:
             raise ValueError(f"the UNet ran {p.shape[0]} rows but record() was told {self._rows} "
                              f"({self._B} prompt(s) x {self._n} image(s){' x 2 for guidance' if self._guided else ''})")
-        p = p[self._row_slice]                                             # (B*n, heads, N, T)
+        p = p[self._row_slice].detach()                                    # (B*n, heads, N, T), no autograd graph kept
         if self.heads is not None:
             if self._head_index is None or self._head_index.device != p.device:
                 self._head_index = torch.tensor(self.heads, device=p.device)
