@@ -2,28 +2,130 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import json
+import math
+import os
 import re
 import sys
+import unicodedata
 import warnings
 from pathlib import Path
+from typing import Iterator
+
+SAMPLING_COMMANDS = ("generate", "heatmap", "evaluate")
+MAX_SIZE_FACTOR = 8  # --height/--width: at most 8x the model's sample size (pixel space: memory grows with the area)
+BOUNDS = {"upscale": (1, 16), "size": (32, 2048), "steps": (1, None), "height": (1, None), "width": (1, None),
+          "num_images": (1, None)}  # option: (least, most); None: no fixed bound
 
 
-def _pipeline(args):
+def check_options(args) -> None:
+    """Bad options of a sampling command, one line each, before anything is loaded or sampled."""
+    for name, (least, most) in BOUNDS.items():
+        value, flag = getattr(args, name, None), "--" + name.replace("_", "-")
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+        if value is not None and most is not None and value > most:
+            raise ValueError(f"{flag} must be at most {most}, got {value}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+
+
+def check_against_model(args, pipe) -> None:
+    """Options bounded by the loaded model: steps by its scheduler, image size by its sample size."""
+    from .pipeline import max_inference_steps
+    most = max_inference_steps(pipe.scheduler)
+    if args.steps is not None and args.steps > most:
+        raise ValueError(f"--steps must be at most {most} (fewer than the scheduler's training timesteps), "
+                         f"got {args.steps}")
+    sample_size = pipe.unet.config.sample_size
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None and value > MAX_SIZE_FACTOR * sample_size:
+            raise ValueError(f"--{name} must be at most {MAX_SIZE_FACTOR * sample_size} ({MAX_SIZE_FACTOR}x the "
+                             f"model's sample size {sample_size}), got {value}")
+
+
+def sampling_device(name: str | None):
+    """The torch device of --device (default: cuda when available), or a ValueError saying what to use."""
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available on this machine (or torch was built "
+                         "without CUDA); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: use cpu or cuda")
+    return device
+
+
+def sampling_threads(cores: int, load: float) -> int:
+    """Torch threads for sampling on the CPU: the cores other work leaves idle (by the 1-minute load
+    average), at least one. A thread that shares a core with other work stalls every step while it
+    waits its turn (bench/threads.py)."""
+    return max(1, min(cores, round(cores - load)))
+
+
+def _use_idle_cores() -> None:
+    import torch
+    if "OMP_NUM_THREADS" in os.environ:  # the user's choice
+        return
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return
+    torch.set_num_threads(sampling_threads(torch.get_num_threads(), load))
+
+
+def _pipeline(args, progress: bool = False):
     import torch
 
     from .pipeline import load_pipeline, make_scheduler
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_options(args)
+    device = sampling_device(args.device)
     pipe = load_pipeline(args.model, device)
     if getattr(args, "precision", "fp32") == "bf16":
         pipe.autocast_dtype = torch.bfloat16
     if getattr(args, "scheduler", None):
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    check_against_model(args, pipe)
+    if device.type == "cpu":
+        _use_idle_cores()
+    if progress:
+        pipe.set_progress_bar_config(desc="sampling", unit="step", leave=False)
     return pipe
 
 
 def _slug(text: str, n: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "image"
+    """A file-name stem for a prompt: its letters and digits in any script, else (emoji) a hash of it."""
+    slug = re.sub(r"[\W_]+", "-", unicodedata.normalize("NFKC", text).lower()).strip("-")[:n].strip("-")
+    return slug or "prompt-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _new_name(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """stem, stem-v2, stem-v3, ...: the stems for which no stem + suffix exists in folder yet."""
+    for k in itertools.count(1):
+        name = stem if k == 1 else f"{stem}-v{k}"
+        if not any((folder / (name + s)).exists() for s in suffixes):
+            yield name
+
+
+def save_new_png(image, folder: Path, stem: str, **save_kw) -> Path:
+    """Save as folder/stem.png, or stem-v2.png, ... never replacing a file (an exclusive create)."""
+    for name in _new_name(folder, stem, (".png", "-heatmaps")):
+        try:
+            with open(folder / f"{name}.png", "xb") as f:
+                image.save(f, format="PNG", **save_kw)
+            return folder / f"{name}.png"
+        except FileExistsError:  # another run took the name since it was checked
+            continue
 
 
 def png_metadata(**fields):
@@ -37,7 +139,10 @@ def png_metadata(**fields):
 def cmd_generate(args) -> None:
     import torch
     from PIL import Image
-    pipe = _pipeline(args)
+    if len(args.prompt) > 1 and all(len(p.split()) == 1 for p in args.prompt):
+        print(f"t2i generate: warning: {len(args.prompt)} one-word prompts make one image each; for one image of "
+              f"\"{' '.join(args.prompt)}\", quote it", file=sys.stderr)
+    pipe = _pipeline(args, progress=True)
     model = args.model or "default"
     from .pipeline import scheduler_name
     scheduler = scheduler_name(pipe.scheduler)
@@ -50,12 +155,11 @@ def cmd_generate(args) -> None:
                   generator=[torch.Generator().manual_seed(s) for s in seeds], record_attention=args.heatmaps)
     for i, (image, seed) in enumerate(zip(result.images, seeds)):
         prompt = args.prompt[i // n]
-        path = out / f"{_slug(prompt)}-{seed}.png"
         meta = dict(prompt=prompt, negative_prompt=args.negative or "", seed=seed, steps=args.steps,
                     guidance=args.guidance, scheduler=scheduler, model=model, height=image.height,
                     width=image.width, upscale=args.upscale, precision=args.precision)
         big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
-        big.save(path, pnginfo=png_metadata(**meta))
+        path = save_new_png(big, out, f"{_slug(prompt)}-{seed}", pnginfo=png_metadata(**meta))
         print(path)
         if args.heatmaps:
             from .attention.export import write_heatmap_outputs
@@ -69,13 +173,20 @@ def cmd_heatmap(args) -> None:
     from .attention.export import write_heatmap_outputs
     from .attention.heatmaps import check_words
     words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
-    pipe = _pipeline(args)
-    if words:  # fail before sampling when a word is not in the prompt as the pipeline tokenises it
-        check_words(pipe.prompt_tokens(args.prompt)[0], words)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and (out.is_file() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already holds files or is one; pass a new folder (nothing is overwritten)")
+    pipe = _pipeline(args, progress=True)
+    if words:  # fail before sampling when a word is not in the prompt as the pipeline tokenises it, or was cut off
+        tok = pipe.tokenizer
+        full = tok.convert_ids_to_tokens(tok(args.prompt, truncation=False, verbose=False)["input_ids"])
+        check_words(pipe.prompt_tokens(args.prompt)[0], words, all_tokens=full)
+    if out is None:
+        default = Path("outputs") / "heatmaps"
+        out = default / next(_new_name(default, f"{_slug(args.prompt)}-{args.seed}", ("",)))
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
     result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                   width=args.width, generator=torch.Generator().manual_seed(args.seed), record_attention=recorder)
-    out = Path(args.out or Path("outputs") / "heatmaps" / f"{_slug(args.prompt)}-{args.seed}")
     paths = write_heatmap_outputs(result.attention, 0, result.images[0], out, words=words, size=args.size)
     for path in paths.values():
         print(path)
@@ -126,11 +237,14 @@ def cmd_evaluate(args) -> None:
     given = {k: getattr(args, k) for k in ("num_prompts", "images_per_prompt", "steps", "guidance", "scheduler",
                                            "seed", "calibration_prompts", "batch_size")}
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
+    if args.json and Path(args.json).exists():
+        raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
     report = evaluate(_pipeline(args), config)
     print(report.format_table())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        with open(args.json, "x") as f:
+            f.write(json.dumps(report.to_dict(), indent=2))
         print(f"wrote {args.json}")
 
 
@@ -138,12 +252,15 @@ def _sampling_options(p: argparse.ArgumentParser, steps: int | None = 30, guidan
                       size: bool = True) -> None:
     """The options of every command that samples from a pipeline."""
     p.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--guidance", type=float, default=guidance)
+    shown = "%(default)s" if steps is not None else "the evaluation's"
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {shown})")
+    p.add_argument("--guidance", type=float, default=guidance,
+                   help=f"classifier-free guidance scale; 1: none (default: {shown})")
     p.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
     if size:
-        p.add_argument("--height", type=int)
-        p.add_argument("--width", type=int)
+        for side in ("--height", "--width"):
+            p.add_argument(side, type=int, help="in pixels, a multiple of the UNet's downsampling "
+                           "(default: the model's sample size, 32 for the shipped model)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the UNet computes under bf16 autocast (1.4x on CPUs with bf16 units, slower on others)")
@@ -159,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG")
+    g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG (default: 4)")
     g.add_argument("--heatmaps", action="store_true", help="also write per-word attention heatmaps")
-    g.add_argument("--out", default="outputs")
+    g.add_argument("--out", default="outputs", help="output folder; no file in it is replaced (default: outputs)")
     g.set_defaults(func=cmd_generate)
 
     h = sub.add_parser("heatmap", help="generate one image and draw where each word attended")
@@ -171,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--layers", help="regex on cross-attention module names to record (default: all)")
     h.add_argument("--gif", action="store_true", help="also write an animated GIF per word over the steps")
-    h.add_argument("--size", type=int, default=256, help="display size of the drawings in px")
-    h.add_argument("--out", help="output folder (default: outputs/heatmaps/<prompt>-<seed>)")
+    h.add_argument("--size", type=int, default=256, help="display size of the drawings in px (default: 256)")
+    h.add_argument("--out", help="a new or empty output folder (default: outputs/heatmaps/<prompt>-<seed>)")
     h.set_defaults(func=cmd_heatmap)
 
     i = sub.add_parser("info", help="print a pipeline's config and parameter counts")
@@ -219,11 +336,13 @@ def _quiet_loading() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in SAMPLING_COMMANDS:  # waiting OpenMP threads sleep, not spin; read once, when torch loads
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command != "train":
         _quiet_loading()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
         print(f"t2i {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

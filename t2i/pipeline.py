@@ -48,6 +48,13 @@ def make_scheduler(name: str, config: dict):
     return cls.from_config(config, **extra)
 
 
+def max_inference_steps(scheduler) -> int:
+    """The most sampling steps `scheduler` runs soundly: fewer than its training timesteps (at that
+    many, DPM-Solver++ and UniPC repeat a timestep and return NaN; beyond, DDPM and DDIM refuse and
+    DPM-Solver++ fails with an IndexError)."""
+    return scheduler.config.num_train_timesteps - 1
+
+
 def scheduler_name(scheduler) -> str:
     """The short name of a scheduler instance (the inverse of make_scheduler), else its class name."""
     for name, (cls, extra) in SCHEDULERS.items():
@@ -109,6 +116,7 @@ class T2IPipeline(DiffusionPipeline):
     def __init__(self, unet, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler,
                  caption_dropout: float | None = None):
         super().__init__()
+        check_unet(unet)
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(caption_dropout=caption_dropout)
 
@@ -137,8 +145,16 @@ class T2IPipeline(DiffusionPipeline):
             raise ValueError(f"could not load the pipeline in {path!r}: {_first_line(e)}. If a component's "
                              "weights do not match its config.json, re-export the folder from its run.") from e
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """diffusers' save_pretrained, with the weights given the file mode of the configs beside them
+        (safetensors writes them 0600, unreadable to the group and others)."""
+        super().save_pretrained(save_directory, **kwargs)
+        mode = (Path(save_directory) / "model_index.json").stat().st_mode & 0o777
+        for weights in Path(save_directory).rglob("*.safetensors"):
+            weights.chmod(mode)
+
     # -- the steps of __call__ -------------------------------------------------------------------
-    def check_inputs(self, prompt, height, width, guidance_scale, num_images_per_prompt):
+    def check_inputs(self, prompt, height, width, guidance_scale, num_images_per_prompt, num_inference_steps):
         if not prompt:
             raise ValueError("the prompt list is empty: pass at least one prompt")
         if not all(isinstance(p, str) for p in prompt):
@@ -149,6 +165,10 @@ class T2IPipeline(DiffusionPipeline):
                              f"got {height}x{width}; try {max(f, round(height / f) * f)}x{max(f, round(width / f) * f)}")
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
+        most = max_inference_steps(self.scheduler)
+        if not 1 <= num_inference_steps <= most:
+            raise ValueError(f"num_inference_steps must be between 1 and {most} for {type(self.scheduler).__name__} "
+                             f"(fewer than its training timesteps), got {num_inference_steps}")
         if guidance_scale > 1.0 and self.config.caption_dropout == 0:
             warnings.warn("this model was trained without caption dropout, so it has no unconditional "
                           "prediction to guide against; use guidance_scale=1.0", stacklevel=3)
@@ -196,8 +216,8 @@ class T2IPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         sample_size = self.unet.config.sample_size
-        height, width = height or sample_size, width or sample_size
-        self.check_inputs(prompt, height, width, guidance_scale, num_images_per_prompt)
+        height, width = (sample_size if s is None else s for s in (height, width))
+        self.check_inputs(prompt, height, width, guidance_scale, num_images_per_prompt, num_inference_steps)
         guided = guidance_scale != 1.0
         device, dtype = self.unet.device, self.unet.dtype
 
@@ -265,6 +285,15 @@ def downsample_factor(unet) -> int:
     if hasattr(unet, "downsample_factor"):
         return unet.downsample_factor
     return 2 ** (len(unet.config.block_out_channels) - 1)  # diffusers UNet2DConditionModel
+
+
+def check_unet(unet) -> None:
+    """Refuse a UNet that needs conditioning the pipeline does not give (SDXL's added text and time embeddings)."""
+    config = getattr(unet, "config", {})
+    extra = [f"{k}={config[k]!r}" for k in ("addition_embed_type", "class_embed_type") if config.get(k) is not None]
+    if extra:
+        raise ValueError(f"T2IPipeline gives the UNet text states only, and this UNet has {', '.join(extra)}, "
+                         "which needs more (SDXL's pooled text and time ids): use a UNet without it")
 
 
 def check_pipeline_folder(path: str) -> None:

@@ -3,7 +3,7 @@ selection, diffusers UNets, hook removal, and a synthetic model whose maps are k
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_pipeline
+from conftest import tiny_diffusers_unet, tiny_pipeline
 from torch import nn
 
 from t2i.attention import AttentionRecorder, attention_with_probs
@@ -221,16 +221,9 @@ def test_synthetic_model_maps_point_at_the_known_regions(axis, words):
 # -- diffusers' UNet2DConditionModel ----------------------------------------------------------------
 
 def diffusers_pipeline():
-    from diffusers import UNet2DConditionModel
-
     from t2i.pipeline import T2IPipeline
     base = tiny_pipeline()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
-    pipe = T2IPipeline(unet, base.text_encoder, base.tokenizer, base.scheduler, caption_dropout=0.1)
+    pipe = T2IPipeline(tiny_diffusers_unet(), base.text_encoder, base.tokenizer, base.scheduler, caption_dropout=0.1)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -278,3 +271,18 @@ def test_the_recorder_installs_through_the_unets_own_set_attn_processor(pipe, mo
     assert len(calls) == 2                                          # install, then restore
     assert type(calls[0]["mid.transformers.0.cross_attn"]).__name__ == "T2IRecordingProcessor"
     assert type(calls[1]["mid.transformers.0.cross_attn"]) is SDPAProcessor
+
+
+def test_recording_with_gradients_on_keeps_no_graph(pipe):
+    """A loop that optimises through attention runs with grad on: the sums must hold no autograd graph."""
+    from t2i.text import encode_prompts
+    enc = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle"])
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    rec = AttentionRecorder()
+    with torch.enable_grad(), rec.record(pipe.unet, BatchLayout(enc, (16, 16), num_inference_steps=2)):
+        for i in range(2):
+            rec.set_step(i)
+            pipe.unet(x, torch.tensor([10]), encoder_hidden_states=enc.hidden_states.detach(),
+                      encoder_attention_mask=enc.attention_mask).sample.sum().backward()
+    assert rec._sums and all(not s.requires_grad for s, _ in rec._sums.values())
+    assert x.grad is not None

@@ -65,3 +65,117 @@ def test_info_prints_the_exact_parameter_counts(model_dir, capsys):
     assert f"unet: T2IUNet, {count(pipe.unet):,} parameters" in out
     assert f"text_encoder: CLIPTextModel, {count(pipe.text_encoder):,} parameters" in out
     assert count(pipe.unet) != count(pipe.text_encoder)
+
+
+# -- issue 10: bad input before any work, no overwrites, threads, help and warnings ------------------
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Fail the test if anything samples: bad options must be refused before any work."""
+    from t2i.pipeline import T2IPipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sampled before the options were checked")
+    monkeypatch.setattr(T2IPipeline, "__call__", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["generate", "x", "--steps", "-1"], "--steps must be at least 1, got -1"),
+    (["generate", "x", "--steps", "2000"], "--steps must be at most 999"),
+    (["generate", "x", "--steps", "1000", "--scheduler", "dpm"], "--steps must be at most 999"),
+    (["generate", "x", "--height", "0"], "--height must be at least 1, got 0"),
+    (["generate", "x", "--width", "100000"], "at most 128 (8x the model's sample size 16)"),
+    (["generate", "x", "--upscale", "0"], "--upscale must be at least 1, got 0"),
+    (["generate", "x", "--upscale", "1000"], "--upscale must be at most 16"),
+    (["generate", "x", "--num-images", "0"], "--num-images must be at least 1, got 0"),
+    (["generate", "x", "--guidance", "nan"], "--guidance must be a finite number"),
+    (["generate", "x", "--device", "cuda"], "--device cuda: no CUDA GPU is available"),
+    (["generate", "x", "--device", "gpu"], "--device 'gpu' is not a device"),
+    (["heatmap", "x", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["heatmap", "x", "--height", "100000"], "at most 128"),
+    (["heatmap", "x", "--size", "0"], "--size must be at least 32, got 0"),
+    (["heatmap", "x", "--device", "cuda"], "--device cuda: no CUDA GPU is available"),
+    (["evaluate", "--steps", "5000"], "--steps must be at most 999"),
+    (["evaluate", "--device", "cuda:0"], "--device cuda:0: no CUDA GPU is available"),
+])
+def test_bad_options_are_one_line_before_any_work(argv, message, model_dir, tmp_path, capsys, monkeypatch,
+                                                  no_sampling):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = ["--out", str(tmp_path / "out")] if argv[0] != "evaluate" else []
+    assert main(argv + ["--model", str(model_dir)] + out) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_files_are_never_overwritten_and_any_script_names_its_file(model_dir, tmp_path, capsys):
+    def generate(*prompts, seed="0"):
+        assert main(["generate", *prompts, "--model", str(model_dir), "--steps", "1", "--seed", seed,
+                     "--out", str(tmp_path), "--device", "cpu"]) == 0
+        return [line.rsplit("/", 1)[-1] for line in capsys.readouterr().out.split("\n") if line]
+
+    assert generate("a red circle") == ["a-red-circle-0.png"]
+    first = (tmp_path / "a-red-circle-0.png").read_bytes()
+    assert generate("a red circle") == ["a-red-circle-0-v2.png"]
+    assert generate("A red circle!") == ["a-red-circle-0-v3.png"]      # same slug, another prompt
+    assert (tmp_path / "a-red-circle-0.png").read_bytes() == first
+    names = generate("红色的圆", "🔴", "🟦", seed="5")
+    assert names[0] == "红色的圆-5.png" and len(set(names)) == 3 and all(n.startswith("prompt-") for n in names[1:])
+    assert Image.open(tmp_path / names[1]).text["prompt"] == "🔴"
+    (tmp_path / "a-red-circle-9-heatmaps").mkdir()                     # a stale heatmaps folder is not reused
+    assert main(["generate", "a red circle", "--model", str(model_dir), "--steps", "1", "--seed", "9", "--heatmaps",
+                 "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert "a-red-circle-9-v2.png" in capsys.readouterr().out
+    assert not any((tmp_path / "a-red-circle-9-heatmaps").iterdir())
+
+
+def test_sampling_threads_leave_busy_cores_alone():
+    from t2i.cli import sampling_threads
+    assert sampling_threads(cores=2, load=0.1) == 2        # idle: every core
+    assert sampling_threads(cores=2, load=1.0) == 1        # one core busy
+    assert sampling_threads(cores=2, load=5.0) == 1        # busy machine: one thread, never zero
+    assert sampling_threads(cores=16, load=4.2) == 12
+
+
+def test_sampling_commands_run_openmp_threads_passive(model_dir, tmp_path):
+    """With spinning OpenMP threads one 32x32 image took 66 s on a busy 2-core machine (1 s with one
+    thread); sleeping (passive) threads must be chosen before torch loads OpenMP."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"                     # libgomp prints its settings when it starts
+    run = subprocess.run([sys.executable, "-m", "t2i.cli", "generate", "x", "--model", str(model_dir), "--steps", "1",
+                          "--out", str(tmp_path), "--device", "cpu"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "GOMP_SPINCOUNT = '0'" in run.stderr            # unset, libgomp spins 300000 times before sleeping
+
+
+def test_generate_and_heatmap_show_a_progress_bar(model_dir, tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(model_dir), "--steps", "2", "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    assert "sampling" in capsys.readouterr().err
+    assert main(["heatmap", "a red circle", "--model", str(model_dir), "--steps", "2", "--out", str(tmp_path / "h"),
+                 "--device", "cpu"]) == 0
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_help_shows_the_sampling_defaults():
+    from t2i.cli import build_parser
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command in ("generate", "heatmap"):
+        text = " ".join(sub[command].format_help().split())
+        assert "(default: 30)" in text and "(default: 3.0)" in text
+        assert text.count("(default: the model's sample size") == 2
+
+
+def test_unquoted_multi_word_prompt_warns(model_dir, tmp_path, capsys):
+    assert main(["generate", "a", "red", "circle", "--model", str(model_dir), "--steps", "1", "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    assert "3 one-word prompts" in capsys.readouterr().err and len(list(tmp_path.glob("*.png"))) == 3
+    assert main(["generate", "a red circle", "a blue square", "--model", str(model_dir), "--steps", "1",
+                 "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert "one-word" not in capsys.readouterr().err

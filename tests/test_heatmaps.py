@@ -118,3 +118,29 @@ def test_cli_generate_heatmaps_for_each_image(tmp_path, capsys):
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert folders == ["a-red-circle-0-heatmaps", "a-red-circle-1-heatmaps"]
     assert (tmp_path / folders[1] / "grid.png").is_file() and (tmp_path / folders[1] / "word-circle.png").is_file()
+
+
+def test_cli_heatmap_names_a_word_the_token_limit_cut_off(tmp_path, capsys):
+    prompt = "a red circle above a blue square to the right of a green triangle in the top left of a yellow star"
+    assert main(["heatmap", prompt, "--words", "red,star", "--steps", "2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "'star' was cut off by the text encoder's 24-token limit" in err and "not a word" not in err
+    assert main(["heatmap", prompt, "--words", "cube", "--steps", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "'cube' is not a word of the prompt" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_heatmap_never_overwrites_a_folder(tmp_path, capsys):
+    out = tmp_path / "hm"
+    args = ["heatmap", "a red circle", "--steps", "1", "--device", "cpu", "--size", "32", "--out", str(out)]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(args) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_saved_maps_get_the_usual_file_mode(tmp_path):
+    heatmaps().save(tmp_path / "maps.safetensors")
+    (tmp_path / "other").write_text("")
+    assert (tmp_path / "maps.safetensors").stat().st_mode == (tmp_path / "other").stat().st_mode

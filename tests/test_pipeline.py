@@ -8,7 +8,7 @@ import torch
 
 from t2i.pipeline import SCHEDULERS, T2IPipeline, make_scheduler, scheduler_name
 
-from conftest import tiny_pipeline
+from conftest import tiny_diffusers_unet, tiny_pipeline
 
 
 def gen(seed=0):
@@ -180,3 +180,26 @@ def test_prompt_tokens_are_the_tokens_the_pipeline_encodes(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error")                               # sampling warns, not the word check
         assert pipe.prompt_tokens(prompts) == encoded and encoded[1][-2] == "top</w>"
+
+
+def test_saved_weights_get_the_mode_of_every_other_file(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    config_mode = (tmp_path / "unet" / "config.json").stat().st_mode & 0o777
+    weights = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(weights) == 2 and all(w.stat().st_mode & 0o777 == config_mode for w in weights)
+
+
+def test_unet_with_added_conditioning_is_refused_up_front(pipe):
+    unet = tiny_diffusers_unet(addition_embed_type="text_time", addition_time_embed_dim=8,
+                               projection_class_embeddings_input_dim=32 + 6 * 8)   # SDXL: pooled text + 6 time ids
+    with pytest.raises(ValueError, match="addition_embed_type='text_time'"):
+        T2IPipeline(unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+
+
+def test_steps_beyond_the_scheduler_are_refused_before_sampling(pipe):
+    with pytest.raises(ValueError, match="num_inference_steps must be between 1 and 999 for DDPMScheduler .*got 0"):
+        pipe("a red circle", num_inference_steps=0)
+    with pytest.raises(ValueError, match="between 1 and 999 .*got 1000"):
+        pipe("a red circle", num_inference_steps=1000)
+    with pytest.raises(ValueError, match="positive multiples of 2"):
+        pipe("a red circle", height=0, num_inference_steps=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tokenizers.decoders import ByteLevel
 
 from ..text import BOS, END_OF_WORD, EOS
@@ -74,10 +74,25 @@ def resolve_word(tokens: list[str], word: str) -> tuple[str, list[int]]:
     return (name if k == 1 else f"{name}#{k}"), spans[k - 1]
 
 
-def check_words(tokens: list[str], words: list[str]) -> None:
-    """Fail fast (before sampling) when a word is not in the tokenised prompt."""
+def check_words(tokens: list[str], words: list[str], all_tokens: list[str] | None = None) -> None:
+    """Fail fast (before sampling) when a word is not in the tokenised prompt. `all_tokens`, the prompt
+    tokenised without the length limit, tells a word the limit cut off from one that was never there."""
     for w in words:
-        resolve_word(tokens, w)
+        try:
+            resolve_word(tokens, w)
+        except ValueError:
+            if all_tokens is None or not _has_word(all_tokens, w):
+                raise
+            raise ValueError(f"{w!r} was cut off by the text encoder's {len(tokens)}-token limit: the model sees "
+                             f"only {prompt_text(tokens)!r}; shorten the prompt to keep it") from None
+
+
+def _has_word(tokens: list[str], word: str) -> bool:
+    try:
+        resolve_word(tokens, word)
+        return True
+    except ValueError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +236,7 @@ class Heatmaps:
             tensors["timeline"] = self.timeline.float().contiguous()
         meta = {"version": FORMAT_VERSION, **self.metadata()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(meta)})
+        Path(path).write_bytes(save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))  # save_file makes it 0600
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Heatmaps":

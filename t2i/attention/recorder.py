@@ -301,13 +301,14 @@ class AttentionRecorder:
         self._active = self._step_set is None or self._step in self._step_set
 
     def _add(self, name: str, grid: tuple[int, int], p: torch.Tensor) -> None:
-        """Add one layer's probabilities p (rows, heads, N, T) float32 to the running sums."""
+        """Add one layer's probabilities p (rows, heads, N, T) float32 to the running sums (detached, so
+        memory does not grow with the steps when gradients are on)."""
         layout = self._layout
         if p.shape[0] != layout.rows:
             raise ValueError(f"the UNet ran {p.shape[0]} rows but record() was told {layout.rows} "
                              f"({layout.num_prompts} prompt(s) x {layout.images_per_prompt} image(s)"
                              f"{' x 2 for guidance' if layout.guided else ''})")
-        p = p[layout.branch_rows(self.branch)]                             # (B*n, heads, N, T)
+        p = p[layout.branch_rows(self.branch)].detach()                    # (B*n, heads, N, T), no graph kept
         if self.heads is not None:
             if self._head_index is None or self._head_index.device != p.device:
                 self._head_index = torch.tensor(self.heads, device=p.device)
