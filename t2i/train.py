@@ -21,12 +21,13 @@ from .data.stream import build_dataset, data_stream
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .grounding import capture_cross_attention, grounding_loss, token_indices
 from .text import TextStates, build_text, drop_captions
-from .unet import build_unet
+from .unet import build_unet, unet_config
 
 
 def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None) -> Path | None:
     """Train and export a T2IPipeline with the EMA weights to `{output_dir}/pipeline`; returns that path.
     `stop_at` ends the session early at that step, after a checkpoint, to be resumed later (returns None)."""
+    unet_config(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size)  # a bad data.size fails before any work
     tc, out = cfg.train, Path(cfg.train.output_dir)
     no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,

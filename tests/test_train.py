@@ -217,3 +217,12 @@ def test_the_loop_drops_captions_at_the_configured_rate(tmp_path, monkeypatch):
     train(tiny_config(tmp_path, "train.max_steps=2", "train.batch_size=8", "train.caption_dropout=0.5",
                       "train.checkpoint_every=100"), stop_at=2)
     assert len(seen) == 16 and 3 <= seen.count("") <= 13              # 16 draws at p = 0.5
+
+
+# ---- issue 10: nothing lost, one clear line -------------------------------------------------------
+
+
+def test_bad_data_size_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="data.size=17 must be a multiple of 2"):
+        train(tiny_config(tmp_path, "data.size=17"))
+    assert not tmp_path.joinpath("config.yaml").exists()
