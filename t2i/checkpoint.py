@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import RESUMABLE, resume_changes
+
 if TYPE_CHECKING:
+    from .config import RunConfig
     from .train import EMA
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -64,8 +67,18 @@ class TrainingState:
         accelerator.wait_for_everyone()
         return Path(run_dir) / f"checkpoint-{self.step:07d}"
 
-    def load(self, path: str | Path, rank: int = 0) -> None:
-        """Restore everything from the checkpoint folder `path`, with process `rank`'s generators."""
+    def load(self, path: str | Path, rank: int = 0, config: RunConfig | None = None) -> None:
+        """Restore everything from the checkpoint folder `path`, with process `rank`'s generators, after checking
+        that `config` differs from the checkpoint's only in RESUMABLE settings. The learning rate follows `config`."""
+        path = Path(path)
+        if config is not None:
+            saved = json.loads((path / "state.json").read_text())["config"]
+            changes = resume_changes(saved, config)
+            if changes:
+                raise ValueError(
+                    f"this config differs from {path.name}'s in what defines the model or its objective: "
+                    f"{'; '.join(changes)}. Resume with the run's own config ({path.parent / 'config.yaml'}) or start "
+                    f"a new run; only these may change on resume: {', '.join(RESUMABLE)}")
         tensors, state = read_checkpoint(path)
         try:
             self.unet.load_state_dict(tensors["unet"])
@@ -76,7 +89,10 @@ class TrainingState:
                              f"resume with the run's own config ({path}/../config.yaml)") from None
         self.ema.shadow = {k: v.float() for k, v in tensors["ema"].items()}
         self.optimizer.load_state_dict(optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
-        self.lr_schedule.load_state_dict({**state["lr_schedule"], "lr_lambdas": [None]})
+        schedule = {k: v for k, v in state["lr_schedule"].items() if k != "base_lrs"}  # base_lrs: this train.lr
+        self.lr_schedule.load_state_dict({**schedule, "lr_lambdas": [None]})
+        for group, base, f in zip(self.optimizer.param_groups, self.lr_schedule.base_lrs, self.lr_schedule.lr_lambdas):
+            group["lr"] = base * f(self.lr_schedule.last_epoch)                     # and this max_steps' schedule
         rng = tensors.get(f"rng-{rank}")
         if rng is None:
             raise ValueError(f"checkpoint {path} has no RNG state for process {rank}: resume with the same number of "

@@ -137,6 +137,21 @@ class RunConfig:
         return self
 
 
+# Settings that may change when a run resumes: how long, how fast, how often, where it writes. Any other
+# difference from the checkpoint's config changes the model or what it learns, and --resume refuses it.
+RESUMABLE = ("data.num_workers", "train.output_dir", "train.max_steps", "train.lr", "train.grad_clip",
+             "train.mixed_precision", "train.channels_last", "train.log_every", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.preview_every", "train.preview_prompts", "train.preview_steps",
+             "train.export_dtype")
+
+
+def resume_changes(saved: dict, config: RunConfig) -> list[str]:
+    """'key: saved -> now' for every setting outside RESUMABLE in which `config` differs from `saved`, the
+    config dict a checkpoint holds (keys it lacks take their defaults)."""
+    before, now = flatten(config_to_dict(_build(RunConfig, saved))), flatten(config_to_dict(config))
+    return [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and before[k] != now[k]]
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -238,6 +253,14 @@ def config_to_dict(obj):
     if isinstance(obj, (list, tuple)):
         return [config_to_dict(x) for x in obj]
     return obj
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.001}} -> {"train.lr": 0.001}."""
+    out = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import RunConfig, config_to_dict, save_config
+from .config import RunConfig, config_to_dict, flatten, save_config
 from .data.stream import build_dataset, data_stream
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .grounding import capture_cross_attention, grounding_loss, token_indices
@@ -53,7 +53,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
 
     # 2. resume: weights, EMA, optimiser, LR schedule, step, RNG and data position
     if resume:
-        state.load(ckpt.resolve_resume(out, resume), rank)
+        state.load(ckpt.resolve_resume(out, resume), rank, cfg)
     if cfg.text.trainable:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:  # a frozen module has nothing for DDP to synchronise
@@ -66,7 +66,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
         save_config(cfg, out / "config.yaml")
         if not cfg.text.pretrained:
             tokenizer.save_pretrained(out / "tokenizer")
-        accelerator.init_trackers("tensorboard", config=_flat(config_to_dict(cfg)))
+        accelerator.init_trackers("tensorboard", config=_hparams(cfg))
         print(f"training {_count(unet)/1e6:.2f}M UNet + {_count(text_encoder)/1e6:.2f}M text encoder params "
               f"({'trained' if cfg.text.trainable else 'frozen'}) on {world} x {device}, from step {state.step}")
 
@@ -217,12 +217,6 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """TensorBoard hparams take scalars only."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def _hparams(cfg: RunConfig) -> dict:
+    """The config as TensorBoard hparams, which take scalars only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config_to_dict(cfg)).items()}

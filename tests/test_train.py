@@ -104,7 +104,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
 def test_resume_with_another_model_is_a_clear_error(tmp_path):
     train(tiny_config(tmp_path, "train.max_steps=2", "train.checkpoint_every=2"), stop_at=2)
     other = tiny_config(tmp_path, "train.max_steps=4", "model.block_channels=[16,64]")
-    with pytest.raises(ValueError, match="does not match the model in this config"):
+    with pytest.raises(ValueError, match=r"model.block_channels: None -> \[16, 64\]"):
         train(other, resume="latest")
     with pytest.raises(ValueError, match="no checkpoint in"):
         train(tiny_config(tmp_path / "empty", "train.max_steps=2"), resume="latest")
@@ -226,3 +226,22 @@ def test_bad_data_size_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="data.size=17 must be a multiple of 2"):
         train(tiny_config(tmp_path, "data.size=17"))
     assert not tmp_path.joinpath("config.yaml").exists()
+
+
+@pytest.mark.parametrize("change, keys", [
+    (["noise.prediction_type=epsilon"], ["noise.prediction_type"]),
+    (["model.num_heads=4", "data.size=32"], ["data.size", "model.num_heads"]),
+])
+def test_resume_refuses_a_config_that_changes_the_model_or_objective(tmp_path, change, keys):
+    base = ["noise.prediction_type=v_prediction", "train.checkpoint_every=2"]
+    train(tiny_config(tmp_path, "train.max_steps=4", *base), stop_at=2)
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="differs from checkpoint-0000002's in what defines") as error:
+        train(tiny_config(tmp_path, "train.max_steps=4", *base, *change), resume="latest")
+    changes = str(error.value).split(". Resume")[0]
+    assert all(key in changes for key in keys) and "train.max_steps" not in changes    # which may change
+    assert (tmp_path / "config.yaml").read_text() == saved
+    resumable = ["train.max_steps=3", "train.log_every=3", "train.checkpoint_every=3", "train.lr=1e-4"]
+    assert train(tiny_config(tmp_path, "noise.prediction_type=v_prediction", *resumable), resume="latest")
+    state = json.loads((tmp_path / "checkpoint-0000003" / "state.json").read_text())
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * 1e-4)  # the new lr, at the cosine's end
