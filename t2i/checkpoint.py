@@ -1,19 +1,23 @@
 # Training checkpoints as folders of safetensors plus JSON, written atomically: everything goes
-# into a temporary folder that is renamed into place only when complete, so an interrupted save
-# leaves the previous checkpoint untouched. Nothing here unpickles anything. TrainingState is what
-# a run saves and resumes from; every process stages its own RNG, the main process the rest.
+# into a temporary folder, fsynced, that is renamed into place only when complete, so an interrupted
+# save or a power cut leaves the previous checkpoint untouched. Nothing here unpickles anything.
+# TrainingState is what a run saves and resumes from; every process stages its own RNG, the main
+# process the rest.
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .config import RESUMABLE, resume_changes
 
@@ -52,7 +56,8 @@ class TrainingState:
             stage.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         rng = {"torch": torch.get_rng_state(), **{name: g.get_state() for name, g in self.generators.items()}}
-        save_file(rng, str(stage / f"rng-{accelerator.process_index}.safetensors"))
+        with staging(run_dir, self.step):
+            save_synced(rng, stage / f"rng-{accelerator.process_index}.safetensors")
         accelerator.wait_for_everyone()
         # 3. the main process writes the rest and renames the folder into place
         if accelerator.is_main_process:
@@ -61,8 +66,10 @@ class TrainingState:
             if self.text_encoder is not None:
                 tensors["text_encoder"] = self.text_encoder.state_dict()
             schedule = {k: v for k, v in self.lr_schedule.state_dict().items() if k != "lr_lambdas"}
+            stems = [*tensors, *(f"rng-{i}" for i in range(accelerator.num_processes))]
+            files = [f"{stem}.safetensors" for stem in stems]
             state = {"step": self.step, "samples": self.samples, "world_size": accelerator.num_processes,
-                     "optimizer": opt_meta, "lr_schedule": schedule, "config": config}
+                     "optimizer": opt_meta, "lr_schedule": schedule, "config": config, "files": files}
             write_checkpoint(run_dir, self.step, tensors, state, keep)
         accelerator.wait_for_everyone()
         return Path(run_dir) / f"checkpoint-{self.step:07d}"
@@ -124,49 +131,139 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in a run folder, oldest first."""
+    """The checkpoint folders of a run, oldest first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT.match(p.name) and (p / "state.json").exists()]
+    found = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
     return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
 
 
-def resolve_resume(run_dir: str | Path, resume: str) -> Path:
-    """'latest' -> the newest complete checkpoint of the run; otherwise a checkpoint folder path."""
-    if resume == "latest":
-        found = checkpoints(run_dir)
-        if not found:
-            raise ValueError(f"--resume latest: no checkpoint in {run_dir}; train without --resume to start fresh")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "state.json").exists():
-        raise ValueError(f"--resume {resume}: not a checkpoint folder (no state.json); pass 'latest' or a "
-                         f"checkpoint-N folder")
+def resolve_resume(run_dir: str | Path, resume: str, main: bool = True) -> Path:
+    """'latest' -> the newest undamaged checkpoint of the run: damaged newer ones are named in a warning and moved
+    aside (to checkpoint-N.damaged, by the `main` process). Otherwise a checkpoint folder path, undamaged."""
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir() or not CHECKPOINT.match(path.name):
+            raise ValueError(f"--resume {resume}: not a checkpoint folder; pass 'latest' or a checkpoint-N folder")
+        problem = damage(path)
+        if problem:
+            raise ValueError(f"--resume {resume}: {path.name} is damaged ({problem}); resume from an earlier "
+                             f"checkpoint, or with --resume latest, which takes the newest undamaged one")
+        return path
+    found = checkpoints(run_dir)
+    if not found:
+        raise ValueError(f"--resume latest: no checkpoint in {run_dir}; start a fresh run without --resume (adding "
+                         f"--overwrite if an earlier one left files there)")
+    skipped = []
+    for path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            break
+        skipped.append(f"{path.name}: {problem}")
+        if main:
+            aside = path.with_name(path.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+    else:
+        raise ValueError(f"--resume latest: every checkpoint in {run_dir} is damaged ({'; '.join(skipped)})")
+    if skipped:
+        warnings.warn(f"--resume latest skipped {'; '.join(skipped)} (moved aside to .damaged); resuming from "
+                      f"{path.name}", stacklevel=2)
     return path
+
+
+def damage(path: str | Path) -> str | None:
+    """What makes checkpoint folder `path` unusable (state.json or a file it lists missing, empty or cut
+    short), or None. Reads each safetensors header, not the tensors."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"state.json {'is missing' if isinstance(e, FileNotFoundError) else 'is unreadable'}"
+    for name in state.get("files", ["unet.safetensors", "ema.safetensors", "optimizer.safetensors"]):
+        file = path / name
+        size = file.stat().st_size if file.is_file() else None
+        if not size:
+            return f"{name} is {'missing' if size is None else 'empty'}"
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+            except ValueError:
+                header = None
+        if not isinstance(header, dict):
+            return f"{name} has a damaged header"
+        end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if size != end:
+            return f"{name} is cut short ({size} of {end} bytes)"
+    return None
 
 
 def staging_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f".checkpoint-{step:07d}.tmp"
 
 
-def write_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
-                     state: dict, keep: int) -> Path:
-    """Write {file stem: tensors} and state.json into the staging folder, then rename it into place
-    and prune to the newest `keep` checkpoints. Other processes may have put files in staging first."""
+class DiskFull(OSError):
+    """The disk filled up while a checkpoint was written; the staging folder is gone, earlier checkpoints stay."""
+
+
+@contextmanager
+def staging(run_dir: str | Path, step: int) -> Iterator[Path]:
+    """Writing into step's staging folder: on any failure it is removed, and a full disk becomes one line
+    that names the last good checkpoint."""
     stage = staging_dir(run_dir, step)
-    stage.mkdir(parents=True, exist_ok=True)
-    for stem, group in tensors.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(stage / f"{stem}.safetensors"))
-    with open(stage / "state.json", "w") as f:
-        json.dump(state, f, indent=1)
+    try:
+        yield stage
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            last = checkpoints(run_dir)
+            raise DiskFull(f"no space left on the disk of {run_dir} while saving checkpoint-{step:07d}; the "
+                           f"last good checkpoint is {last[-1] if last else 'none'}: free space, then continue with "
+                           "--resume latest") from None
+        raise
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync a file, so that a power cut cannot leave it looking complete but empty."""
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    final = Path(run_dir) / f"checkpoint-{step:07d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(stage, final)
-    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+
+
+def save_synced(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    write_synced(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a folder: its entries (new files, a rename) survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
+                     state: dict, keep: int) -> Path:
+    """Write {file stem: tensors} and state.json into the staging folder, fsync each file and the folder,
+    rename it into place and prune to the newest `keep` checkpoints, never the one just written. Other
+    processes may have put files in staging first."""
+    run_dir, final = Path(run_dir), Path(run_dir) / f"checkpoint-{step:07d}"
+    with staging(run_dir, step) as stage:
+        stage.mkdir(parents=True, exist_ok=True)
+        for stem, group in tensors.items():
+            save_synced(group, stage / f"{stem}.safetensors")
+        write_synced(stage / "state.json", json.dumps(state, indent=1).encode())
+        sync_dir(stage)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage, final)
+    sync_dir(run_dir)
+    others = [p for p in checkpoints(run_dir) if p != final]
+    for old in others[:len(others) - keep + 1] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_loading()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, OSError) as e:  # bad input, a missing file, a full disk: one clear line, no traceback
         print(f"t2i {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

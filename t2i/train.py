@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,10 +28,18 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
     """Train and export a T2IPipeline with the EMA weights to `{output_dir}/pipeline`; returns that path.
     `stop_at` ends the session early at that step, after a checkpoint, to be resumed later (returns None)."""
     unet_config(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size)  # a bad data.size fails before any work
-    tc, out = cfg.train, Path(cfg.train.output_dir)
     no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                              log_with="tensorboard", project_dir=str(out), cpu=no_accelerator)  # cpu: gloo for >1 proc
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
+                              gradient_accumulation_steps=cfg.train.grad_accum, project_dir=cfg.train.output_dir,
+                              cpu=no_accelerator)  # cpu: gloo for >1 process
+    with ExitStack() as session:  # let go however training ends: the progress bar
+        return _train(cfg, accelerator, resume, stop_at, session)
+
+
+def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at: int | None,
+           session: ExitStack) -> Path | None:
+    """The loop of `train`."""
+    tc, out = cfg.train, Path(cfg.train.output_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     # 1. components, identically initialised on every process
@@ -53,7 +61,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
 
     # 2. resume: weights, EMA, optimiser, LR schedule, step, RNG and data position
     if resume:
-        state.load(ckpt.resolve_resume(out, resume), rank, cfg)
+        state.load(ckpt.resolve_resume(out, resume, accelerator.is_main_process), rank, cfg)
     if cfg.text.trainable:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:  # a frozen module has nothing for DDP to synchronise
@@ -71,8 +79,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
               f"({'trained' if cfg.text.trainable else 'frozen'}) on {world} x {device}, from step {state.step}")
 
     # 3. the loop: one optimiser step = grad_accum micro-batches on every process
-    bar = tqdm(total=tc.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-               dynamic_ncols=True)
+    bar = session.enter_context(tqdm(total=tc.max_steps, initial=state.step, dynamic_ncols=True,
+                                     disable=not accelerator.is_local_main_process))
     running, running_ground = torch.zeros((), device=device), torch.zeros((), device=device)
     n_running, t0, seen0 = 0, time.perf_counter(), state.samples
     unet.train(), text_encoder.train(cfg.text.trainable)

@@ -69,16 +69,16 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=2")
     train(cfg, stop_at=2)
-    real = ckpt.save_file
+    real = ckpt.save_synced
 
     def crash(tensors, path):
-        if "checkpoint-0000004" in path and path.endswith("ema.safetensors"):
+        if "checkpoint-0000004" in str(path) and path.name == "ema.safetensors":
             raise KeyboardInterrupt  # the process dies mid-save
         real(tensors, path)
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(ckpt, "save_synced", crash)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, resume="latest")
-    monkeypatch.setattr(ckpt, "save_file", real)
+    monkeypatch.setattr(ckpt, "save_synced", real)
     assert ckpt.resolve_resume(tmp_path, "latest").name == "checkpoint-0000002"
     tensors, state = ckpt.read_checkpoint(ckpt.resolve_resume(tmp_path, "latest"))
     assert state["step"] == 2 and "unet" in tensors
@@ -245,3 +245,55 @@ def test_resume_refuses_a_config_that_changes_the_model_or_objective(tmp_path, c
     assert train(tiny_config(tmp_path, "noise.prediction_type=v_prediction", *resumable), resume="latest")
     state = json.loads((tmp_path / "checkpoint-0000003" / "state.json").read_text())
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * 1e-4)  # the new lr, at the cosine's end
+
+
+def test_every_checkpoint_file_and_the_folder_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((str(a), len(synced))), real_replace(a, b)))
+    train(tiny_config(tmp_path, "train.max_steps=2", "train.checkpoint_every=2"), stop_at=2)
+    stage, synced_before = next((a, n) for a, n in renamed if a.endswith(".checkpoint-0000002.tmp"))
+    files = [f"{stage}/{p.name}" for p in (tmp_path / "checkpoint-0000002").iterdir()]
+    assert set(files) | {stage} <= set(synced[:synced_before])
+    assert str(tmp_path) in synced[synced_before:]                      # and the run folder after the rename
+
+
+@pytest.mark.parametrize("damage", ["empty", "missing", "truncated"])
+def test_resume_latest_skips_a_damaged_newest_checkpoint(tmp_path, damage):
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=2")
+    train(cfg, stop_at=4)
+    weights = tmp_path / "checkpoint-0000004" / "unet.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(b"" if damage == "empty" else weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"checkpoint-0000004 is damaged \(unet.safetensors"):
+        train(cfg, resume=str(tmp_path / "checkpoint-0000004"))
+    with pytest.warns(UserWarning, match=r"skipped checkpoint-0000004: unet.safetensors .*checkpoint-0000002"):
+        assert train(cfg, resume="latest") is not None
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["checkpoint-0000002", "checkpoint-0000004",
+                                                           "checkpoint-0000006"]
+    assert ckpt.damage(tmp_path / "checkpoint-0000004") is None         # written again from step 2
+    assert (tmp_path / "checkpoint-0000004.damaged").is_dir()           # the damaged one, moved aside
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from t2i.cli import main
+    args = ["train", *TINY, f"train.output_dir={tmp_path}", "train.max_steps=4", "train.checkpoint_every=2"]
+    assert main([*args, "--stop-at", "2"]) == 0
+    real_open = open
+
+    def full(path, *a, **kw):  # the disk fills up while checkpoint 4 is written
+        return real_open("/dev/full" if "checkpoint-0000004" in str(path) else path, *a, **kw)
+    monkeypatch.setattr(ckpt, "open", full, raising=False)
+    capsys.readouterr()
+    assert main([*args, "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("t2i train")]                # beside the bar
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert "no space left" in lines[0] and lines[0].endswith("checkpoint-0000002: free space, then continue with "
+                                                              "--resume latest"), lines
+    assert [p.name for p in tmp_path.iterdir() if "checkpoint" in p.name] == ["checkpoint-0000002"]
+    monkeypatch.undo()
+    assert train(tiny_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=2"), resume="latest")
