@@ -2,14 +2,21 @@
 # into a temporary folder, fsynced, that is renamed into place only when complete, so an interrupted
 # save or a power cut leaves the previous checkpoint untouched. Nothing here unpickles anything.
 # TrainingState is what a run saves and resumes from; every process stages its own RNG, the main
-# process the rest.
+# process the rest. The run folder around them: one training at a time (a lock), a fresh run never
+# over an old one, and SIGINT/SIGTERM turned into a last checkpoint.
 from __future__ import annotations
 
 import errno
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
+import socket
+import sys
+import threading
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,11 +28,17 @@ from safetensors.torch import load_file, save
 
 from .config import RESUMABLE, resume_changes
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock on the run folder
+    fcntl = None
+
 if TYPE_CHECKING:
     from .config import RunConfig
     from .train import EMA
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "previews", "tensorboard")  # a run's files beside its checkpoints
 
 
 @dataclass
@@ -274,3 +287,103 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
         state = json.load(f)
     tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
     return tensors, state
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder: one training at a time, a fresh run never over an old one, signals saved.
+
+
+@contextmanager
+def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite: bool) -> Iterator[None]:
+    """Hold the run folder for one training (on the `main` process): locked, so a second training names the
+    holder; refused to a fresh run when it holds a run, unless `overwrite`, which deletes that run first;
+    cleared of staging folders that a save killed half-way left behind."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: --resume continues the run in "
+                         "train.output_dir, --overwrite deletes it to start over")
+    if not main:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(run_dir)
+    try:
+        found = checkpoints(run_dir)
+        old = found + sorted(run_dir.glob("checkpoint-*.damaged")) + [
+            run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+        if old and not resume and not overwrite:
+            what = found[-1].name if found else ", ".join(p.name for p in old)
+            raise ValueError(f"train.output_dir {run_dir} holds a run ({what}): continue it with --resume latest, "
+                             "start over with --overwrite (deletes its checkpoints, pipeline and logs), or choose "
+                             "another train.output_dir")
+        for path in old if overwrite else []:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for stage in run_dir.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(stage, ignore_errors=True)
+        yield
+    finally:
+        lock.truncate(0)
+        lock.close()
+
+
+def _lock(run_dir: Path):
+    """An exclusive lock on `{run_dir}/.lock`, held while the returned file is open (the system drops it
+    however the process ends), with the holder written into it."""
+    f = open(run_dir / ".lock", "a+")
+    try:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"train.output_dir {run_dir} is in use by {holder}; wait for it to end, or train into "
+                         "another train.output_dir") from None
+    command = shlex.join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]])
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+            f"({command[:300]})")
+    f.flush()
+    return f
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM, after saving a checkpoint of the step it was in."""
+
+    def __init__(self, signum: int | None, step: int, checkpoint: Path):
+        self.signum, self.checkpoint = signum or signal.SIGTERM, checkpoint
+        name = signal.Signals(signum).name if signum else "a signal to another process"
+        super().__init__(f"{name} at step {step}: saved {checkpoint}")
+
+
+class StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (what a cluster sends before preemption) ask the loop to save a checkpoint
+    and stop at the end of the step; a second signal stops at once (a save under way is atomic). Installed
+    only from the main thread; the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping (send "
+              "it again to stop at once)", file=sys.stderr, flush=True)
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process has a signal, so that all stop at the same step."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor([float(self.signum is not None)], device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0

@@ -24,21 +24,27 @@ from .text import TextStates, build_text, drop_captions
 from .unet import build_unet, unet_config
 
 
-def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None) -> Path | None:
+def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
+          overwrite: bool = False) -> Path | None:
     """Train and export a T2IPipeline with the EMA weights to `{output_dir}/pipeline`; returns that path.
-    `stop_at` ends the session early at that step, after a checkpoint, to be resumed later (returns None)."""
+    `stop_at` ends the session early at that step, after a checkpoint, to be resumed later (returns None).
+    A fresh run refuses a folder that holds a run unless `overwrite` (which deletes that run); one training
+    at a time holds the folder. SIGINT or SIGTERM save a checkpoint, then raise checkpoint.Interrupted."""
     unet_config(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size)  # a bad data.size fails before any work
     no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
                               gradient_accumulation_steps=cfg.train.grad_accum, project_dir=cfg.train.output_dir,
                               cpu=no_accelerator)  # cpu: gloo for >1 process
-    with ExitStack() as session:  # let go however training ends: the progress bar
-        return _train(cfg, accelerator, resume, stop_at, session)
+    with ExitStack() as session:  # let go however training ends: the folder's lock, signal handlers, progress bar
+        session.enter_context(ckpt.claim_run_dir(cfg.train.output_dir, accelerator.is_main_process, resume, overwrite))
+        stop = session.enter_context(ckpt.StopOnSignal())
+        accelerator.wait_for_everyone()
+        return _train(cfg, accelerator, resume, stop_at, stop, session)
 
 
 def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at: int | None,
-           session: ExitStack) -> Path | None:
-    """The loop of `train`."""
+           stop: ckpt.StopOnSignal, session: ExitStack) -> Path | None:
+    """The loop of `train`, in the run folder it holds."""
     tc, out = cfg.train, Path(cfg.train.output_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
@@ -82,7 +88,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     bar = session.enter_context(tqdm(total=tc.max_steps, initial=state.step, dynamic_ncols=True,
                                      disable=not accelerator.is_local_main_process))
     running, running_ground = torch.zeros((), device=device), torch.zeros((), device=device)
-    n_running, t0, seen0 = 0, time.perf_counter(), state.samples
+    n_running, t0, seen0, interrupted = 0, time.perf_counter(), state.samples, False
     unet.train(), text_encoder.train(cfg.text.trainable)
     end, grounded = min(tc.max_steps, stop_at or tc.max_steps), tc.grounding_weight > 0
     g_noise, g_drop = state.generators["noise"], state.generators["drop"]
@@ -112,6 +118,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
         state.ema.update(state.unet, state.step)
         bar.update(1)
         step = state.step
+        if stop.requested(accelerator):  # SIGINT/SIGTERM on any process: save this step, then stop
+            end, interrupted = step, True
 
         if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == end:  # before every save
             mean_loss = accelerator.reduce(running, "mean").item() / n_running
@@ -136,6 +144,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     bar.close()
     if state.step < tc.max_steps:
         accelerator.end_training()
+        if interrupted:
+            raise ckpt.Interrupted(stop.signum, state.step, out / f"checkpoint-{state.step:07d}")
         return None
 
     # 4. export the EMA weights as a pipeline

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -268,10 +269,12 @@ def test_resume_latest_skips_a_damaged_newest_checkpoint(tmp_path, damage):
         weights.unlink()
     else:
         weights.write_bytes(b"" if damage == "empty" else weights.read_bytes()[:1000])
+    (tmp_path / ".checkpoint-0000006.tmp").mkdir()                      # a save that died half-way
     with pytest.raises(ValueError, match=r"checkpoint-0000004 is damaged \(unet.safetensors"):
         train(cfg, resume=str(tmp_path / "checkpoint-0000004"))
     with pytest.warns(UserWarning, match=r"skipped checkpoint-0000004: unet.safetensors .*checkpoint-0000002"):
         assert train(cfg, resume="latest") is not None
+    assert not (tmp_path / ".checkpoint-0000006.tmp").exists()
     assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["checkpoint-0000002", "checkpoint-0000004",
                                                            "checkpoint-0000006"]
     assert ckpt.damage(tmp_path / "checkpoint-0000004") is None         # written again from step 2
@@ -297,3 +300,79 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mo
     assert [p.name for p in tmp_path.iterdir() if "checkpoint" in p.name] == ["checkpoint-0000002"]
     monkeypatch.undo()
     assert train(tiny_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=2"), resume="latest")
+
+
+def run_cli_train(run_dir, *args):
+    """`t2i train` on the tiny config in a subprocess, stdout unbuffered, stderr to a file beside run_dir."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "t2i.cli", "train", *TINY, f"train.output_dir={run_dir}", *args]
+    err = open(run_dir.parent / "stderr.txt", "w+")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True), err
+
+
+def wait_for_training(proc, err):
+    """Read the subprocess's stdout until its 'training ... from step' line."""
+    for line in proc.stdout:
+        if line.startswith("training "):
+            return line
+    err.seek(0)
+    raise AssertionError(err.read()[-3000:])
+
+
+def test_a_fresh_run_into_a_folder_with_a_run_refuses(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=2")
+    train(cfg, stop_at=4)
+    before = sorted(p.name for p in ckpt.checkpoints(tmp_path))
+    with pytest.raises(ValueError, match=r"holds a run \(checkpoint-0000004\).*--resume latest.*--overwrite"):
+        train(tiny_config(tmp_path, "train.max_steps=2", "train.checkpoint_every=2"))
+    assert sorted(p.name for p in ckpt.checkpoints(tmp_path)) == before == ["checkpoint-0000002", "checkpoint-0000004"]
+    with pytest.raises(ValueError, match="--resume and --overwrite"):
+        train(cfg, resume="latest", overwrite=True)
+    assert train(tiny_config(tmp_path, "train.max_steps=2", "train.checkpoint_every=2"), overwrite=True)
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["checkpoint-0000002"]   # started over
+    assert json.loads((tmp_path / "checkpoint-0000002" / "state.json").read_text())["config"]["train"]["max_steps"] == 2
+
+
+def test_a_second_training_into_a_busy_folder_names_the_holder(tmp_path):
+    first, err = run_cli_train(tmp_path / "run", "train.max_steps=100000", "train.checkpoint_every=100000")
+    try:
+        wait_for_training(first, err)
+        with pytest.raises(ValueError, match=rf"in use by process {first.pid} on \S+ since .*-m t2i.cli train"):
+            train(tiny_config(tmp_path / "run", "train.max_steps=2"), resume="latest")
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    proc, err = run_cli_train(run, "train.max_steps=100000", "train.checkpoint_every=100000")
+    wait_for_training(proc, err)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    err.seek(0)
+    last = err.read().strip().splitlines()[-1]
+    assert proc.returncode == 128 + signal.SIGTERM, last
+    (saved,) = ckpt.checkpoints(run)
+    step = json.loads((saved / "state.json").read_text())["step"]
+    assert step >= 1 and saved.name in last and last.endswith("--resume latest"), last
+    cfg = tiny_config(run, "train.max_steps=100000", "train.checkpoint_every=100000")
+    assert train(cfg, resume="latest", stop_at=step + 1) is None
+    assert ckpt.checkpoints(run)[-1].name == f"checkpoint-{step + 1:07d}"
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_end_of_the_step(tmp_path, monkeypatch):
+    import t2i.train as tr
+    real, calls = tr.diffusion_loss, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 2
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tr, "diffusion_loss", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT at step 2: saved .*checkpoint-0000002"):
+        train(tiny_config(tmp_path, "train.max_steps=10", "train.checkpoint_every=10"))
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["checkpoint-0000002"]
+    assert signal.getsignal(signal.SIGINT) is handler                  # the handler is put back
