@@ -376,3 +376,14 @@ def test_ctrl_c_saves_a_checkpoint_at_the_end_of_the_step(tmp_path, monkeypatch)
         train(tiny_config(tmp_path, "train.max_steps=10", "train.checkpoint_every=10"))
     assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["checkpoint-0000002"]
     assert signal.getsignal(signal.SIGINT) is handler                  # the handler is put back
+
+
+def test_data_workers_leave_signals_to_the_training_process():
+    """Ctrl-C reaches every process of the terminal's group: a data worker must not die of it mid-save."""
+    from t2i.data.stream import data_stream
+    batches = data_stream(Numbers(100, shuffle=True), load_config(None, ["train.batch_size=2", "data.num_workers=1"]))
+    next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGINT)
+        os.kill(worker.pid, signal.SIGTERM)
+    assert all(len(next(batches)["i"]) == 2 for _ in range(20))
