@@ -157,7 +157,7 @@ def resolve_resume(run_dir: str | Path, resume: str, main: bool = True) -> Path:
     aside (to checkpoint-N.damaged, by the `main` process). Otherwise a checkpoint folder path, undamaged."""
     if resume != "latest":
         path = Path(resume)
-        if not path.is_dir() or not CHECKPOINT.match(path.name):
+        if not path.is_dir() or not (CHECKPOINT.match(path.name) or (path / "state.json").exists()):
             raise ValueError(f"--resume {resume}: not a checkpoint folder; pass 'latest' or a checkpoint-N folder")
         problem = damage(path)
         if problem:
@@ -195,22 +195,27 @@ def damage(path: str | Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"state.json {'is missing' if isinstance(e, FileNotFoundError) else 'is unreadable'}"
     for name in state.get("files", ["unet.safetensors", "ema.safetensors", "optimizer.safetensors"]):
-        file = path / name
-        size = file.stat().st_size if file.is_file() else None
-        if not size:
-            return f"{name} is {'missing' if size is None else 'empty'}"
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            try:
-                header = json.loads(f.read(n)) if 8 + n <= size else None
-            except ValueError:
-                header = None
-        if not isinstance(header, dict):
-            return f"{name} has a damaged header"
-        end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if size != end:
-            return f"{name} is cut short ({size} of {end} bytes)"
+        problem = _safetensors_damage(path / name)
+        if problem:
+            return f"{name} {problem}"
     return None
+
+
+def _safetensors_damage(file: Path) -> str | None:
+    """A safetensors file is 8 bytes of header length n, n bytes of JSON header, then the tensors' bytes."""
+    size = file.stat().st_size if file.is_file() else None
+    if not size:
+        return "is missing" if size is None else "is empty"
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            return f"is cut short ({size} bytes, less than its header)"
+        try:
+            header = json.loads(f.read(n))
+            end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "has a damaged header"
+    return f"is cut short ({size} of {end} bytes)" if size != end else None
 
 
 def staging_dir(run_dir: str | Path, step: int) -> Path:
