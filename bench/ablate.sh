@@ -26,8 +26,10 @@ ORDER=(full today no-grounding no-pos-embed no-context-refiner min-snr position-
 for row in "${ORDER[@]}"; do
   if [ ! -e "$RUNS/$row/pipeline/model_index.json" ] && [ -z "${EVAL_ONLY:-}" ]; then
     echo "== $row: ${ROWS[$row]}"
+    start=--overwrite                                                    # nothing of the row's worth keeping
+    compgen -G "$RUNS/$row/checkpoint-*" > /dev/null && start="--resume latest"   # an interrupted row carries on
     OMP_NUM_THREADS=1 $T2I train --config configs/shapes32.yaml train.output_dir="$RUNS/$row" train.max_steps="$STEPS" \
-      train.warmup_steps=50 train.checkpoint_every=100 train.preview_every=0 ${ROWS[$row]}
+      train.warmup_steps=50 train.checkpoint_every=100 train.preview_every=0 ${ROWS[$row]} $start
   fi
   if [ -e "$RUNS/$row/pipeline/model_index.json" ] && [ ! -e "$RUNS/$row.json" ]; then
     OMP_NUM_THREADS=1 $T2I evaluate --model "$RUNS/$row/pipeline" --num-prompts 24 --images-per-prompt 2 \

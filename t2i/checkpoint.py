@@ -1,24 +1,44 @@
 # Training checkpoints as folders of safetensors plus JSON, written atomically: everything goes
-# into a temporary folder that is renamed into place only when complete, so an interrupted save
-# leaves the previous checkpoint untouched. Nothing here unpickles anything. TrainingState is what
-# a run saves and resumes from; every process stages its own RNG, the main process the rest.
+# into a temporary folder, fsynced, that is renamed into place only when complete, so an interrupted
+# save or a power cut leaves the previous checkpoint untouched. Nothing here unpickles anything.
+# TrainingState is what a run saves and resumes from; every process stages its own RNG, the main
+# process the rest. The run folder around them: one training at a time (a lock), a fresh run never
+# over an old one, and SIGINT/SIGTERM turned into a last checkpoint.
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from .config import RESUMABLE, resume_changes
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock on the run folder
+    fcntl = None
 
 if TYPE_CHECKING:
+    from .config import RunConfig
     from .train import EMA
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "previews", "tensorboard")  # a run's files beside its checkpoints
 
 
 @dataclass
@@ -49,7 +69,8 @@ class TrainingState:
             stage.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         rng = {"torch": torch.get_rng_state(), **{name: g.get_state() for name, g in self.generators.items()}}
-        save_file(rng, str(stage / f"rng-{accelerator.process_index}.safetensors"))
+        with staging(run_dir, self.step):
+            save_synced(rng, stage / f"rng-{accelerator.process_index}.safetensors")
         accelerator.wait_for_everyone()
         # 3. the main process writes the rest and renames the folder into place
         if accelerator.is_main_process:
@@ -58,14 +79,26 @@ class TrainingState:
             if self.text_encoder is not None:
                 tensors["text_encoder"] = self.text_encoder.state_dict()
             schedule = {k: v for k, v in self.lr_schedule.state_dict().items() if k != "lr_lambdas"}
+            stems = [*tensors, *(f"rng-{i}" for i in range(accelerator.num_processes))]
+            files = [f"{stem}.safetensors" for stem in stems]
             state = {"step": self.step, "samples": self.samples, "world_size": accelerator.num_processes,
-                     "optimizer": opt_meta, "lr_schedule": schedule, "config": config}
+                     "optimizer": opt_meta, "lr_schedule": schedule, "config": config, "files": files}
             write_checkpoint(run_dir, self.step, tensors, state, keep)
         accelerator.wait_for_everyone()
         return Path(run_dir) / f"checkpoint-{self.step:07d}"
 
-    def load(self, path: str | Path, rank: int = 0) -> None:
-        """Restore everything from the checkpoint folder `path`, with process `rank`'s generators."""
+    def load(self, path: str | Path, rank: int = 0, config: RunConfig | None = None) -> None:
+        """Restore everything from the checkpoint folder `path`, with process `rank`'s generators, after checking
+        that `config` differs from the checkpoint's only in RESUMABLE settings. The learning rate follows `config`."""
+        path = Path(path)
+        if config is not None:
+            saved = json.loads((path / "state.json").read_text())["config"]
+            changes = resume_changes(saved, config)
+            if changes:
+                raise ValueError(
+                    f"this config differs from {path.name}'s in what defines the model or its objective: "
+                    f"{'; '.join(changes)}. Resume with the run's own config ({path.parent / 'config.yaml'}) or start "
+                    f"a new run; only these may change on resume: {', '.join(RESUMABLE)}")
         tensors, state = read_checkpoint(path)
         try:
             self.unet.load_state_dict(tensors["unet"])
@@ -76,7 +109,10 @@ class TrainingState:
                              f"resume with the run's own config ({path}/../config.yaml)") from None
         self.ema.shadow = {k: v.float() for k, v in tensors["ema"].items()}
         self.optimizer.load_state_dict(optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
-        self.lr_schedule.load_state_dict({**state["lr_schedule"], "lr_lambdas": [None]})
+        schedule = {k: v for k, v in state["lr_schedule"].items() if k != "base_lrs"}  # base_lrs: this train.lr
+        self.lr_schedule.load_state_dict({**schedule, "lr_lambdas": [None]})
+        for group, base, f in zip(self.optimizer.param_groups, self.lr_schedule.base_lrs, self.lr_schedule.lr_lambdas):
+            group["lr"] = base * f(self.lr_schedule.last_epoch)                     # and this max_steps' schedule
         rng = tensors.get(f"rng-{rank}")
         if rng is None:
             raise ValueError(f"checkpoint {path} has no RNG state for process {rank}: resume with the same number of "
@@ -108,49 +144,144 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in a run folder, oldest first."""
+    """The checkpoint folders of a run, oldest first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT.match(p.name) and (p / "state.json").exists()]
+    found = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
     return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
 
 
-def resolve_resume(run_dir: str | Path, resume: str) -> Path:
-    """'latest' -> the newest complete checkpoint of the run; otherwise a checkpoint folder path."""
-    if resume == "latest":
-        found = checkpoints(run_dir)
-        if not found:
-            raise ValueError(f"--resume latest: no checkpoint in {run_dir}; train without --resume to start fresh")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "state.json").exists():
-        raise ValueError(f"--resume {resume}: not a checkpoint folder (no state.json); pass 'latest' or a "
-                         f"checkpoint-N folder")
+def resolve_resume(run_dir: str | Path, resume: str, main: bool = True) -> Path:
+    """'latest' -> the newest undamaged checkpoint of the run: damaged newer ones are named in a warning and moved
+    aside (to checkpoint-N.damaged, by the `main` process). Otherwise a checkpoint folder path, undamaged."""
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir() or not (CHECKPOINT.match(path.name) or (path / "state.json").exists()):
+            raise ValueError(f"--resume {resume}: not a checkpoint folder; pass 'latest' or a checkpoint-N folder")
+        problem = damage(path)
+        if problem:
+            raise ValueError(f"--resume {resume}: {path.name} is damaged ({problem}); resume from an earlier "
+                             f"checkpoint, or with --resume latest, which takes the newest undamaged one")
+        return path
+    found = checkpoints(run_dir)
+    if not found:
+        raise ValueError(f"--resume latest: no checkpoint in {run_dir}; start a fresh run without --resume (adding "
+                         f"--overwrite if an earlier one left files there)")
+    skipped = []
+    for path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            break
+        skipped.append(f"{path.name}: {problem}")
+        if main:
+            aside = path.with_name(path.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+    else:
+        raise ValueError(f"--resume latest: every checkpoint in {run_dir} is damaged ({'; '.join(skipped)})")
+    if skipped:
+        warnings.warn(f"--resume latest skipped {'; '.join(skipped)} (moved aside to .damaged); resuming from "
+                      f"{path.name}", stacklevel=2)
     return path
+
+
+def damage(path: str | Path) -> str | None:
+    """What makes checkpoint folder `path` unusable (state.json or a file it lists missing, empty or cut
+    short), or None. Reads each safetensors header, not the tensors."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"state.json {'is missing' if isinstance(e, FileNotFoundError) else 'is unreadable'}"
+    for name in state.get("files", ["unet.safetensors", "ema.safetensors", "optimizer.safetensors"]):
+        problem = _safetensors_damage(path / name)
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
+def _safetensors_damage(file: Path) -> str | None:
+    """A safetensors file is 8 bytes of header length n, n bytes of JSON header, then the tensors' bytes."""
+    size = file.stat().st_size if file.is_file() else None
+    if not size:
+        return "is missing" if size is None else "is empty"
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            return f"is cut short ({size} bytes, less than its header)"
+        try:
+            header = json.loads(f.read(n))
+            end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "has a damaged header"
+    return f"is cut short ({size} of {end} bytes)" if size != end else None
 
 
 def staging_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f".checkpoint-{step:07d}.tmp"
 
 
-def write_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
-                     state: dict, keep: int) -> Path:
-    """Write {file stem: tensors} and state.json into the staging folder, then rename it into place
-    and prune to the newest `keep` checkpoints. Other processes may have put files in staging first."""
+class DiskFull(OSError):
+    """The disk filled up while a checkpoint was written; the staging folder is gone, earlier checkpoints stay."""
+
+
+@contextmanager
+def staging(run_dir: str | Path, step: int) -> Iterator[Path]:
+    """Writing into step's staging folder: on any failure it is removed, and a full disk becomes one line
+    that names the last good checkpoint."""
     stage = staging_dir(run_dir, step)
-    stage.mkdir(parents=True, exist_ok=True)
-    for stem, group in tensors.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(stage / f"{stem}.safetensors"))
-    with open(stage / "state.json", "w") as f:
-        json.dump(state, f, indent=1)
+    try:
+        yield stage
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            last = checkpoints(run_dir)
+            raise DiskFull(f"no space left on the disk of {run_dir} while saving checkpoint-{step:07d}; the "
+                           f"last good checkpoint is {last[-1] if last else 'none'}: free space, then continue with "
+                           "--resume latest") from None
+        raise
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync a file, so that a power cut cannot leave it looking complete but empty."""
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    final = Path(run_dir) / f"checkpoint-{step:07d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(stage, final)
-    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+
+
+def save_synced(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    write_synced(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a folder: its entries (new files, a rename) survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
+                     state: dict, keep: int) -> Path:
+    """Write {file stem: tensors} and state.json into the staging folder, fsync each file and the folder,
+    rename it into place and prune to the newest `keep` checkpoints, never the one just written. Other
+    processes may have put files in staging first."""
+    run_dir, final = Path(run_dir), Path(run_dir) / f"checkpoint-{step:07d}"
+    with staging(run_dir, step) as stage:
+        stage.mkdir(parents=True, exist_ok=True)
+        for stem, group in tensors.items():
+            save_synced(group, stage / f"{stem}.safetensors")
+        write_synced(stage / "state.json", json.dumps(state, indent=1).encode())
+        sync_dir(stage)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage, final)
+    sync_dir(run_dir)
+    others = [p for p in checkpoints(run_dir) if p != final]
+    for old in others[:len(others) - keep + 1] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -161,3 +292,103 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
         state = json.load(f)
     tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
     return tensors, state
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder: one training at a time, a fresh run never over an old one, signals saved.
+
+
+@contextmanager
+def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite: bool) -> Iterator[None]:
+    """Hold the run folder for one training (on the `main` process): locked, so a second training names the
+    holder; refused to a fresh run when it holds a run, unless `overwrite`, which deletes that run first;
+    cleared of staging folders that a save killed half-way left behind."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: --resume continues the run in "
+                         "train.output_dir, --overwrite deletes it to start over")
+    if not main:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(run_dir)
+    try:
+        found = checkpoints(run_dir)
+        old = found + sorted(run_dir.glob("checkpoint-*.damaged")) + [
+            run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+        if old and not resume and not overwrite:
+            what = found[-1].name if found else ", ".join(p.name for p in old)
+            raise ValueError(f"train.output_dir {run_dir} holds a run ({what}): continue it with --resume latest, "
+                             "start over with --overwrite (deletes its checkpoints, pipeline and logs), or choose "
+                             "another train.output_dir")
+        for path in old if overwrite else []:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for stage in run_dir.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(stage, ignore_errors=True)
+        yield
+    finally:
+        lock.truncate(0)
+        lock.close()
+
+
+def _lock(run_dir: Path):
+    """An exclusive lock on `{run_dir}/.lock`, held while the returned file is open (the system drops it
+    however the process ends), with the holder written into it."""
+    f = open(run_dir / ".lock", "a+")
+    try:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"train.output_dir {run_dir} is in use by {holder}; wait for it to end, or train into "
+                         "another train.output_dir") from None
+    command = shlex.join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]])
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+            f"({command[:300]})")
+    f.flush()
+    return f
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM, after saving a checkpoint of the step it was in."""
+
+    def __init__(self, signum: int | None, step: int, checkpoint: Path):
+        self.signum, self.checkpoint = signum or signal.SIGTERM, checkpoint
+        name = signal.Signals(signum).name if signum else "a signal to another process"
+        super().__init__(f"{name} at step {step}: saved {checkpoint}")
+
+
+class StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (what a cluster sends before preemption) ask the loop to save a checkpoint
+    and stop at the end of the step; a second signal stops at once (a save under way is atomic). Installed
+    only from the main thread; the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping (send "
+              "it again to stop at once)", file=sys.stderr, flush=True)
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process has a signal, so that all stop at the same step."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor([float(self.signum is not None)], device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0

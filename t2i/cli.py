@@ -8,6 +8,8 @@ import json
 import math
 import os
 import re
+import shlex
+import signal
 import sys
 import unicodedata
 import warnings
@@ -212,17 +214,29 @@ def cmd_info(args) -> None:
     print(f"caption dropout in training: {pipe.config.caption_dropout}")
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int | None:
     import yaml
 
     from .config import config_to_dict, load_config
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        return
+        return None
+    from .checkpoint import Interrupted
     from .train import train
-    path = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    again = shlex.join(["t2i", "train", *(["--config", args.config] if args.config else []), *args.overrides,
+                        "--resume", "latest"])
+    try:
+        path = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
+    except Interrupted as e:
+        print(f"t2i train: {e}; continue with: {again}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print(f"t2i train: stopped at once; the last complete checkpoint is kept. Continue with: {again}",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     print(f"exported pipeline: {path}" if path else f"stopped at step {args.stop_at}; continue with --resume latest")
+    return None
 
 
 def cmd_make_dataset(args) -> None:
@@ -299,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train on the shapes world or an image folder")
     t.add_argument("--config", help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
-    t.add_argument("--resume", help="'latest' or a checkpoint folder")
+    t.add_argument("--resume", help="'latest' (the newest undamaged checkpoint) or a checkpoint folder")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in a train.output_dir that holds a run, deleting its checkpoints, pipeline and logs")
     t.add_argument("--stop-at", type=int, help="stop after this step (with a checkpoint), to resume later")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
@@ -341,11 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "train":
         _quiet_loading()
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
+        return args.func(args) or 0
+    except (ValueError, OSError) as e:  # bad input, a missing file, a full disk: one clear line, no traceback
         print(f"t2i {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class ModelConfig:
 class TextConfig:
     pretrained: str | None = None        # hub name or local path of a CLIP; None builds the offline one
     train: bool | None = None            # default: True for the offline encoder, False for a pretrained one
+    allow_random_frozen: bool = False    # train=false without `pretrained` freezes random weights: an ablation only
     width: int = 128                     # offline encoder only
     layers: int = 2
     heads: int = 4
@@ -112,6 +113,20 @@ class RunConfig:
             (self.train.export_dtype in ("float32", "float16"), "train.export_dtype must be float32 or float16"),
             (self.train.batch_size > 0 and self.train.grad_accum > 0, "train.batch_size and grad_accum must be > 0"),
             (self.train.max_steps > 0, "train.max_steps must be > 0"),
+            (self.train.log_every > 0, "train.log_every must be > 0"),
+            (self.train.checkpoint_every > 0, "train.checkpoint_every must be > 0 (=train.max_steps: at the end only)"),
+            (self.train.preview_every >= 0, "train.preview_every must be >= 0 (0 turns previews off)"),
+            (not self.train.preview_every or self.train.preview_prompts,
+             "train.preview_prompts is empty; give prompts or set train.preview_every=0"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (0 <= self.train.ema_decay < 1, "train.ema_decay must be in [0, 1), e.g. 0.999"),
+            (self.train.weight_decay >= 0 and self.train.warmup_steps >= 0 and self.train.grad_clip > 0,
+             "train.weight_decay and warmup_steps must be >= 0, train.grad_clip > 0"),
+            (self.text.max_length >= 3, "text.max_length must be >= 3 (start, a word, end)"),
+            (self.text.pretrained or self.text.trainable or self.text.allow_random_frozen,
+             "text.train=false without text.pretrained keeps the offline text encoder frozen at its random "
+             "initialisation, so the UNet learns from noise-like text states: drop text.train (it then trains), set "
+             "text.pretrained=PATH to a CLIP, or set text.allow_random_frozen=true if that is the experiment"),
             (self.noise.timestep_bias > 0, "noise.timestep_bias must be > 0 (1 is uniform)"),
             (0 <= self.data.position_prob <= 1, "data.position_prob must be in [0, 1]"),
             (self.train.grounding_weight >= 0, "train.grounding_weight must be >= 0 (0 turns it off)"),
@@ -120,6 +135,21 @@ class RunConfig:
             if not ok:
                 raise ValueError(message)
         return self
+
+
+# Settings that may change when a run resumes: how long, how fast, how often, where it writes. Any other
+# difference from the checkpoint's config changes the model or what it learns, and --resume refuses it.
+RESUMABLE = ("data.num_workers", "train.output_dir", "train.max_steps", "train.lr", "train.grad_clip",
+             "train.mixed_precision", "train.channels_last", "train.log_every", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.preview_every", "train.preview_prompts", "train.preview_steps",
+             "train.export_dtype")
+
+
+def resume_changes(saved: dict, config: RunConfig) -> list[str]:
+    """'key: saved -> now' for every setting outside RESUMABLE in which `config` differs from `saved`, the
+    config dict a checkpoint holds (keys it lacks take their defaults)."""
+    before, now = flatten(config_to_dict(_build(RunConfig, saved))), flatten(config_to_dict(config))
+    return [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and before[k] != now[k]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +169,8 @@ def _coerce(value, tp, key: str):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {key!r} takes a list, got {value!r}")
         return tuple(_coerce(v, args[0], key) for v in value)
+    if tp is str and isinstance(value, bool):
+        return "yes" if value else "no"  # YAML 1.1 reads no/yes (off/on) as booleans: mixed_precision: no
     if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)  # YAML reads '3e-4' as a string
@@ -199,8 +231,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     """A validated RunConfig from a YAML file (or the defaults) with `key=value` overrides."""
     values: dict = {}
     if path is not None:
+        if Path(path).is_dir():
+            raise ValueError(f"{path} is a folder; pass a YAML file, e.g. configs/shapes32.yaml")
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+                raise ValueError(f"{path} is not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of sections (data, model, text, noise, train)")
     values = _merge(values, parse_overrides(list(overrides)))
@@ -214,6 +253,14 @@ def config_to_dict(obj):
     if isinstance(obj, (list, tuple)):
         return [config_to_dict(x) for x in obj]
     return obj
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.001}} -> {"train.lr": 0.001}."""
+    out = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

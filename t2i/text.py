@@ -103,17 +103,34 @@ def build_offline_text_encoder(tokenizer: CLIPTokenizer, width: int = 128, layer
 
 def load_pretrained_clip(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
     """Tokenizer and text encoder of a pretrained CLIP: a hub name, a local CLIP folder, or a
-    Stable-Diffusion-style folder with `tokenizer/` and `text_encoder/` sub-folders."""
-    sub = os.path.isdir(os.path.join(name_or_path, "text_encoder"))
+    Stable-Diffusion-style folder with `tokenizer/` and `text_encoder/` sub-folders. A hub name with the hub
+    out of reach reads the local cache only: a quick error instead of minutes of retries."""
+    local = os.path.isdir(name_or_path)
+    offline = not local and not hub_reachable()
+    sub = "text_encoder" if local and os.path.isdir(os.path.join(name_or_path, "text_encoder")) else ""
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer" if sub else "")
-        encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder" if sub else "")
+        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder=sub and "tokenizer",
+                                                  local_files_only=local or offline)
+        encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder=sub, local_files_only=local or offline)
     except OSError as e:
-        raise ValueError(
-            f"could not load a CLIP text encoder from {name_or_path!r} ({str(e).splitlines()[0]}). Pass a local "
-            "folder saved with save_pretrained, or leave text.pretrained empty to build the offline encoder."
-        ) from None
+        why = (": not a local folder, the Hugging Face hub is unreachable and the local cache has no copy. Pass a "
+               "local path" if offline else f" ({str(e).splitlines()[0]}). Pass a local folder")
+        raise ValueError(f"could not load a CLIP text encoder from {name_or_path!r}{why} (a CLIP saved with "
+                         "save_pretrained), or leave text.pretrained empty to build the offline encoder.") from None
     return tokenizer, encoder
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within `timeout` seconds; False in offline mode."""
+    from huggingface_hub import constants, get_session, is_offline_mode
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    if is_offline_mode() or any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in flags):
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # no route, no name, refused, timed out, a proxy's refusal: unreachable all the same
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -16,21 +16,36 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import RunConfig, config_to_dict, save_config
+from .config import RunConfig, config_to_dict, flatten, save_config
 from .data.stream import build_dataset, data_stream
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .grounding import capture_cross_attention, grounding_loss, token_indices
 from .text import TextStates, build_text, drop_captions
-from .unet import build_unet
+from .unet import build_unet, unet_config
 
 
-def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None) -> Path | None:
+def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
+          overwrite: bool = False) -> Path | None:
     """Train and export a T2IPipeline with the EMA weights to `{output_dir}/pipeline`; returns that path.
-    `stop_at` ends the session early at that step, after a checkpoint, to be resumed later (returns None)."""
-    tc, out = cfg.train, Path(cfg.train.output_dir)
+    `stop_at` ends the session early at that step, after a checkpoint, to be resumed later (returns None).
+    A fresh run refuses a folder that holds a run unless `overwrite` (which deletes that run); one training
+    at a time holds the folder. SIGINT or SIGTERM save a checkpoint, then raise checkpoint.Interrupted."""
+    unet_config(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size)  # a bad data.size fails before any work
     no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                              log_with="tensorboard", project_dir=str(out), cpu=no_accelerator)  # cpu: gloo for >1 proc
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
+                              gradient_accumulation_steps=cfg.train.grad_accum, project_dir=cfg.train.output_dir,
+                              cpu=no_accelerator)  # cpu: gloo for >1 process
+    with ExitStack() as session:  # let go however training ends: the folder's lock, signal handlers, progress bar
+        session.enter_context(ckpt.claim_run_dir(cfg.train.output_dir, accelerator.is_main_process, resume, overwrite))
+        stop = session.enter_context(ckpt.StopOnSignal())
+        accelerator.wait_for_everyone()
+        return _train(cfg, accelerator, resume, stop_at, stop, session)
+
+
+def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at: int | None,
+           stop: ckpt.StopOnSignal, session: ExitStack) -> Path | None:
+    """The loop of `train`, in the run folder it holds."""
+    tc, out = cfg.train, Path(cfg.train.output_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     # 1. components, identically initialised on every process
@@ -52,7 +67,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
 
     # 2. resume: weights, EMA, optimiser, LR schedule, step, RNG and data position
     if resume:
-        state.load(ckpt.resolve_resume(out, resume), rank)
+        state.load(ckpt.resolve_resume(out, resume, accelerator.is_main_process), rank, cfg)
     if cfg.text.trainable:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:  # a frozen module has nothing for DDP to synchronise
@@ -65,15 +80,15 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
         save_config(cfg, out / "config.yaml")
         if not cfg.text.pretrained:
             tokenizer.save_pretrained(out / "tokenizer")
-        accelerator.init_trackers("tensorboard", config=_flat(config_to_dict(cfg)))
+        accelerator.init_trackers("tensorboard", config=_hparams(cfg))
         print(f"training {_count(unet)/1e6:.2f}M UNet + {_count(text_encoder)/1e6:.2f}M text encoder params "
               f"({'trained' if cfg.text.trainable else 'frozen'}) on {world} x {device}, from step {state.step}")
 
     # 3. the loop: one optimiser step = grad_accum micro-batches on every process
-    bar = tqdm(total=tc.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-               dynamic_ncols=True)
+    bar = session.enter_context(tqdm(total=tc.max_steps, initial=state.step, dynamic_ncols=True,
+                                     disable=not accelerator.is_local_main_process))
     running, running_ground = torch.zeros((), device=device), torch.zeros((), device=device)
-    n_running, t0, seen0 = 0, time.perf_counter(), state.samples
+    n_running, t0, seen0, interrupted = 0, time.perf_counter(), state.samples, False
     unet.train(), text_encoder.train(cfg.text.trainable)
     end, grounded = min(tc.max_steps, stop_at or tc.max_steps), tc.grounding_weight > 0
     g_noise, g_drop = state.generators["noise"], state.generators["drop"]
@@ -103,6 +118,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
         state.ema.update(state.unet, state.step)
         bar.update(1)
         step = state.step
+        if stop.requested(accelerator):  # SIGINT/SIGTERM on any process: save this step, then stop
+            end, interrupted = step, True
 
         if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == end:  # before every save
             mean_loss = accelerator.reduce(running, "mean").item() / n_running
@@ -127,6 +144,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None)
     bar.close()
     if state.step < tc.max_steps:
         accelerator.end_training()
+        if interrupted:
+            raise ckpt.Interrupted(stop.signum, state.step, out / f"checkpoint-{state.step:07d}")
         return None
 
     # 4. export the EMA weights as a pipeline
@@ -216,12 +235,6 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """TensorBoard hparams take scalars only."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def _hparams(cfg: RunConfig) -> dict:
+    """The config as TensorBoard hparams, which take scalars only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config_to_dict(cfg)).items()}

@@ -342,7 +342,12 @@ def unet_config(preset: str = "small", **overrides) -> dict:
     are not None (a run config's model section leaves unset fields None). The one place presets are merged."""
     if preset not in PRESETS:
         raise ValueError(f"unknown UNet preset {preset!r} (model.preset); choose one of {sorted(PRESETS)}")
-    return {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    kwargs = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    levels = len(kwargs["block_channels"])
+    if kwargs["sample_size"] % 2 ** (levels - 1):
+        raise ValueError(f"data.size={kwargs['sample_size']} must be a multiple of {2 ** (levels - 1)}: the UNet "
+                         f"({levels} levels) halves the image {levels - 1} times")
+    return kwargs
 
 
 def build_unet(preset: str = "small", **overrides) -> T2IUNet:

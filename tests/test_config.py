@@ -50,3 +50,44 @@ def test_presets_are_merged_with_the_fields_a_config_sets():
     cfg = load_config(None, ["model.preset=tiny", "model.num_heads=4"])
     kw = unet_config(**asdict(cfg.model), sample_size=16, cross_attention_dim=8)
     assert kw["num_heads"] == 4 and kw["block_channels"] == (16, 32) and kw["cross_attention_dim"] == 8
+
+
+FOLDER_CLIP = Path(__file__).parent.parent / "configs" / "folder-clip.yaml"
+
+
+def test_a_frozen_offline_text_encoder_must_be_asked_for():
+    assert load_config(FOLDER_CLIP, ["text.pretrained=null"]).text.trainable   # the offline encoder trains
+    assert not load_config(FOLDER_CLIP).text.trainable                          # a pretrained CLIP stays frozen
+    with pytest.raises(ValueError, match="frozen at its random initialisation.*text.allow_random_frozen=true"):
+        load_config(None, ["text.train=false"])
+    assert not load_config(None, ["text.train=false", "text.allow_random_frozen=true"]).text.trainable
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.checkpoint_every=0"], "train.checkpoint_every must be > 0"),
+    (["train.log_every=0"], "train.log_every must be > 0"),
+    (["train.preview_prompts=[]"], "train.preview_prompts is empty; give prompts or set train.preview_every=0"),
+    (["text.max_length=0"], r"text.max_length must be >= 3"),
+    (["train.lr=-1e-3"], "train.lr must be > 0"),
+    (["train.ema_decay=2"], r"train.ema_decay must be in \[0, 1\)"),
+])
+def test_settings_that_would_fail_mid_run_are_refused_at_start(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, override)
+
+
+def test_mixed_precision_no_as_yaml_reads_it(tmp_path):
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(tmp_path / "c.yaml").train.mixed_precision == "no"
+
+
+def test_a_folder_or_invalid_yaml_as_config_is_one_clear_line(tmp_path, capsys):
+    from t2i.cli import main
+    with pytest.raises(ValueError, match="is a folder; pass a YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "bad.yaml").write_text("train:\n  lr: [1\n")
+    with pytest.raises(ValueError, match=r"bad.yaml is not valid YAML \(line \d+"):
+        load_config(tmp_path / "bad.yaml")
+    assert main(["train", "--config", str(tmp_path), "--dry-run"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

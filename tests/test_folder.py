@@ -202,3 +202,48 @@ def test_empty_and_missing_root(tmp_path):
         ImageFolderDataset(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         ImageFolderDataset(tmp_path / "nope")
+
+
+def write_damaged_images(folder):
+    """A truncated JPEG and a PNG with damaged pixel data: both pass PIL's verify(), neither decodes."""
+    import io
+    import struct
+    import zlib
+    noise = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG", quality=90)
+    (folder / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")
+    png = bytearray(buffer.getvalue())
+    at = png.index(b"IDAT")
+    n = struct.unpack(">I", png[at - 4:at])[0]
+    png[at + 14:at + 34] = b"\xff" * 20                               # damage the compressed pixels
+    png[at + 4 + n:at + 8 + n] = struct.pack(">I", zlib.crc32(bytes(png[at:at + 4 + n])))  # with a valid CRC
+    (folder / "damaged.png").write_bytes(bytes(png))
+    for name in ("truncated.jpg", "damaged.png"):
+        (folder / name).with_suffix(".txt").write_text(f"a {name}")
+
+
+def test_images_that_fail_only_when_decoded_are_skipped_and_counted(tmp_path):
+    from t2i.config import load_config
+    from t2i.data.stream import data_stream
+    for i in range(3):
+        make_image(tmp_path / f"good{i}.png", seed=i).with_suffix(".txt").write_text(f"good {i}")
+    write_damaged_images(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = ImageFolderDataset(tmp_path, size=16)                   # both pass the up-front check
+    assert len(ds) == 5
+    bad = [i for i, p in enumerate(ds.paths) if "good" not in p.name]
+    with pytest.warns(UserWarning, match=r"skipped .*(truncated.jpg|damaged.png).* could not be decoded") as record:
+        items = [ds[i] for i in bad]
+    assert len(record) == 2 and len(ds.unreadable) == 2
+    for i, item in zip(bad, items):
+        check_sample(item, 16)
+        assert item["text"].startswith("good")                       # the next readable image stands in
+        assert torch.equal(ds[i]["pixel_values"], item["pixel_values"])  # the same one each time: resumable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = data_stream(ds, load_config(None, ["train.batch_size=5"]))
+        assert all(next(batches)["pixel_values"].shape == (5, 3, 16, 16) for _ in range(3))

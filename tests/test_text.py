@@ -71,3 +71,23 @@ def test_caption_dropout_rate_over_many_draws():
     assert set(kept) == {"", "a red circle"}
     assert abs(kept.count("") / len(kept) - 0.1) < 0.01                 # the standard error is 0.002
     assert drop_captions(["a red circle"] * 1000, 0.0, g) == ["a red circle"] * 1000
+
+
+def test_a_hub_clip_fails_at_once_when_the_hub_is_unreachable(tmp_path):
+    """Not offline by setting, but no hub to reach: one line naming a local path, not minutes of retries."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path), HF_ENDPOINT="http://127.0.0.1:9", OMP_NUM_THREADS="1")  # nothing listens on 9
+    script = ("import time; from t2i.text import load_pretrained_clip; t = time.time()\n"
+              "try: load_pretrained_clip('openai/clip-vit-base-patch32')\n"
+              "except ValueError as e: print(e)\n"
+              "print(f'{time.time() - t:.1f}')")
+    try:
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading a hub CLIP with the hub unreachable took over two minutes")
+    message, seconds = run.stdout.strip().splitlines()
+    assert "hub is unreachable" in message and "pass a local path" in message.lower(), run.stdout + run.stderr[-2000:]
+    assert float(seconds) < 15

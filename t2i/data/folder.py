@@ -152,6 +152,7 @@ class ImageFolderDataset(Dataset):
         self.epoch = 0
         self.masks: dict[Path, list[tuple[int, int, Path]]] = {}  # image -> (start, end, mask file) per word
         self.mask_files: set[Path] = set()
+        self.unreadable: set[Path] = set()  # images that passed the up-front check but failed to decode
 
         # 2. Find images and caption files.
         files = list(_walk(self.root))
@@ -258,15 +259,20 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Union[torch.Tensor, str]]:
-        """{"pixel_values": float32 (3, size, size) in [-1, 1], "text": caption}."""
+        """{"pixel_values": float32 (3, size, size) in [-1, 1], "text": caption}. An image that fails to decode
+        although it passed the up-front check (a truncated JPEG) is skipped, named in a warning and counted in
+        `unreadable`; the next image that decodes stands in for it, the same one every time."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images.")
-        index %= len(self)
+        start = index % len(self)
+        for k in range(len(self)):
+            index = (start + k) % len(self)
+            image = self._decode(index)
+            if image is not None:
+                break
+        else:
+            raise ValueError(f"None of the {len(self)} images in {str(self.root)!r} could be decoded.")
         rng = np.random.default_rng([self.seed, self.epoch, index])  # no global RNG: resumable
-        try:
-            image = load_rgb(self.paths[index])
-        except Exception as error:
-            raise ValueError(f"Could not decode {str(self.paths[index])!r} ({error}); delete or re-export it.") from error
         image = resize_and_crop(image, self.size, self.crop, rng)
         if self.flip and rng.random() < 0.5:
             image = horizontal_flip(image)
@@ -274,6 +280,22 @@ class ImageFolderDataset(Dataset):
         if self.grounding:
             item.update(self._grounding_targets(index))
         return item
+
+    def _decode(self, index: int) -> Image.Image | None:
+        """Image `index` as RGB, or None (with a warning the first time) when it cannot be decoded."""
+        path = self.paths[index]
+        if path in self.unreadable:
+            return None
+        try:
+            return load_rgb(path)
+        except Exception as error:  # PIL raises many types on damaged data
+            self.unreadable.add(path)
+            worker = torch.utils.data.get_worker_info()
+            where = f" by data worker {worker.id}" if worker is not None else ""
+            warnings.warn(f"skipped {str(_relative(path, self.root))!r}: it could not be decoded ({error}); the next "
+                          f"image stands in for it. {len(self.unreadable)} of {len(self)} images skipped so far{where}. "
+                          "Delete or re-export it to silence this.", stacklevel=3)
+            return None
 
     def _grounding_targets(self, index: int) -> dict[str, torch.Tensor]:
         """Spans (K, 2) and masks (K, size, size) of the image's grounded words, cropped like the image."""

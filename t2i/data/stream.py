@@ -2,6 +2,7 @@
 # counter k -> (index, epoch), so the data position of a run is one integer and resumes exactly.
 from __future__ import annotations
 
+import signal
 from typing import TYPE_CHECKING
 
 import torch
@@ -77,4 +78,11 @@ def data_stream(dataset, cfg: RunConfig, rank: int = 0, world: int = 1, start: i
     sampler = CounterSampler(len(dataset), b, rank, world, cfg.train.seed, start=start,
                              shuffle=getattr(dataset, "shuffle", True))
     return iter(DataLoader(Epoched(dataset), batch_size=b, sampler=sampler, num_workers=cfg.data.num_workers,
-                           drop_last=True))
+                           drop_last=True, worker_init_fn=_leave_signals_to_the_trainer))
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C and a cluster's SIGTERM reach the data workers too: they ignore them, and the training process
+    saves a checkpoint before it ends them. A second SIGTERM (the one that ends a worker that hangs) ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
