@@ -90,7 +90,7 @@ def test_grounded_items_carry_masks_of_their_objects():
             assert mask.sum() == 0
             continue
         k = next(k for s, e, k in word_spans(scene) if s == a)
-        assert torch.equal(mask.bool(), torch.from_numpy(scene.masks[k]))
+        assert torch.equal(mask.bool(), torch.from_numpy(np.array(scene.masks[k])))
     assert "ground_masks" not in ShapesDataset(ShapesConfig(), length=2)[0]
 
 
