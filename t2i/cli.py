@@ -270,7 +270,7 @@ def cmd_make_dataset(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate import EvalConfig, evaluate
     given = {k: getattr(args, k) for k in ("num_prompts", "images_per_prompt", "steps", "guidance", "scheduler",
-                                           "seed", "calibration_prompts", "batch_size")}
+                                           "seed", "calibration_prompts", "batch_size", "effect_prompts")}
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
     if args.json and Path(args.json).exists():
         raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, help="draws the prompts and the noise (keep it apart from the training seed)")
     e.add_argument("--calibration-prompts", type=int, help="prompts for choosing the map threshold tau")
     e.add_argument("--batch-size", type=int, help="images per pipeline call")
+    e.add_argument("--effect-prompts", type=int, help="prompts per split whose object words are silenced in turn "
+                   "for the faithfulness table; 0: none")
     e.add_argument("--json", help="also write the report as JSON to this file")
     e.set_defaults(func=cmd_evaluate)
     return p
