@@ -227,6 +227,42 @@ def cmd_effect(args) -> None:
         print(path)
 
 
+def cmd_serve(args) -> None:
+    import socket
+    import time
+    t0 = time.perf_counter()
+    warnings.filterwarnings("ignore", category=ResourceWarning)  # the web server's event loops, at exit
+    limits = {k: getattr(args, k) for k in ("max_steps", "max_images", "max_side", "max_prompt_chars", "concurrency",
+                                            "max_queue")}
+    for name, value in limits.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
+    device = sampling_device(args.device)
+    from .explorer import Explorer, Limits
+    try:
+        from .serve import serve
+    except ImportError as e:  # the web extra is optional
+        raise ValueError(str(e)) from None
+    if device.type == "cpu":
+        _use_idle_cores()
+    port = args.port
+    if port == 0:  # a free port, chosen by the system
+        with socket.socket() as s:
+            s.bind((args.host, 0))
+            port = s.getsockname()[1]
+    explorer = Explorer(args.model or [None], str(device), Limits(**limits))
+    app, url = serve(explorer, args.host, port)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"t2i serve: warning: bound to {args.host}: anyone who can reach it can use this model", file=sys.stderr)
+    print(f"t2i explorer at {url} (ready in {time.perf_counter() - t0:.1f} s); Ctrl+C stops it", flush=True)
+    try:
+        app.block_thread()
+    finally:
+        explorer.close()
+
+
 def cmd_info(args) -> None:
     from .pipeline import load_pipeline
     pipe = load_pipeline(args.model)
@@ -339,6 +375,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--size", type=int, default=256, help="display size of the drawings in px (default: 256)")
     f.add_argument("--out", help="a new or empty output folder (default: outputs/effects/<prompt>-<seed>)")
     f.set_defaults(func=cmd_effect)
+
+    s = sub.add_parser("serve", help="the word explorer in the browser: words, maps, steps, weights and effects "
+                       "(needs pip install -e \".[web]\")")
+    s.add_argument("--model", action="append", help="a pipeline folder to offer; repeat for more (default: the "
+                   "shipped model). Each is loaded once.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=7860, help="port; 0: a free one (default: 7860)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    for name, default, what in [("max-steps", 50, "sampling steps of one request"),
+                                ("max-images", 4, "images of one request"),
+                                ("max-side", 128, "height and width in px"),
+                                ("max-prompt-chars", 300, "characters of a prompt"),
+                                ("concurrency", 1, "requests that sample at once"),
+                                ("max-queue", 64, "requests waiting; more are turned away")]:
+        s.add_argument(f"--{name}", type=int, default=default, help=f"the most {what} (default: {default})")
+    s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="print a pipeline's config and parameter counts")
     i.add_argument("model", nargs="?", help="pipeline folder (default: the shipped model)")
