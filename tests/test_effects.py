@@ -224,6 +224,9 @@ def test_cli_effect_writes_the_panels_and_refuses_bad_words_before_sampling(tmp_
     for words, message in [("blue", "'blue' is not a word"), (" , ", "--words needs at least one word")]:
         assert main(base + ["--words", words, "--out", str(tmp_path / "f")]) == 2
         assert message in capsys.readouterr().err
+    long = ["effect", "a blue square above a green triangle and a red circle"] + base[2:]
+    assert main(long + ["--words", "circle", "--out", str(tmp_path / "f")]) == 2   # beyond the 12-token limit
+    assert "'circle' was cut off by the text encoder's 12-token limit" in capsys.readouterr().err
     assert main(base + ["--words", "red", "--weight", "inf", "--out", str(tmp_path / "f")]) == 2
     assert "--weight must be a finite number" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()

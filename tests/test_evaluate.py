@@ -130,6 +130,30 @@ def test_word_map_reads_heatmaps_at_image_size():
     assert word_map(h, 0, "square") is None                             # not in the tokens: skipped
 
 
+def test_mass_share_and_correlation():
+    from t2i.metrics import correlation, effect_share, mass_share
+    a, b = two_objects()
+    both = (a | b).astype(np.float32)
+    assert mass_share(both, a)[0] == pytest.approx(0.5) and effect_share(a[0] * 3.0, a[0]) == 1.0
+    assert mass_share(np.zeros_like(both), a)[0] == pytest.approx(a.mean())    # no change: counts as uniform
+    assert correlation(a, a)[0] == pytest.approx(1.0) and correlation(a, b)[0] < 0
+    assert correlation(np.ones_like(both), a)[0] == 0                            # a constant map says nothing
+
+
+def test_faithfulness_sets_attention_against_the_effect_and_the_effect_against_the_mask():
+    from t2i.faithfulness import EffectSet, score_faithfulness
+    a, b = two_objects()
+    found = EffectSet()
+    found.effects["colour"].append(b[0].astype(np.float32))   # the word changed object b ...
+    found.maps["colour"].append(b[0].astype(np.float32))      # ... where its attention was ...
+    found.masks["colour"].append(a[0])                        # ... but its object is a
+    score = score_faithfulness(found, 32)["colour"]
+    assert score["scored"] == 1 and score["attention"]["correlation"] == pytest.approx(1.0)
+    assert score["effect"]["pointing"] == 0 and score["effect"]["share"] == 0 and score["effect"]["correlation"] is None
+    assert score["uniform"]["share"] == pytest.approx(a.mean()) and score["uniform"]["correlation"] == 0
+    assert score_faithfulness(EffectSet(), 32)["noun"]["attention"]["pointing"] is None
+
+
 # -- evaluate and the CLI on a tiny model ---------------------------------------------------------
 
 def test_evaluate_is_deterministic_and_json_ready():
