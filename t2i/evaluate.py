@@ -9,6 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -166,6 +167,23 @@ class MapSet:
         return np.stack(maps), np.stack(masks)
 
 
+def found_words(scene: ShapeScene, pairs: list, heatmaps, row: int,
+                skipped: MapSet) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(word class, word, normalised attention map, detected mask) for each word of each object of `scene`
+    found in image `row` (`pairs`: segment.match_objects); the words of objects not found, and words the
+    tokenizer cut off, are counted in `skipped.not_found` and `skipped.no_token`."""
+    for (_, det), labels in zip(pairs, object_words(scene)):
+        for word_class, word in labels.items():
+            if det is None:
+                skipped.not_found[word_class] += 1
+                continue
+            raw = word_map(heatmaps, row, word)
+            if raw is None:
+                skipped.no_token[word_class] += 1
+                continue
+            yield word_class, word, normalise_map(raw), det.mask
+
+
 def sample_and_score(pipe, scenes: list[ShapeScene], config: EvalConfig, split_id: int, images_per_prompt: int,
                      bar) -> tuple[Tally, MapSet, int]:
     """Generate `images_per_prompt` images per scene caption (batched, seeded per image), segment them,
@@ -188,17 +206,9 @@ def sample_and_score(pipe, scenes: list[ShapeScene], config: EvalConfig, split_i
             detected = segment(to_uint8(out.images[row]))
             pairs = match_objects(scene.objects, detected)
             tally += score_fidelity(scene, detected, pairs)
-            for (_, det), labels in zip(pairs, object_words(scene)):
-                for word_class, word in labels.items():
-                    if det is None:
-                        mapset.not_found[word_class] += 1
-                        continue
-                    raw = word_map(out.attention, row, word)
-                    if raw is None:
-                        mapset.no_token[word_class] += 1
-                        continue
-                    mapset.maps[word_class].append(normalise_map(raw))
-                    mapset.masks[word_class].append(det.mask)
+            for word_class, _, heat, mask in found_words(scene, pairs, out.attention, row, mapset):
+                mapset.maps[word_class].append(heat)
+                mapset.masks[word_class].append(mask)
         bar.update(len(batch))
     return tally, mapset, len(jobs)
 

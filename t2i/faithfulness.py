@@ -14,30 +14,24 @@ import torch
 from .attention.effects import effect_map
 from .attention.heatmaps import has_word
 from .data.shapes import ShapeScene
-from .evaluate import WORD_CLASSES, EvalConfig, image_seed, object_words, word_map
-from .metrics import centre_prior_map, correlation, mass_share, normalise_map, pointing, to_uint8, uniform_map
+from .evaluate import WORD_CLASSES, EvalConfig, MapSet, found_words, image_seed, object_words
+from .metrics import centre_prior_map, correlation, mass_share, pointing, to_uint8, uniform_map
 from .segment import match_objects, segment
 
 FAITH_SOURCES = ("effect", "attention", "uniform", "centre prior")
 
 
 @dataclass
-class EffectSet:
-    """Per word class, for each word of a found object: its effect map, its normalised attention map and
-    the object's detected mask (all (H, W)), and the words skipped."""
+class EffectSet(MapSet):
+    """MapSet's attention maps, masks and skips, and for each word its effect map (H, W)."""
 
     effects: dict = field(default_factory=lambda: {c: [] for c in WORD_CLASSES})
-    maps: dict = field(default_factory=lambda: {c: [] for c in WORD_CLASSES})
-    masks: dict = field(default_factory=lambda: {c: [] for c in WORD_CLASSES})
-    not_found: dict = field(default_factory=lambda: {c: 0 for c in WORD_CLASSES})
-    no_token: dict = field(default_factory=lambda: {c: 0 for c in WORD_CLASSES})
 
     def arrays(self, word_class: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(N, H, W) effect maps, attention maps and bool masks."""
-        if not self.effects[word_class]:
-            empty = np.zeros((0, size, size), np.float32)
-            return empty, empty, empty.astype(bool)
-        return tuple(np.stack(x[word_class]) for x in (self.effects, self.maps, self.masks))
+        maps, masks = super().arrays(word_class, size)
+        effects = np.stack(self.effects[word_class]) if self.effects[word_class] else np.zeros_like(maps)
+        return effects, maps, masks
 
 
 def sample_effects(pipe, scenes: list[ShapeScene], config: EvalConfig, split_id: int, bar=None) -> EffectSet:
@@ -83,18 +77,10 @@ def _score_batch(pipe, scenes: list[ShapeScene], batch: list[tuple[int, list[str
         scene, image = scenes[p], out.images[base]
         silenced = {w: out.images[base + 1 + k] for k, w in enumerate(words)}
         pairs = match_objects(scene.objects, segment(to_uint8(image)))
-        for (_, det), labels in zip(pairs, object_words(scene)):
-            for word_class, word in labels.items():
-                if det is None:
-                    found.not_found[word_class] += 1
-                    continue
-                raw = word_map(out.attention, base, word)
-                if raw is None or word not in silenced:
-                    found.no_token[word_class] += 1
-                    continue
-                found.effects[word_class].append(effect_map(image, silenced[word]).numpy())
-                found.maps[word_class].append(normalise_map(raw))
-                found.masks[word_class].append(det.mask)
+        for word_class, word, heat, mask in found_words(scene, pairs, out.attention, base, found):
+            found.effects[word_class].append(effect_map(image, silenced[word]).numpy())  # it has tokens: silenced
+            found.maps[word_class].append(heat)
+            found.masks[word_class].append(mask)
         base += 1 + len(words)
 
 
