@@ -134,3 +134,18 @@ def test_the_explorer_runs_a_diffusers_unet(tmp_path):
     assert coarse.tobytes() != fine.tobytes()
     assert ex.reweight(result, "red", 0.0)[0].tobytes() != ex.image(result).tobytes()
     ex.close()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+    (["--max-queue", "0"], "--max-queue must be at least 1"),
+    (["--port", "70000"], "--port must be from 0 to 65535"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+])
+def test_cli_serve_refuses_bad_options_before_loading_anything(argv, message, capsys, monkeypatch):
+    import t2i.explorer as explorer_module
+    from t2i.cli import main
+    monkeypatch.setattr(explorer_module, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
