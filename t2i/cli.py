@@ -1,4 +1,4 @@
-# The `t2i` command: generate | info | train | make-dataset | heatmap | evaluate.
+# The `t2i` command: generate | heatmap | effect | serve | info | train | make-dataset | evaluate.
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-SAMPLING_COMMANDS = ("generate", "heatmap", "evaluate")
+SAMPLING_COMMANDS = ("generate", "heatmap", "effect", "evaluate", "serve")
 MAX_SIZE_FACTOR = 8  # --height/--width: at most 8x the model's sample size (pixel space: memory grows with the area)
 BOUNDS = {"upscale": (1, 16), "size": (32, 2048), "steps": (1, None), "height": (1, None), "width": (1, None),
           "num_images": (1, None)}  # option: (least, most); None: no fixed bound
@@ -168,30 +168,101 @@ def cmd_generate(args) -> None:
             write_heatmap_outputs(result.attention, i, image, out / f"{path.stem}-heatmaps", words=None)
 
 
+def _word_list(text: str | None) -> list[str] | None:
+    """'red, circle' -> ['red', 'circle']; None or blank -> None."""
+    words = [w.strip() for w in text.split(",") if w.strip()] if text else []
+    return words or None
+
+
+def _new_out_folder(out: str | None, kind: str, prompt: str, seed: int) -> Path:
+    """--out, which must be new or empty; by default outputs/<kind>/<prompt>-<seed>[-vN]."""
+    if out is None:
+        default = Path("outputs") / kind
+        return default / next(_new_name(default, f"{_slug(prompt)}-{seed}", ("",)))
+    out = Path(out)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already holds files or is one; pass a new folder (nothing is overwritten)")
+    return out
+
+
+def _check_words(pipe, prompt: str, words: list[str]) -> None:
+    """Fail before sampling when a word is not in the prompt as the pipeline tokenises it, or was cut off."""
+    from .attention.heatmaps import check_words
+    tok = pipe.tokenizer
+    full = tok.convert_ids_to_tokens(tok(prompt, truncation=False, verbose=False)["input_ids"])
+    check_words(pipe.prompt_tokens(prompt)[0], words, all_tokens=full)
+
+
 def cmd_heatmap(args) -> None:
     import torch
 
     from .attention import AttentionRecorder
     from .attention.export import write_heatmap_outputs
-    from .attention.heatmaps import check_words
-    words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and (out.is_file() or any(out.iterdir())):
-        raise ValueError(f"--out {out} already holds files or is one; pass a new folder (nothing is overwritten)")
+    words = _word_list(args.words)
+    out = _new_out_folder(args.out, "heatmaps", args.prompt, args.seed)
     pipe = _pipeline(args, progress=True)
-    if words:  # fail before sampling when a word is not in the prompt as the pipeline tokenises it, or was cut off
-        tok = pipe.tokenizer
-        full = tok.convert_ids_to_tokens(tok(args.prompt, truncation=False, verbose=False)["input_ids"])
-        check_words(pipe.prompt_tokens(args.prompt)[0], words, all_tokens=full)
-    if out is None:
-        default = Path("outputs") / "heatmaps"
-        out = default / next(_new_name(default, f"{_slug(args.prompt)}-{args.seed}", ("",)))
+    if words:
+        _check_words(pipe, args.prompt, words)
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
     result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                   width=args.width, generator=torch.Generator().manual_seed(args.seed), record_attention=recorder)
     paths = write_heatmap_outputs(result.attention, 0, result.images[0], out, words=words, size=args.size)
     for path in paths.values():
         print(path)
+
+
+def cmd_effect(args) -> None:
+    from .attention.effects import word_effects
+    from .attention.export import write_effect_outputs
+    words = _word_list(args.words)
+    if not words:
+        raise ValueError("--words needs at least one word of the prompt, e.g. --words red,circle")
+    if not (math.isfinite(args.weight) and args.weight >= 0):
+        raise ValueError(f"--weight must be a finite number >= 0 (0 silences the word), got {args.weight}")
+    out = _new_out_folder(args.out, "effects", args.prompt, args.seed)
+    pipe = _pipeline(args, progress=True)
+    _check_words(pipe, args.prompt, words)
+    effects = word_effects(pipe, args.prompt, words, weight=args.weight, seed=args.seed,
+                           num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                           width=args.width, negative_prompt=args.negative)
+    for path in write_effect_outputs(effects, out, size=args.size).values():
+        print(path)
+
+
+def cmd_serve(args) -> None:
+    import socket
+    import time
+    t0 = time.perf_counter()
+    warnings.filterwarnings("ignore", category=ResourceWarning)  # the web server's event loops, at exit
+    limits = {k: getattr(args, k) for k in ("max_steps", "max_images", "max_side", "max_prompt_chars", "concurrency",
+                                            "max_queue")}
+    for name, value in limits.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
+    device = sampling_device(args.device)
+    from .explorer import Explorer, Limits
+    try:
+        from .serve import serve
+    except ImportError as e:  # the web extra is optional
+        raise ValueError(str(e)) from None
+    if device.type == "cpu":
+        _use_idle_cores()
+    port = args.port
+    if port == 0:  # a free port, chosen by the system
+        with socket.socket() as s:
+            s.bind((args.host, 0))
+            port = s.getsockname()[1]
+    explorer = Explorer(args.model or [None], str(device), Limits(**limits))
+    app, url = serve(explorer, args.host, port)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"t2i serve: warning: bound to {args.host}: anyone who can reach it can use this model", file=sys.stderr)
+    print(f"t2i explorer at {url} (ready in {time.perf_counter() - t0:.1f} s); Ctrl+C stops it", flush=True)
+    try:
+        app.block_thread()
+    finally:
+        explorer.close()
 
 
 def cmd_info(args) -> None:
@@ -249,7 +320,7 @@ def cmd_make_dataset(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate import EvalConfig, evaluate
     given = {k: getattr(args, k) for k in ("num_prompts", "images_per_prompt", "steps", "guidance", "scheduler",
-                                           "seed", "calibration_prompts", "batch_size")}
+                                           "seed", "calibration_prompts", "batch_size", "effect_prompts")}
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
     if args.json and Path(args.json).exists():
         raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
@@ -306,6 +377,35 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", help="a new or empty output folder (default: outputs/heatmaps/<prompt>-<seed>)")
     h.set_defaults(func=cmd_heatmap)
 
+    f = sub.add_parser("effect", help="what each word does: the image with a word reweighted, beside where it looked")
+    f.add_argument("prompt", help="the prompt, e.g. 'a red circle above a blue square'")
+    _sampling_options(f)
+    f.add_argument("--words", required=True, help="comma-separated words to reweight, one at a time; "
+                   "'circle#2' = the second circle")
+    f.add_argument("--weight", type=float, default=0.0, help="each word's attention is multiplied by this "
+                   "(prompt-to-prompt reweighting, conditional branch only); 0 silences it (default: 0)")
+    f.add_argument("--negative", help="negative prompt")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--size", type=int, default=256, help="display size of the drawings in px (default: 256)")
+    f.add_argument("--out", help="a new or empty output folder (default: outputs/effects/<prompt>-<seed>)")
+    f.set_defaults(func=cmd_effect)
+
+    s = sub.add_parser("serve", help="the word explorer in the browser: words, maps, steps, weights and effects "
+                       "(needs pip install -e \".[web]\")")
+    s.add_argument("--model", action="append", help="a pipeline folder to offer; repeat for more (default: the "
+                   "shipped model). Each is loaded once.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=7860, help="port; 0: a free one (default: 7860)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    for name, default, what in [("max-steps", 50, "sampling steps of one request"),
+                                ("max-images", 4, "images of one request"),
+                                ("max-side", 128, "height and width in px"),
+                                ("max-prompt-chars", 300, "characters of a prompt"),
+                                ("concurrency", 1, "requests that sample at once"),
+                                ("max-queue", 64, "requests waiting; more are turned away")]:
+        s.add_argument(f"--{name}", type=int, default=default, help=f"the most {what} (default: {default})")
+    s.set_defaults(func=cmd_serve)
+
     i = sub.add_parser("info", help="print a pipeline's config and parameter counts")
     i.add_argument("model", nargs="?", help="pipeline folder (default: the shipped model)")
     i.set_defaults(func=cmd_info)
@@ -337,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, help="draws the prompts and the noise (keep it apart from the training seed)")
     e.add_argument("--calibration-prompts", type=int, help="prompts for choosing the map threshold tau")
     e.add_argument("--batch-size", type=int, help="images per pipeline call")
+    e.add_argument("--effect-prompts", type=int, help="prompts per split whose object words are silenced in turn "
+                   "for the faithfulness table; 0: none")
     e.add_argument("--json", help="also write the report as JSON to this file")
     e.set_defaults(func=cmd_evaluate)
     return p

@@ -47,3 +47,30 @@ def diffusion_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, text_states
         weight = snr.clamp(max=cfg.min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
         mse = mse * weight
     return mse.mean()
+
+
+def alpha_bar_at(scheduler, t: torch.Tensor | float) -> float:
+    """alpha_bar of the training schedule at a (possibly fractional) sampling timestep t. Between integer
+    timesteps sigma = sqrt((1 - alpha_bar) / alpha_bar) is interpolated linearly, as Euler-type schedulers
+    place their sigmas; at integer t it is exact for every scheduler."""
+    alpha_bar = scheduler.alphas_cumprod.double()
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+    t = min(max(float(t), 0.0), len(sigma) - 1.0)
+    lo = int(t)
+    hi = min(lo + 1, len(sigma) - 1)
+    s = sigma[lo] + (t - lo) * (sigma[hi] - sigma[lo])
+    return float(1 / (1 + s * s))
+
+
+def predict_x0(x_t: torch.Tensor, model_output: torch.Tensor, alpha_bar: float, prediction_type: str) -> torch.Tensor:
+    """The clean image the model predicts from x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (x_t as the
+    UNet sees it, after the scheduler's scale_model_input): from eps (Ho et al. 2020, eq. 15), from
+    v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022), or x0 itself ('sample')."""
+    a, s = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
+    if prediction_type == "epsilon":
+        return (x_t - s * model_output) / a
+    if prediction_type == "v_prediction":
+        return a * x_t - s * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"cannot predict x0 for prediction_type {prediction_type!r}")

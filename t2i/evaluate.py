@@ -9,6 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,14 +44,15 @@ class EvalConfig:
     seed: int = 12345                # draws the prompts and the sampling noise; not the training seed
     calibration_prompts: int = 32    # one image each, to choose tau; 0: DAAM's tau = 0.4
     batch_size: int = 64             # images per pipeline call
+    effect_prompts: int = 16         # per split: one image each, its object words silenced in turn; 0: none
 
     def __post_init__(self):
         from .pipeline import SCHEDULERS
         for name in ("num_prompts", "images_per_prompt", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.calibration_prompts < 0 or self.seed < 0:
-            raise ValueError("EvalConfig.calibration_prompts and seed must be >= 0")
+        if self.calibration_prompts < 0 or self.seed < 0 or self.effect_prompts < 0:
+            raise ValueError("EvalConfig.calibration_prompts, effect_prompts and seed must be >= 0")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
 
@@ -58,7 +60,8 @@ class EvalConfig:
 @dataclass
 class EvalReport:
     """Numbers only, JSON-ready: fidelity[split][image source] = {"images": n, metric: {rate, hits, trials}};
-    localisation[split][word class] = {"scored", "not_found", "no_token", map source: {"miou", "pointing"}}
+    localisation[split][word class] = {"scored", "not_found", "no_token", map source: {"miou", "pointing"}};
+    faithfulness[split][word class] = {"scored", ..., map source: {"pointing", "share", "correlation"}}
     (rates in [0, 1], None where nothing was scored); tau[map source]; world: the prompts' shapes world."""
 
     config: EvalConfig
@@ -70,6 +73,7 @@ class EvalReport:
     calibration: dict
     seconds: float
     notes: list[str] = field(default_factory=list)
+    faithfulness: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,6 +167,23 @@ class MapSet:
         return np.stack(maps), np.stack(masks)
 
 
+def found_words(scene: ShapeScene, pairs: list, heatmaps, row: int,
+                skipped: MapSet) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(word class, word, normalised attention map, detected mask) for each word of each object of `scene`
+    found in image `row` (`pairs`: segment.match_objects); the words of objects not found, and words the
+    tokenizer cut off, are counted in `skipped.not_found` and `skipped.no_token`."""
+    for (_, det), labels in zip(pairs, object_words(scene)):
+        for word_class, word in labels.items():
+            if det is None:
+                skipped.not_found[word_class] += 1
+                continue
+            raw = word_map(heatmaps, row, word)
+            if raw is None:
+                skipped.no_token[word_class] += 1
+                continue
+            yield word_class, word, normalise_map(raw), det.mask
+
+
 def sample_and_score(pipe, scenes: list[ShapeScene], config: EvalConfig, split_id: int, images_per_prompt: int,
                      bar) -> tuple[Tally, MapSet, int]:
     """Generate `images_per_prompt` images per scene caption (batched, seeded per image), segment them,
@@ -185,17 +206,9 @@ def sample_and_score(pipe, scenes: list[ShapeScene], config: EvalConfig, split_i
             detected = segment(to_uint8(out.images[row]))
             pairs = match_objects(scene.objects, detected)
             tally += score_fidelity(scene, detected, pairs)
-            for (_, det), labels in zip(pairs, object_words(scene)):
-                for word_class, word in labels.items():
-                    if det is None:
-                        mapset.not_found[word_class] += 1
-                        continue
-                    raw = word_map(out.attention, row, word)
-                    if raw is None:
-                        mapset.no_token[word_class] += 1
-                        continue
-                    mapset.maps[word_class].append(normalise_map(raw))
-                    mapset.masks[word_class].append(det.mask)
+            for word_class, _, heat, mask in found_words(scene, pairs, out.attention, row, mapset):
+                mapset.maps[word_class].append(heat)
+                mapset.masks[word_class].append(mask)
         bar.update(len(batch))
     return tally, mapset, len(jobs)
 
@@ -262,8 +275,10 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
     if config.scheduler is not None:
         pipe.scheduler = make_scheduler(config.scheduler, original.config)
     used_scheduler = scheduler_name(pipe.scheduler)
+    from .faithfulness import sample_effects, score_faithfulness  # it builds on this module's helpers
     total = len(calibration) + sum(len(s) for s in splits.values()) * config.images_per_prompt
-    results = {}
+    total += sum(min(len(s), config.effect_prompts) for s in splits.values())  # a scene with its variants counts one
+    results, effects = {}, {}
     try:
         with tqdm(total=total, desc="evaluate", unit="img", disable=not progress) as bar:
             cal_maps = MapSet()
@@ -273,6 +288,9 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
             for split_id, (name, scenes) in enumerate(splits.items(), start=1):
                 bar.set_postfix_str(name)
                 results[name] = sample_and_score(pipe, scenes, config, split_id, config.images_per_prompt, bar)
+                if config.effect_prompts:
+                    bar.set_postfix_str(f"{name}: word effects")
+                    effects[name] = sample_effects(pipe, scenes[:config.effect_prompts], config, split_id, bar)
     finally:
         pipe.scheduler = original
     sampled = time.perf_counter() - t0
@@ -296,6 +314,7 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
         for image_source, (t, m) in score_baseline_images(scenes, config.seed, split_id).items():
             fidelity[name][image_source] = {"images": m, **t.to_dict(FIDELITY)}
         localisation[name] = score_maps(mapset, size, tau)
+    faithfulness = {name: score_faithfulness(found, size) for name, found in effects.items()}
     cut = sum(e["no_token"] for split in localisation.values() for e in split.values())
     if cut:
         notes.append(f"{cut} words of found objects were cut from their prompts by the tokenizer's max length "
@@ -308,7 +327,8 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
                   "mean_iou": curves, "scheduler": used_scheduler, "sampling_seconds": round(sampled, 1)}
     return EvalReport(config=config, model=str(getattr(pipe, "name_or_path", "") or "(in memory)"),
                       world=world_info, fidelity=fidelity, localisation=localisation, tau=tau,
-                      calibration=calib_info, seconds=round(time.perf_counter() - t0, 1), notes=notes)
+                      calibration=calib_info, seconds=round(time.perf_counter() - t0, 1), notes=notes,
+                      faithfulness=faithfulness)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,5 +390,15 @@ def format_report(report: EvalReport) -> str:
             "images of natural scenes with human-annotated masks, tau = 0.4. Here: synthetic flat-colour shapes at "
             f"{w['size']} px, our own tiny model, masks from the learning-free segmenter, tau calibrated per map; "
             "a reference point, not a like-for-like comparison."]
+    if report.faithfulness:
+        from .faithfulness import faithfulness_table
+        out += ["", f"## Faithfulness: attention against what the word does ({c.effect_prompts} prompts per split, "
+                    "each object word silenced in turn, same seed)"]
+        out += faithfulness_table(report.faithfulness, _table, _pct)
+        out += ["", "Effect of silencing: the per-pixel change of the image when the word's attention is set to 0 "
+                    "(prompt-to-prompt reweighting, conditional branch). Pointing: the map's maximum lies inside "
+                    "the object's mask; share in mask: the share of the map's mass inside it (for the effect map: "
+                    "of the change); corr. with effect: Pearson correlation over pixels with the effect map "
+                    "(0 for a constant map)."]
     out += [f"Note: {n}" for n in report.notes]
     return "\n".join(out)

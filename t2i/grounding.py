@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .attention.recorder import attention_with_probs, cross_attention_modules
+from .attention.processors import attention_with_probs, cross_attention_modules
 
 
 class _ProbsProcessor:

@@ -1,6 +1,8 @@
 # Metrics for the shapes world, pure functions of arrays: prompt fidelity of an image judged by the
-# segmenter, and how well a word's heatmap localises its object (IoU of the thresholded map, as in DAAM,
-# Tang et al. 2023, and pointing accuracy, Zhang et al. 2018 "Top-down neural attention by excitation backprop").
+# segmenter, how well a word's heatmap localises its object (IoU of the thresholded map, as in DAAM,
+# Tang et al. 2023, and pointing accuracy, Zhang et al. 2018 "Top-down neural attention by excitation backprop"),
+# and how faithful a heatmap is to what its word does (the word's effect map: where the image changes when
+# the word is silenced).
 from __future__ import annotations
 
 from collections import Counter
@@ -203,3 +205,37 @@ def centre_prior_map(height: int, width: int, sigma: float = 0.25) -> np.ndarray
     y = (np.arange(height) + 0.5 - height / 2) / height
     x = (np.arange(width) + 0.5 - width / 2) / width
     return np.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Faithfulness: a word's effect map (the change when it is silenced) against its object's mask
+#    and its attention map.
+
+
+def mass_share(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(N,) share of each non-negative (H, W) map's total inside its mask (negatives clipped to 0). A map
+    with no mass carries no location and counts as uniform: it scores the mask's area fraction."""
+    maps, masks = np.clip(np.asarray(maps, dtype=np.float64), 0.0, None), np.asarray(masks, dtype=bool)
+    if maps.shape != masks.shape or maps.ndim != 3:
+        raise ValueError(f"maps and masks must both be (N, H, W), got {maps.shape} and {masks.shape}")
+    total = maps.sum((-2, -1))
+    inside = (maps * masks).sum((-2, -1))
+    return np.where(total > 0, inside / np.where(total > 0, total, 1), masks.mean((-2, -1)))
+
+
+def effect_share(effect: np.ndarray, mask: np.ndarray) -> float:
+    """The share of an (H, W) effect map's change that falls inside the object's mask (H, W): 1 when
+    reweighting a word changes only its object's pixels, the mask's area fraction for a change spread evenly."""
+    return float(mass_share(np.asarray(effect)[None], np.asarray(mask)[None])[0])
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) Pearson correlation over the pixels of each pair of (N, H, W) maps; 0 where either is constant
+    (a uniform map says nothing about where the other one is high)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"both map stacks must be (N, H, W), got {a.shape} and {b.shape}")
+    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
+    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
+    norm = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    return np.where(norm > 1e-12, (a * b).sum(1) / np.where(norm > 1e-12, norm, 1), 0.0)

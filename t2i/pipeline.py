@@ -20,6 +20,7 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .diffusion import alpha_bar_at, predict_x0
 from .text import PromptEncoding, encode_prompts, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
 
@@ -67,6 +68,7 @@ def scheduler_name(scheduler) -> str:
 class T2IPipelineOutput(BaseOutput):
     images: list[Image.Image] | np.ndarray | torch.Tensor
     attention: Any = None  # the recorder's Heatmaps when record_attention is set
+    previews: torch.Tensor | None = None  # (steps, images, 3, H, W) in [0, 1]: the predicted x0 at each step
 
 
 @dataclass(frozen=True)
@@ -201,12 +203,18 @@ class T2IPipeline(DiffusionPipeline):
         output_type: str = "pil",
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         record_attention: bool | AttentionRecorder = False,
+        word_weights: dict[str, float] | list[dict[str, float]] | None = None,
+        previews: bool = False,
         return_dict: bool = True,
     ):
         """Generate images. `callback(i, t, x_t)` runs after each step. Images come back as a list of
         PIL images, a float array (B, H, W, 3) in [0, 1] ('np') or a tensor (B, 3, H, W) in [0, 1] ('pt').
         `record_attention`: True, or an AttentionRecorder that chooses layers, steps and heads, also
-        returns the cross-attention heatmaps as `.attention`."""
+        returns the cross-attention heatmaps as `.attention` (of the probabilities as reweighted).
+        `word_weights`: {word: weight} for every prompt, or one dict per prompt, scales each word's
+        cross-attention probabilities on the conditional branch at every layer and step (prompt-to-prompt's
+        reweighting; 0 silences a word, 2 doubles it; see t2i.attention.effects). `previews`: also return
+        the predicted clean image x0 after each step as `.previews` (steps, B, 3, H, W) in [0, 1]."""
         # 1. check inputs
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(negative_prompt, str):
@@ -233,7 +241,7 @@ class T2IPipeline(DiffusionPipeline):
         shape = (B, self.unet.config.in_channels, height, width)
         x = randn(shape, generator, device, dtype) * self.scheduler.init_noise_sigma
 
-        # 4. denoise, optionally recording cross-attention
+        # 4. denoise, optionally reweighting words' cross-attention and recording it
         recorder = record_attention or None
         if recorder is True:
             from .attention import AttentionRecorder
@@ -242,8 +250,13 @@ class T2IPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         autocast = torch.autocast(device.type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
         layout = BatchLayout(enc, (height, width), n, guided, len(timesteps))
+        weighting = nullcontext()
+        if word_weights:
+            from .attention.effects import reweighting
+            weighting = reweighting(self.unet, layout, word_weights)
         recording = recorder.record(self.unet, layout) if recorder is not None else nullcontext()
-        with recording:
+        x0_previews = [] if previews else None
+        with weighting, recording:
             for i, t in enumerate(self.progress_bar(timesteps)):
                 if recorder is not None:
                     recorder.set_step(i)
@@ -254,6 +267,10 @@ class T2IPipeline(DiffusionPipeline):
                 if guided:
                     uncond, cond = pred.chunk(2)
                     pred = uncond + guidance_scale * (cond - uncond)
+                if x0_previews is not None:
+                    x0 = predict_x0(x_in[:B].float(), pred.float(), alpha_bar_at(self.scheduler, t),
+                                    self.scheduler.config.prediction_type)
+                    x0_previews.append((x0 / 2 + 0.5).clamp(0, 1).cpu())
                 x = self.scheduler.step(pred, t, x, **step_kwargs).prev_sample
                 if callback is not None:
                     callback(i, t, x)
@@ -265,8 +282,9 @@ class T2IPipeline(DiffusionPipeline):
             if output_type == "pil":
                 images = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
         attention = recorder.heatmaps() if recorder is not None else None
+        x0_previews = torch.stack(x0_previews) if x0_previews else None
         self.maybe_free_model_hooks()
-        return T2IPipelineOutput(images, attention) if return_dict else (images, attention)
+        return T2IPipelineOutput(images, attention, x0_previews) if return_dict else (images, attention)
 
 
 def randn(shape, generator, device, dtype) -> torch.Tensor:

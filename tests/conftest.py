@@ -52,3 +52,43 @@ def one_thread():
 @pytest.fixture
 def pipe():
     return tiny_pipeline()
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """`t2i serve` on a free loopback port, in its own process, with tiny_pipeline() as its model:
+    (url, process, seconds from launch until it said it was ready). Skips where the web extra is missing."""
+    import queue
+    import subprocess
+    import sys
+    import threading
+    import time
+    pytest.importorskip("gradio", reason="the web extra is not installed: pip install -e '.[web]'")
+    model = tmp_path_factory.mktemp("served-model")
+    tiny_pipeline().save_pretrained(model)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "t2i.cli", "serve", "--model", str(model), "--port", "0",
+                             "--device", "cpu", "--max-steps", "8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen, url = [], None
+    try:
+        while url is None:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                if proc.poll() is not None or time.perf_counter() - t0 > 120:
+                    pytest.fail("t2i serve did not start within 120 s:\n" + "".join(seen))
+                continue
+            seen.append(line)
+            if line.startswith("t2i explorer at "):
+                url = line.split()[3]
+        yield url, proc, time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -157,7 +157,7 @@ def test_processors_are_restored_when_sampling_raises(pipe):
     before = dict(pipe.unet.attn_processors)
 
     def boom(i, t, x):
-        assert type(pipe.unet.attn_processors["mid.transformers.0.cross_attn"]).__name__ == "T2IRecordingProcessor"
+        assert type(pipe.unet.attn_processors["mid.transformers.0.cross_attn"]).__name__ == "T2IExplicitProcessor"
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -269,7 +269,7 @@ def test_the_recorder_installs_through_the_unets_own_set_attn_processor(pipe, mo
     monkeypatch.setattr(type(pipe.unet), "set_attn_processor", lambda self, p: (calls.append(dict(p)), real(self, p)))
     run(pipe, recorder=AttentionRecorder(layers="mid"))
     assert len(calls) == 2                                          # install, then restore
-    assert type(calls[0]["mid.transformers.0.cross_attn"]).__name__ == "T2IRecordingProcessor"
+    assert type(calls[0]["mid.transformers.0.cross_attn"]).__name__ == "T2IExplicitProcessor"
     assert type(calls[1]["mid.transformers.0.cross_attn"]) is SDPAProcessor
 
 

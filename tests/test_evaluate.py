@@ -8,7 +8,7 @@ from conftest import tiny_pipeline
 
 from t2i.attention import Heatmaps
 from t2i.cli import main
-from t2i.data.shapes import ShapesConfig, caption_corpus, render_scene
+from t2i.data.shapes import BACKGROUND, ShapesConfig, caption_corpus, render_scene
 from t2i.evaluate import EvalConfig, evaluate, object_words, score_baseline_images, training_world, word_map
 from t2i.metrics import (DAAM_TAU, TAUS, calibrate_tau, centre_prior_map, iou_curve, normalise_map, pointing,
                          score_fidelity, uniform_map)
@@ -130,6 +130,30 @@ def test_word_map_reads_heatmaps_at_image_size():
     assert word_map(h, 0, "square") is None                             # not in the tokens: skipped
 
 
+def test_mass_share_and_correlation():
+    from t2i.metrics import correlation, effect_share, mass_share
+    a, b = two_objects()
+    both = (a | b).astype(np.float32)
+    assert mass_share(both, a)[0] == pytest.approx(0.5) and effect_share(a[0] * 3.0, a[0]) == 1.0
+    assert mass_share(np.zeros_like(both), a)[0] == pytest.approx(a.mean())    # no change: counts as uniform
+    assert correlation(a, a)[0] == pytest.approx(1.0) and correlation(a, b)[0] < 0
+    assert correlation(np.ones_like(both), a)[0] == 0                            # a constant map says nothing
+
+
+def test_faithfulness_sets_attention_against_the_effect_and_the_effect_against_the_mask():
+    from t2i.faithfulness import EffectSet, score_faithfulness
+    a, b = two_objects()
+    found = EffectSet()
+    found.effects["colour"].append(b[0].astype(np.float32))   # the word changed object b ...
+    found.maps["colour"].append(b[0].astype(np.float32))      # ... where its attention was ...
+    found.masks["colour"].append(a[0])                        # ... but its object is a
+    score = score_faithfulness(found, 32)["colour"]
+    assert score["scored"] == 1 and score["attention"]["correlation"] == pytest.approx(1.0)
+    assert score["effect"]["pointing"] == 0 and score["effect"]["share"] == 0 and score["effect"]["correlation"] is None
+    assert score["uniform"]["share"] == pytest.approx(a.mean()) and score["uniform"]["correlation"] == 0
+    assert score_faithfulness(EffectSet(), 32)["noun"]["attention"]["pointing"] is None
+
+
 # -- evaluate and the CLI on a tiny model ---------------------------------------------------------
 
 def test_evaluate_is_deterministic_and_json_ready():
@@ -141,6 +165,8 @@ def test_evaluate_is_deterministic_and_json_ready():
     loc = report.localisation["seen"]["noun"]
     assert loc["scored"] + loc["not_found"] == report.fidelity["seen"]["model"]["recall"]["trials"]
     assert loc["no_token"] == 0
+    faith = report.faithfulness["seen"]["colour"]                      # 2 prompts' colour words, each silenced
+    assert set(report.faithfulness) == set(report.fidelity) and faith["scored"] + faith["not_found"] > 0
     json.dumps(report.to_dict())
     table = report.format_table()
     assert "Prompt fidelity" in table and "DAAM" in table and "held-out" in table
@@ -199,7 +225,12 @@ class OraclePipeline:
         self.scenes = {s.caption: s for s in scenes}
         self.maps, self.scheduler, self.name_or_path = maps, DDPMScheduler(), None
 
-    def __call__(self, prompts, height, width, **kwargs):
+    def prompt_tokens(self, prompt):
+        from t2i.text import BOS, EOS
+        return [[BOS] + [w + "</w>" for w in prompt.split()] + [EOS]]
+
+    def __call__(self, prompts, height, width, word_weights=None, **kwargs):
+        """A silenced word (weight 0) takes its object out of the image: its pixels become background."""
         from types import SimpleNamespace
 
         from t2i.attention.heatmaps import resolve_word
@@ -215,6 +246,10 @@ class OraclePipeline:
                 for word in labels.values():
                     maps[row, resolve_word(toks, word)[1]] = torch.tensor(mask, dtype=torch.float32)
         images = np.stack([s.image for s in scenes]).astype(np.float32) / 255
+        for row, weights in enumerate(word_weights or []):
+            for mask, labels in zip(scenes[row].masks, object_words(scenes[row])):
+                if any(weights.get(word) == 0 for word in labels.values()):
+                    images[row][mask] = np.array(BACKGROUND, np.float32) / 255
         return SimpleNamespace(images=images, attention=Heatmaps(maps=maps, tokens=tokens, prompts=list(prompts),
                                                                  image_size=(height, width), layers=["oracle"],
                                                                  steps=[0]))
@@ -222,7 +257,8 @@ class OraclePipeline:
 
 def test_maps_equal_to_the_masks_score_full_marks_and_uniform_maps_the_uniform_baseline():
     world = dataclasses.replace(WORLD, size=32)
-    config = EvalConfig(num_prompts=6, images_per_prompt=1, steps=1, calibration_prompts=3, batch_size=4)
+    config = EvalConfig(num_prompts=6, images_per_prompt=1, steps=1, calibration_prompts=3, batch_size=4,
+                        effect_prompts=4)
     perfect = evaluate(OraclePipeline(world, config, "masks"), config, world=world, progress=False)
     flat = evaluate(OraclePipeline(world, config, "uniform"), config, world=world, progress=False)
     for split in ("seen", "held-out", "paraphrase"):
@@ -232,3 +268,14 @@ def test_maps_equal_to_the_masks_score_full_marks_and_uniform_maps_the_uniform_b
             assert p["ours"]["miou"] > 0.99 and p["ours"]["pointing"] == 1.0, (split, word_class, p["ours"])
             for metric in ("miou", "pointing"):
                 assert f["ours"][metric] == pytest.approx(f["uniform"][metric]) and f["ours"][metric] < 0.5
+
+    for split in ("seen", "held-out", "paraphrase"):
+        for word_class in ("noun", "colour"):
+            p, f = perfect.faithfulness[split][word_class], flat.faithfulness[split][word_class]
+            assert p["scored"] > 0 and p["scored"] == f["scored"], (split, word_class)
+            # silencing a word takes exactly its object out: the effect is all inside the mask
+            assert p["effect"]["pointing"] == 1.0 and p["effect"]["share"] > 0.99, (split, word_class, p["effect"])
+            assert p["attention"]["correlation"] > 0.95 and p["attention"]["share"] > 0.99
+            assert p["uniform"]["correlation"] == 0 and p["centre prior"]["correlation"] < 0.5
+            assert f["attention"] == pytest.approx(f["uniform"])       # uniform attention is the uniform baseline
+    assert "## Faithfulness" in perfect.format_table() and "effect of silencing" in perfect.format_table()

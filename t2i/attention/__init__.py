@@ -7,6 +7,7 @@
 """
 
 from .heatmaps import Heatmaps
-from .recorder import AttentionRecorder, attention_with_probs, cross_attention_modules
+from .processors import attention_with_probs, cross_attention_modules
+from .recorder import AttentionRecorder
 
 __all__ = ["AttentionRecorder", "Heatmaps", "attention_with_probs", "cross_attention_modules"]

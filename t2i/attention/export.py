@@ -1,5 +1,5 @@
 # One image's heatmaps on disk for people: the image, a grid and an overlay (and GIF) per word, beside
-# its raw maps (Heatmaps.save) and their metadata as JSON.
+# its raw maps (Heatmaps.save) and their metadata as JSON; and one image's word effects.
 from __future__ import annotations
 
 import json
@@ -9,8 +9,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from .effects import WordEffects
 from .heatmaps import Heatmaps
-from .overlay import animate, grid_image, upscale, word_overlays
+from .overlay import animate, effect_panel, grid_image, upscale, word_overlays
 
 
 def _stems(labels: list[str]) -> dict[str, str]:
@@ -50,4 +51,31 @@ def write_heatmap_outputs(heatmaps: Heatmaps, image_index: int, image: Image.Ima
     paths["metadata"] = out / "maps.json"
     paths["metadata"].write_text(json.dumps({**single.metadata(), "selected_words": labels,
                                              "maps_file": paths["maps"].name}, indent=2) + "\n")
+    return paths
+
+
+def write_effect_outputs(effects: WordEffects, out_dir: str | os.PathLike, size: int = 256) -> dict[str, Path]:
+    """image.png (upscaled to `size`); per word, word-<label>.png (the image, the word's attention, the
+    reweighted image and the effect map side by side) and word-<label>-weighted.png (the reweighted
+    image); maps.safetensors (the image's heatmaps); effects.json (each word's change, in [0, 1]: mean,
+    peak, and the share of pixels that changed by at least 0.1). Returns {name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"image": out / "image.png"}
+    upscale(effects.image, size).save(paths["image"])
+    attention = effects.attention.word_maps(0, list(effects.effects))
+    stems, summary = _stems(list(effects.effects)), {}
+    for label, effect in effects.effects.items():
+        paths[f"word:{label}"] = out / f"{stems[label]}.png"
+        effect_panel(effects.image, attention[label], effects.images[label], effect, label, effects.weight,
+                     size=size).save(paths[f"word:{label}"])
+        paths[f"weighted:{label}"] = out / f"{stems[label]}-weighted.png"
+        upscale(effects.images[label], size).save(paths[f"weighted:{label}"])
+        summary[label] = {"mean": float(effect.mean()), "peak": float(effect.max()),
+                          "changed_share": float((effect >= 0.1).float().mean())}
+    paths["maps"] = out / "maps.safetensors"
+    effects.attention.save(paths["maps"])
+    paths["effects"] = out / "effects.json"
+    paths["effects"].write_text(json.dumps({"prompt": effects.attention.prompts[0], "weight": effects.weight,
+                                            "words": summary}, indent=2) + "\n")
     return paths

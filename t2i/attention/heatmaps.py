@@ -81,13 +81,14 @@ def check_words(tokens: list[str], words: list[str], all_tokens: list[str] | Non
         try:
             resolve_word(tokens, w)
         except ValueError:
-            if all_tokens is None or not _has_word(all_tokens, w):
+            if all_tokens is None or not has_word(all_tokens, w):
                 raise
             raise ValueError(f"{w!r} was cut off by the text encoder's {len(tokens)}-token limit: the model sees "
                              f"only {prompt_text(tokens)!r}; shorten the prompt to keep it") from None
 
 
-def _has_word(tokens: list[str], word: str) -> bool:
+def has_word(tokens: list[str], word: str) -> bool:
+    """Whether `word` ('circle', 'circle#2') is a word of the tokens."""
     try:
         resolve_word(tokens, word)
         return True

@@ -1,5 +1,6 @@
 # Drawing heatmaps: an inferno-like colormap (no matplotlib), a map alpha-blended on its image, a
-# labelled grid (the image, then one overlay per word) and an animated GIF of a word over the steps.
+# labelled grid (the image, then one overlay per word), an animated GIF of a word over the steps, and a
+# word's effect beside its attention.
 # Small images are upscaled (nearest, to keep their pixels crisp) to `size` px before drawing.
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ INFERNO_STOPS = torch.tensor([
     [0.500, 165, 44, 96], [0.625, 207, 68, 70], [0.750, 237, 105, 37], [0.875, 251, 155, 6],
     [1.000, 252, 255, 164]], dtype=torch.float32)
 LABEL_HEIGHT = 22
+EFFECT_FLOOR = 0.1  # effect maps are drawn on a scale of at least a 10% change (25 of 255 levels)
 BACKGROUND = (255, 255, 255)
 
 
@@ -96,6 +98,11 @@ def grid_image(image: Image.Image, heatmaps: Heatmaps, index: int = 0, words: li
     tiles = [labelled(upscale(image, size), "image")]
     tiles += [labelled(im, label) for label, im in
               word_overlays(image, heatmaps, index, words, normalize, alpha, size).items()]
+    return tile_grid(tiles, columns, heatmaps.prompts[index] if title else None)
+
+
+def tile_grid(tiles: list[Image.Image], columns: int, title: str | None = None) -> Image.Image:
+    """Equal-sized tiles in rows of `columns`, with an optional title line on top."""
     tw, th = tiles[0].size
     cols = max(1, min(columns, len(tiles)))
     rows = -(-len(tiles) // cols)
@@ -106,9 +113,25 @@ def grid_image(image: Image.Image, heatmaps: Heatmaps, index: int = 0, words: li
         out.paste(tile, (pad + (k % cols) * (tw + pad), top + pad + (k // cols) * (th + pad)))
     if title:
         draw, font = ImageDraw.Draw(out), _font(15)
-        text = _fit(draw, heatmaps.prompts[index], font, out.width - 2 * pad)
-        draw.text((pad, 5), text, fill=(0, 0, 0), font=font)
+        draw.text((pad, 5), _fit(draw, title, font, out.width - 2 * pad), fill=(0, 0, 0), font=font)
     return out
+
+
+def effect_heat(effect: torch.Tensor) -> torch.Tensor:
+    """An effect map (H, W) in [0, 1] scaled for drawing: by its peak, but never by less than EFFECT_FLOOR,
+    so that a change too small to see stays dark instead of being stretched into a pattern."""
+    return (effect / max(float(effect.max()), EFFECT_FLOOR)).clamp(0, 1)
+
+
+def effect_panel(image: Image.Image, attention: torch.Tensor, reweighted: Image.Image, effect: torch.Tensor,
+                 label: str, weight: float, alpha: float = 0.6, size: int = 256) -> Image.Image:
+    """Side by side: the image, where `label` looks (its normalised attention map, (h, w)), the image
+    with its weight set to `weight`, and where the image changed (the effect map, (H, W))."""
+    tiles = [labelled(upscale(image, size), "image"),
+             labelled(overlay(image, attention, alpha, size), f"attention: {label}"),
+             labelled(upscale(reweighted, size), f"{label} x {weight:g}"),
+             labelled(overlay(image, effect_heat(effect), alpha, size), f"effect (max {float(effect.max()):.2f})")]
+    return tile_grid(tiles, 4)
 
 
 def animate(image: Image.Image, heatmaps: Heatmaps, index: int, word: str, path: str | os.PathLike | None = None,

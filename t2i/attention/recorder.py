@@ -14,149 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..unet import Attention as T2IAttention
-from ..unet import SDPAProcessor
 from .heatmaps import Heatmaps, prompt_text
+from .processors import attached, cross_attention_modules
 
 if TYPE_CHECKING:
     from ..pipeline import BatchLayout
 
 BRANCHES = ("cond", "uncond")
-
-
-def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
-                         scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explicit attention, what F.scaled_dot_product_attention computes but with its probabilities.
-    q (B, heads, N, d), k and v (B, heads, T, d), bias additive (or boolean keep-mask) broadcastable
-    to (B, heads, N, T). Returns the output (B, heads, N, d) in v's dtype and p (B, heads, N, T) float32."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale                 # (B, heads, N, T)
-    if bias is not None:
-        if bias.dtype == torch.bool:
-            bias = torch.zeros(bias.shape, dtype=logits.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
-        logits = logits + bias
-    p = logits.softmax(dim=-1, dtype=torch.float32)
-    return torch.matmul(p.to(v.dtype), v), p
-
-
-# ----------------------------------------------------------------------------------------------
-# Processors. Each wraps one module's original processor and falls back to it (the fast SDPA path)
-# whenever the current step or the layer's query grid is not recorded.
-
-
-class T2IRecordingProcessor:
-    """For t2i.unet.Attention: processor(attn, x (B, N, C), context (B, T, D), mask (B, 1, 1, T))."""
-
-    def __init__(self, recorder: "AttentionRecorder", name: str, original):
-        self.recorder, self.name, self.original = recorder, name, original
-
-    def __call__(self, attn: T2IAttention, x: torch.Tensor, context: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        grid = self.recorder._grid_to_record(x.shape[1])
-        if grid is None:
-            return self.original(attn, x, context, mask)
-        q, k, v = attn.project(x, context)                                # (B, heads, N|T, d)
-        o, p = attention_with_probs(q, k, v, mask, attn.scale)
-        self.recorder._add(self.name, grid, p)
-        return attn.merge(o)
-
-
-class DiffusersRecordingProcessor:
-    """For diffusers' Attention (attn2 of a UNet2DConditionModel), mirroring AttnProcessor2_0. The
-    UNet hands `encoder_attention_mask` over as `attention_mask`, already an additive bias (B, 1, T)."""
-
-    def __init__(self, recorder: "AttentionRecorder", name: str, original, scale: float | None):
-        self.recorder, self.name, self.original, self.scale = recorder, name, original, scale
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
-        x = hidden_states
-        spatial = x.ndim == 4
-        N = x.shape[2] * x.shape[3] if spatial else x.shape[1]
-        grid = self.recorder._grid_to_record(N) if encoder_hidden_states is not None else None
-        if grid is None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        if spatial:
-            B, C, H, W = x.shape
-            x = x.view(B, C, H * W).transpose(1, 2)                           # (B, N, C)
-        B, T = x.shape[0], encoder_hidden_states.shape[1]
-        bias = None
-        if attention_mask is not None:                                      # (B, 1, T) -> (B, heads, 1, T)
-            bias = attn.prepare_attention_mask(attention_mask, T, B)
-            bias = bias.view(B, attn.heads, -1, bias.shape[-1])
-        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
-        q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
-        d = k.shape[-1] // attn.heads
-        q, k, v = (t.view(B, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))   # (B, heads, L, d)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        o, p = attention_with_probs(q, k, v, bias, self.scale)
-        self.recorder._add(self.name, grid, p)
-        o = o.transpose(1, 2).reshape(B, -1, attn.heads * d).to(q.dtype)
-        o = attn.to_out[1](attn.to_out[0](o))                               # linear, dropout
-        if spatial:
-            o = o.transpose(-1, -2).reshape(B, C, H, W)
-        return o
-
-
-def _diffusers_attention_class():
-    from diffusers.models.attention_processor import Attention
-    return Attention
-
-
-def cross_attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
-    """{module name: cross-attention module} of a T2IUNet or a diffusers UNet2DConditionModel."""
-    DiffusersAttention = _diffusers_attention_class()
-    found = {}
-    for name, m in unet.named_modules():
-        if (isinstance(m, T2IAttention) and m.is_cross) or \
-                (isinstance(m, DiffusersAttention) and getattr(m, "is_cross_attention", False)):
-            found[name] = m
-    return found
-
-
-def _recording_processor(recorder: "AttentionRecorder", name: str, module: nn.Module):
-    """The recording processor for one module, or a ValueError if its setup cannot be mirrored exactly."""
-    original = module.processor
-    if isinstance(original, (T2IRecordingProcessor, DiffusersRecordingProcessor)):
-        raise ValueError(f"{name} is already being recorded: nest no AttentionRecorder.record() blocks")
-    if isinstance(module, T2IAttention):
-        if not isinstance(original, SDPAProcessor):
-            raise ValueError(f"{name} uses a custom processor {type(original).__name__}; reset it with "
-                             "unet.set_attn_processor(SDPAProcessor()) or leave it out with layers=...")
-        return T2IRecordingProcessor(recorder, name, original)
-    kind = type(original).__name__
-    if kind not in ("AttnProcessor2_0", "AttnProcessor"):
-        raise ValueError(f"{name} uses {kind}, which the recorder cannot mirror; call "
-                         "unet.set_default_attn_processor() first or leave it out with layers=...")
-    unsupported = [opt for opt, on in [
-        ("spatial_norm", module.spatial_norm is not None), ("group_norm", module.group_norm is not None),
-        ("residual_connection", module.residual_connection), ("rescale_output_factor", module.rescale_output_factor != 1),
-        ("added_kv_proj_dim", getattr(module, "add_k_proj", None) is not None)] if on]
-    if unsupported:
-        raise ValueError(f"{name} uses {', '.join(unsupported)}, which the recorder does not support; "
-                         "leave it out with layers=...")
-    # AttnProcessor2_0 lets SDPA use 1/sqrt(d); AttnProcessor uses attn.scale
-    return DiffusersRecordingProcessor(recorder, name, original, module.scale if kind == "AttnProcessor" else None)
-
-
-def _install(unet: nn.Module, processors: dict[str, object]) -> None:
-    """Set {module name: processor} through the UNet's own `set_attn_processor` where it has one (t2i's
-    is keyed by module name; diffusers' by '<module name>.processor' and wants every layer's), else on
-    each module."""
-    if hasattr(unet, "set_attn_processor"):
-        current = dict(unet.attn_processors)
-        suffix = "" if all(name in current for name in processors) else ".processor"
-        unet.set_attn_processor({**current, **{name + suffix: p for name, p in processors.items()}})
-        return
-    for name, processor in processors.items():
-        module = unet.get_submodule(name)
-        if hasattr(module, "set_processor"):
-            module.set_processor(processor)  # diffusers: keeps its _modules bookkeeping right
-        else:
-            module.processor = processor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,12 +64,12 @@ class AttentionRecorder:
     def _reset(self):
         self._sums: dict[tuple[int, int], list] = {}      # grid -> [sum (rows, N, T) float32, count]
         self._current = {} if self.timeline else self._sums  # where the processors add (per step if timeline)
-        self._timeline: dict[int, list] = {}              # step -> [coarse sum (rows, T, hc, wc), count]
+        self._timeline: dict[int, dict] = {}              # step -> {grid: [coarse sum (rows, T, hc, wc), count]}
         self._step: int | None = None
         self._step_set: set[int] | None = None            # steps to record, None = all
         self._active = False
         self._grids: dict[int, tuple[int, int]] = {}
-        self._layers_seen: dict[str, None] = {}
+        self._layers_seen: dict[str, tuple[int, int]] = {}  # layer -> its grid
         self._steps_seen: set[int] = set()
 
     # -- selection -------------------------------------------------------------------------------
@@ -256,8 +120,8 @@ class AttentionRecorder:
     # -- recording -------------------------------------------------------------------------------
     @contextmanager
     def record(self, unet: nn.Module, layout: BatchLayout) -> Iterator["AttentionRecorder"]:
-        """Install recording processors on the selected cross-attention modules of `unet`, and always
-        restore the original ones on exit. `layout` says which texts the UNet's rows hold (the branch's
+        """Record the selected cross-attention modules of `unet` through their explicit processors
+        (processors.attached), and always restore the original ones on exit. `layout` says which texts the UNet's rows hold (the branch's
         rows are kept), the image size and the number of steps."""
         # 1. check the request against the batch
         if self.branch == "uncond" and not layout.guided:
@@ -281,15 +145,12 @@ class AttentionRecorder:
             if self.heads[-1] >= fewest:
                 raise ValueError(f"heads {self.heads} out of range: the selected layers have {fewest} heads")
         self._head_index = None
-        processors = {k: _recording_processor(self, k, m) for k, m in chosen.items()}
 
-        # 3. install, run, always restore
-        originals = {k: m.processor for k, m in chosen.items()}
+        # 3. attach to the modules' explicit processors (installed if need be), run, always restore
         try:
-            _install(unet, processors)
-            yield self
+            with attached(unet, chosen, "recorder", self):
+                yield self
         finally:
-            _install(unet, originals)
             self._fold_step()
             self._step, self._active = None, False
 
@@ -319,21 +180,23 @@ class AttentionRecorder:
         else:
             acc[0].add_(p.sum(1))
             acc[1] += p.shape[1]
-        self._layers_seen[name] = None
+        self._layers_seen[name] = grid
         self._steps_seen.add(self._step)
 
     def _fold_step(self) -> None:
-        """Timeline mode: move the current step's sums into the totals and keep a coarse map of it."""
+        """Timeline mode: move the current step's sums into the totals and keep a coarse map of each grid."""
         if not self.timeline or not self._current:
             return
         step, current = self._step, self._current
         coarse = min(current, key=lambda g: g[0] * g[1])
-        frame = sum(F.adaptive_avg_pool2d(_to_image(s, g), coarse) for g, (s, _) in current.items())
-        count = sum(c for _, c in current.values())
-        slot = self._timeline.setdefault(step, [torch.zeros_like(frame), 0])
-        slot[0].add_(frame)
-        slot[1] += count
+        slots = self._timeline.setdefault(step, {})
         for g, (s, c) in current.items():
+            frame = F.adaptive_avg_pool2d(_to_image(s, g), coarse)
+            if g in slots:
+                slots[g][0].add_(frame)
+                slots[g][1] += c
+            else:
+                slots[g] = [frame, c]
             if g in self._sums:
                 self._sums[g][0].add_(s)
                 self._sums[g][1] += c
@@ -344,30 +207,42 @@ class AttentionRecorder:
     @property
     def bytes_kept(self) -> int:
         """Bytes of the running sums (and timeline) held now."""
-        held = [s for s, _ in self._sums.values()] + [s for s, _ in self._timeline.values()]
+        held = [s for s, _ in self._sums.values()] + [s for slots in self._timeline.values() for s, _ in slots.values()]
         if self.timeline:
             held += [s for s, _ in self._current.values()]
         return sum(t.numel() * t.element_size() for t in held)
 
     # -- result ----------------------------------------------------------------------------------
-    def heatmaps(self) -> Heatmaps:
-        """Average the sums into Heatmaps: (images, tokens, h, w) at the finest recorded grid."""
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        """The query grids (h, w) recorded so far, coarsest first."""
+        return sorted(set(self._sums) | set(self._current), key=lambda g: g[0] * g[1])
+
+    def heatmaps(self, resolutions: Iterable[int | tuple[int, int]] | None = None) -> Heatmaps:
+        """Average the sums into Heatmaps: (images, tokens, h, w) at the finest grid kept. `resolutions`
+        keeps only some of the recorded grids (ints: the grid's longer side, or (h, w)), None: all."""
         self._fold_step()
         if not self._sums:
             seen = sorted(set(self._grids.values()))
             raise ValueError("no cross-attention was recorded: check that record() wrapped the sampling loop, "
                              f"and that steps={self.steps!r} and resolutions={self.resolutions!r} select something"
                              + (f" (query grids seen: {seen})" if seen else ""))
-        grids = sorted(self._sums, key=lambda g: g[0] * g[1])
+        grids = self.grids
+        if resolutions is not None:
+            wanted = {tuple(r) if isinstance(r, (tuple, list)) else int(r) for r in resolutions}
+            grids = [g for g in grids if g in wanted or max(g) in wanted]
+            if not grids:
+                raise ValueError(f"resolutions {sorted(wanted, key=str)} match none of the recorded grids {self.grids}")
         finest = grids[-1]
-        total = sum(c for _, c in self._sums.values())
-        maps = sum(_resize(_to_image(s, g), finest) for g, (s, _) in self._sums.items()) / total  # (rows, T, h, w)
+        total = sum(self._sums[g][1] for g in grids)
+        maps = sum(_resize(_to_image(self._sums[g][0], g), finest) for g in grids) / total  # (rows, T, h, w)
         timeline = None
         if self.timeline and self._timeline:
-            timeline = torch.stack([s / c for _, (s, c) in sorted(self._timeline.items())])      # (S, rows, T, hc, wc)
-        return self._to_heatmaps(maps, timeline)
+            frames = [[slots[g] for g in grids if g in slots] for _, slots in sorted(self._timeline.items())]
+            timeline = torch.stack([sum(s for s, _ in f) / sum(c for _, c in f) for f in frames])  # (S, rows, T, hc, wc)
+        return self._to_heatmaps(maps, timeline, grids)
 
-    def _to_heatmaps(self, maps: torch.Tensor, timeline: torch.Tensor | None) -> Heatmaps:
+    def _to_heatmaps(self, maps: torch.Tensor, timeline: torch.Tensor | None, grids: list) -> Heatmaps:
         """Keep each image's real tokens, padded to the longest prompt."""
         layout = self._layout
         enc, texts, n = layout.encoding, layout.texts(self.branch), layout.images_per_prompt
@@ -383,7 +258,8 @@ class AttentionRecorder:
             if tl is not None:
                 tl[:, r, : len(idx)] = timeline[:, r].index_select(1, idx)
         return Heatmaps(maps=out.float().cpu(), tokens=tokens, prompts=[prompt_text(t) for t in tokens],
-                        image_size=self._image_size, layers=list(self._layers_seen), steps=sorted(self._steps_seen),
+                        image_size=self._image_size, steps=sorted(self._steps_seen),
+                        layers=[name for name, g in self._layers_seen.items() if g in grids],
                         num_inference_steps=layout.num_inference_steps, branch=self.branch, heads=self.heads,
                         prompt_index=[r // n for r in range(len(text_of_row))],
                         timeline=None if tl is None else tl.float().cpu())

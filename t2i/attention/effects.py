@@ -1,0 +1,109 @@
+# Word effects: what a word does, not only where it looks. Prompt-to-prompt's attention reweighting
+# (Hertz et al. 2022, sec. 3.2, "fader control"): a word's cross-attention probabilities are multiplied
+# by its weight, on the conditional branch only, at every cross-attention layer and step, without
+# renormalising (0 silences the word, 2 doubles it; the unconditional branch that guidance subtracts is
+# left alone). A word's effect map is the per-pixel change between the image and the image with that
+# word reweighted, same seed and settings.
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .heatmaps import Heatmaps, resolve_word
+from .processors import attached, cross_attention_modules
+
+if TYPE_CHECKING:
+    from ..pipeline import BatchLayout
+
+WordWeights = dict[str, float]
+
+
+def word_weight_matrix(layout: BatchLayout, word_weights: WordWeights | list[WordWeights]) -> torch.Tensor | None:
+    """(rows, T) multipliers of the UNet batch's cross-attention probabilities: in the conditional rows,
+    the columns of each weighted word's tokens get its weight (every sub-token of the word; 'circle#2' is
+    the second circle); every other entry is 1. `word_weights`: one {word: weight} for every prompt, or
+    a list with one per prompt. None when no weight differs from 1. Unknown words -> ValueError."""
+    B, n, enc = layout.num_prompts, layout.images_per_prompt, layout.encoding
+    per_prompt = [word_weights] * B if isinstance(word_weights, dict) else list(word_weights)
+    if len(per_prompt) != B:
+        raise ValueError(f"got {len(per_prompt)} word-weight dicts for {B} prompt(s): pass one dict, or one per prompt")
+    weights = torch.ones(layout.rows, enc.attention_mask.shape[1])
+    first = layout.branch_rows("cond").start
+    for b, (text, chosen) in enumerate(zip(layout.texts("cond"), per_prompt)):
+        positions = enc.attention_mask[text].bool().nonzero().squeeze(1).cpu()  # real token j sits at positions[j]
+        for word, weight in (chosen or {}).items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                    or weight < 0:
+                raise ValueError(f"the weight of {word!r} must be a finite number >= 0 (0 silences it), got {weight!r}")
+            _, idx = resolve_word(enc.tokens[text], word)
+            weights[first + b * n: first + (b + 1) * n, positions[idx]] = float(weight)
+    return None if bool((weights == 1).all()) else weights
+
+
+@contextmanager
+def reweighting(unet: nn.Module, layout: BatchLayout,
+                word_weights: WordWeights | list[WordWeights]) -> Iterator[torch.Tensor | None]:
+    """Within the block, every cross-attention module of `unet` scales the words' attention as
+    word_weight_matrix says (through the same explicit processors as the recorder, so the two compose);
+    the original processors come back on exit. Weights that are all 1 change nothing and install nothing."""
+    weights = word_weight_matrix(layout, word_weights)
+    if weights is None:
+        yield None
+        return
+    weights = weights.to(unet.device)
+    with attached(unet, cross_attention_modules(unet), "weights", weights):
+        yield weights
+
+
+def _pixels(image) -> torch.Tensor:
+    """A PIL image, a uint8 or float [0, 1] array (H, W, 3), or a tensor (3, H, W) in [0, 1] -> (H, W, 3) float32."""
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255)
+    if isinstance(image, torch.Tensor):
+        return image.detach().float().cpu().permute(1, 2, 0)
+    image = np.asarray(image)
+    return torch.from_numpy(image.astype(np.float32) / (255 if image.dtype == np.uint8 else 1))
+
+
+def effect_map(image, reweighted) -> torch.Tensor:
+    """(H, W) float32 in [0, 1]: the mean absolute change over RGB of each pixel between two images of
+    the same size (PIL, arrays or tensors as the pipeline returns them)."""
+    a, b = _pixels(image), _pixels(reweighted)
+    if a.shape != b.shape:
+        raise ValueError(f"the images differ in size: {tuple(a.shape)} and {tuple(b.shape)}")
+    return (a - b).abs().mean(-1)
+
+
+@dataclass
+class WordEffects:
+    """One prompt's image, its attention, and for each word the image with that word reweighted and the effect."""
+
+    image: Image.Image
+    attention: Heatmaps                      # of `image` (one image)
+    weight: float
+    images: dict[str, Image.Image]           # word label -> the image with that word's weight set to `weight`
+    effects: dict[str, torch.Tensor]         # word label -> (H, W) effect map in [0, 1]
+
+
+def word_effects(pipe, prompt: str, words: list[str], weight: float = 0.0, seed: int = 0,
+                 **sampling) -> WordEffects:
+    """Sample `prompt` and, in the same batch from the same seed, once more per word with that word's
+    weight set to `weight`; return the images, the unweighted image's heatmaps and each word's effect map.
+    `sampling`: the pipeline's other arguments (num_inference_steps, guidance_scale, negative_prompt, ...)."""
+    labels = [resolve_word(pipe.prompt_tokens(prompt)[0], w)[0] for w in words]  # fail before sampling
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"words {words} name the same word twice")
+    rows = len(labels) + 1
+    out = pipe([prompt] * rows, word_weights=[{}] + [{w: weight} for w in labels], record_attention=True,
+               generator=[torch.Generator().manual_seed(seed) for _ in range(rows)], **sampling)
+    image, others = out.images[0], out.images[1:]
+    return WordEffects(image=image, attention=out.attention.select(0), weight=weight,
+                       images=dict(zip(labels, others)),
+                       effects={w: effect_map(image, im) for w, im in zip(labels, others)})

@@ -1,0 +1,182 @@
+# `t2i serve`: the word explorer as a Gradio Blocks page (pip install -e ".[web]"). The handlers here only
+# translate between the page and t2i.explorer's plain functions; bad input comes back as a message in the
+# page, never a stack trace. One queue, with bounded size and concurrency, so one visitor cannot stall it.
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
+
+try:
+    import gradio as gr
+except ImportError as e:  # an optional extra
+    raise ImportError("t2i serve needs the web extra: pip install -e \".[web]\"") from e
+
+from .explorer import ALL, MODEL_DEFAULT, Explorer, Request
+from .pipeline import SCHEDULERS
+
+CSS = """
+.pixelated img { image-rendering: pixelated; }
+#words input[type=radio] { display: none; }
+#words label { border-radius: 999px; padding: 4px 14px; cursor: pointer; }
+#words label.selected { background: var(--color-accent); color: white; }
+"""
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+FAILED = "**Something went wrong on the server** (the details are in its log)."
+
+
+def _page_errors(message_box):
+    """Handlers return {component: value}; a ValueError becomes a message in the page, anything else a
+    one-line notice here and its traceback in the server's log."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def handler(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except ValueError as e:
+                return {message_box: f"**Cannot do that:** {e}"}
+            except Exception:  # a bug: keep serving, keep the page free of internals
+                traceback.print_exc(file=sys.stderr)
+                return {message_box: FAILED}
+        return handler
+    return wrap
+
+
+def _image(i: str | None) -> int:
+    return int(i or 1) - 1                                   # the image chooser counts from 1
+
+
+def build_app(explorer: Explorer) -> gr.Blocks:
+    """The page: inputs and Generate on the left; the image, the word chips, the maps, the step scrubber,
+    the weight slider with the effect, and the downloads on the right."""
+    lim = explorer.limits
+    pipe = explorer.pipeline(explorer.default_model)
+    with gr.Blocks(title="t2i explorer", fill_width=True) as app:
+        state = gr.State(None, time_to_live=3600)
+        gr.Markdown("## t2i explorer: where each word looks, and what it does")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                prompt = gr.Textbox(label="prompt", value="a red circle above a blue square", elem_id="prompt",
+                                    max_length=lim.max_prompt_chars)
+                negative = gr.Textbox(label="negative prompt", elem_id="negative", max_length=lim.max_prompt_chars)
+                with gr.Row():
+                    seed = gr.Number(label="seed", value=0, precision=0, minimum=0, elem_id="seed")
+                    size = gr.Number(label="size (px)", value=pipe.unet.config.sample_size, precision=0,
+                                     elem_id="size")
+                steps = gr.Slider(1, lim.max_steps, value=min(20, lim.max_steps), step=1, label="steps", elem_id="steps")
+                guidance = gr.Slider(1, 10, value=3, step=0.5, label="guidance", elem_id="guidance")
+                count = gr.Slider(1, lim.max_images, value=1, step=1, label="images", elem_id="count")
+                with gr.Row():
+                    scheduler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT, label="scheduler",
+                                            elem_id="scheduler")
+                    model = gr.Dropdown(list(explorer.models), value=explorer.default_model, label="model folder",
+                                        elem_id="model")
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                message = gr.Markdown(elem_id="message")
+                files = gr.File(label="downloads: PNG with its metadata, heatmaps file", file_count="multiple",
+                                interactive=False, elem_id="files")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    image = gr.Image(label="image", type="pil", interactive=False, elem_id="image",
+                                     elem_classes="pixelated")
+                    attention = gr.Image(label="attention", type="pil", interactive=False, elem_id="overlay",
+                                         elem_classes="pixelated")
+                    effect = gr.Image(label="effect", type="pil", interactive=False, elem_id="effect",
+                                      elem_classes="pixelated")
+                    reweighted = gr.Image(label="reweighted", type="pil", interactive=False, elem_id="reweighted",
+                                          elem_classes="pixelated")
+                words = gr.Radio([], label="words: click one", elem_id="words")
+                weight = gr.Slider(0, 3, value=1, step=0.1, label="weight of the word (regenerates, same seed)",
+                                   elem_id="weight")
+                with gr.Row():
+                    resolution = gr.Radio([ALL], value=ALL, label="maps from the layers at", elem_id="resolution")
+                    which = gr.Radio(["1"], value="1", label="image", elem_id="which")
+                step = gr.Slider(1, 2, value=1, step=1, label="step", elem_id="step")
+                with gr.Row():
+                    x0 = gr.Image(label="x0: the predicted clean image at this step", type="pil", interactive=False,
+                                  elem_id="x0", elem_classes="pixelated")
+                    step_map = gr.Image(label="the word's map at this step", type="pil", interactive=False,
+                                        elem_id="stepmap", elem_classes="pixelated")
+                grid = gr.Image(label="all words", type="pil", interactive=False, elem_id="grid",
+                                elem_classes="pixelated")
+
+        views = [image, attention, grid, x0, step_map]
+
+        def draw_step(result, word, index, res, at):
+            """x0 and the word's map at step `at` (0-based)."""
+            n = result.request.steps
+            shown_x0, shown_map = explorer.step_view(result, at, word, index, res)
+            return {x0: gr.Image(shown_x0, label=f"x0: the predicted clean image at step {at + 1}/{n}"),
+                    step_map: gr.Image(shown_map, label=f"{word} at step {at + 1}/{n}" if word else "map at this step")}
+
+        def draw(result, word, index, res, at):
+            """Every view of one image, word, resolution and step (0-based)."""
+            return {image: explorer.image(result, index),
+                    attention: gr.Image(explorer.word_overlay(result, word, index, res) if word else None,
+                                        label=f"attention: {word}" if word else "attention"),
+                    grid: explorer.grid(result, index, res), **draw_step(result, word, index, res, at)}
+
+        @_page_errors(message)
+        def on_generate(prompt_, negative_, seed_, steps_, guidance_, scheduler_, model_, size_, count_,
+                        progress=gr.Progress()):
+            request = Request(prompt_, negative_, seed_, steps_, guidance_, scheduler_, model_, size_, count_)
+            result = explorer.generate(request, progress=lambda i, n: progress((i, n), desc="sampling"))
+            word = result.words[0] if result.words else None
+            n = result.request.steps
+            files_ = [str(p) for p in result.files.values()]
+            return {state: result, **draw(result, word, 0, ALL, n - 1),
+                    words: gr.Radio(choices=result.words, value=word),
+                    resolution: gr.Radio(choices=result.filters, value=ALL),
+                    which: gr.Radio(choices=[str(i + 1) for i in range(len(result.images))], value="1"),
+                    step: gr.Slider(maximum=max(n, 2), value=n, interactive=n > 1),
+                    weight: 1.0, effect: None, reweighted: None, files: files_,
+                    message: f"{len(result.images)} image(s), {result.request.steps} steps "
+                             f"({result.scheduler}), seed {result.request.seed}: {result.seconds:.1f} s"}
+
+        @_page_errors(message)
+        def on_view(result, word, index, res, at):
+            if result is None:
+                raise ValueError("generate an image first")
+            return {**draw(result, word, _image(index), res, int(at) - 1),
+                    weight: result.weights.get(word, 1.0), message: ""}
+
+        @_page_errors(message)
+        def on_step(result, word, index, res, at):
+            if result is None:
+                raise ValueError("generate an image first")
+            return draw_step(result, word, _image(index), res, int(at) - 1)
+
+        @_page_errors(message)
+        def on_weight(result, word, index, value):
+            if result is None or not word:
+                raise ValueError("generate an image and click a word first")
+            changed, shown, used = explorer.reweight(result, word, value, _image(index))
+            said = ", ".join(f"{w} x {v:g}" for w, v in used.items()) or "every word at 1"
+            return {reweighted: gr.Image(changed, label=f"reweighted: {said}"),
+                    effect: gr.Image(shown, label=f"effect of {said}"), message: f"regenerated with {said}"}
+
+        inputs = [prompt, negative, seed, steps, guidance, scheduler, model, size, count]
+        everything = [state, *views, words, resolution, which, step, weight, effect, reweighted, files, message]
+        generate.click(on_generate, inputs, everything, api_name="generate", concurrency_id="sampling")
+        prompt.submit(on_generate, inputs, everything, api_name=False, concurrency_id="sampling")
+        view_in, view_out = [state, words, which, resolution, step], [*views, weight, message]
+        for chooser in (words, which, resolution):
+            chooser.input(on_view, view_in, view_out, api_name=False, concurrency_limit=4)
+        step.input(on_step, view_in, [x0, step_map, message], api_name=False, concurrency_limit=4)
+        weight.release(on_weight, [state, words, which, weight], [reweighted, effect, message], api_name="reweight",
+                       concurrency_id="sampling")
+    app.queue(max_size=lim.max_queue, default_concurrency_limit=lim.concurrency)
+    return app
+
+
+def serve(explorer: Explorer, host: str = "127.0.0.1", port: int | None = None) -> tuple[gr.Blocks, str]:
+    """Start the page on host:port (port None: 7860 or the next free one) in a background thread; returns
+    (app, url). app.block_thread() waits until Ctrl+C, app.close() stops it."""
+    app = build_app(explorer)
+    _, url, _ = app.launch(server_name=host, server_port=port, show_error=False, ssr_mode=False, quiet=True,
+                           allowed_paths=[str(explorer.files_dir)], prevent_thread_lock=True, theme=THEME, css=CSS,
+                           footer_links=[], state_session_capacity=explorer.limits.sessions)
+    return app, url

@@ -1,0 +1,107 @@
+"""`t2i serve` end to end in a real headless Chromium (Debian's `chromium`, driven by Playwright through
+executable_path; Playwright never downloads a browser): type a prompt, generate, click a word, scrub the
+steps, silence a colour word; every request of the page goes to loopback only."""
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOT = Path(__file__).resolve().parent.parent / "outputs" / "serve-browser-test.png"
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install -y chromium "
+                                "(the browser test drives Debian's chromium; Playwright downloads none)")
+
+
+def _img(page, element_id: str) -> str:
+    """The src of the image shown in a gr.Image, '' when it shows none."""
+    return page.evaluate(f"(document.querySelector('#{element_id} img') || {{}}).src || ''")
+
+
+def _wait_for_new(page, element_id: str, old: str, timeout_ms: int = 30_000) -> str:
+    page.wait_for_function(f"(document.querySelector('#{element_id} img') || {{}}).src && "
+                           f"document.querySelector('#{element_id} img').src != {old!r}", timeout=timeout_ms)
+    return _img(page, element_id)
+
+
+def _pixels(page, element_id: str) -> bytes:
+    """The image as the page draws it."""
+    return page.locator(f"#{element_id} img").screenshot()
+
+
+def _set_number(page, element_id: str, value: str) -> None:
+    """Type into a gr.Slider's number box and leave it, as a person does (fires input and release)."""
+    box = page.locator(f"#{element_id} input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+    box.blur()
+
+
+def test_the_page_generates_shows_a_words_map_scrubs_steps_and_silences_a_word(served):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served
+    outside = []
+
+    def loopback_only(route):
+        if urlparse(route.request.url).hostname in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:                                            # fonts, analytics, anything else: never fetched
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.route("**/*", loopback_only)
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+
+            # 1. type a prompt and generate
+            page.fill("#prompt textarea", "a red circle")
+            _set_number(page, "steps", "4")
+            t0 = time.perf_counter()
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')",
+                                   timeout=60_000)
+            generate_s = time.perf_counter() - t0
+            assert "4 steps" in page.inner_text("#message")
+            assert page.locator("#words label").all_inner_texts() == ["a", "red", "circle"]
+
+            # 2. click a word: the overlay's pixels change
+            before_src, before = _img(page, "overlay"), _pixels(page, "overlay")
+            page.click("#words label:has-text('red')")
+            _wait_for_new(page, "overlay", before_src)
+            assert _pixels(page, "overlay") != before
+            assert "attention: red" in page.inner_text("#overlay")
+
+            # 3. move the step slider: x0 and the word's map change
+            map_src, x0_src = _img(page, "stepmap"), _img(page, "x0")
+            _set_number(page, "step", "1")
+            _wait_for_new(page, "stepmap", map_src)
+            assert _img(page, "x0") != x0_src and "red at step 1/4" in page.inner_text("#stepmap")
+
+            # 4. the colour word's weight to 0: the image is regenerated, and it changed
+            _set_number(page, "weight", "0")
+            page.wait_for_function("document.querySelector('#message').innerText.includes('regenerated with red x 0')",
+                                   timeout=60_000)
+            _wait_for_new(page, "reweighted", "")
+            assert _pixels(page, "reweighted") != _pixels(page, "image")
+            assert _img(page, "effect")
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # 5. bad input is a message in the page, not a stack trace
+            _set_number(page, "steps", "1")
+            page.fill("#prompt textarea", "")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')",
+                                   timeout=30_000)
+            text = page.inner_text("body")
+            assert "type a prompt" in text and "Traceback" not in text
+        finally:
+            browser.close()
+    print(f"\npage generate: {generate_s:.2f} s; requests refused (not loopback): {len(outside)}; "
+          f"screenshot: {SCREENSHOT}")
