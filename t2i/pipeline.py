@@ -38,6 +38,10 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
     "unipc": (UniPCMultistepScheduler, {}),
 }
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+# DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) finds T2IPipeline through this
+# file, named with the class in model_index.json's `_class_name` (diffusers' custom-pipeline convention)
+SHIM_MODULE = "t2i_pipeline"
+SHIM_CODE = "from t2i.pipeline import T2IPipeline  # noqa: F401  (needs `pip install t2i`)\n"
 
 
 def make_scheduler(name: str, config: dict):
@@ -137,6 +141,9 @@ class T2IPipeline(DiffusionPipeline):
         path = os.fspath(path)
         if os.path.isdir(path):
             check_pipeline_folder(path)
+            shim = Path(path) / f"{SHIM_MODULE}.py"
+            if shim.is_file() and shim.read_text() == SHIM_CODE:  # our own one-line import: safe to run
+                kwargs.setdefault("trust_remote_code", True)
         try:
             return super().from_pretrained(path, **kwargs)
         except (ValueError, RuntimeError, OSError) as e:
@@ -150,7 +157,12 @@ class T2IPipeline(DiffusionPipeline):
         """diffusers' save_pretrained, with the weights given the file mode of the configs beside them
         (safetensors writes them 0600, unreadable to the group and others)."""
         super().save_pretrained(save_directory, **kwargs)
-        mode = (Path(save_directory) / "model_index.json").stat().st_mode & 0o777
+        index = Path(save_directory) / "model_index.json"
+        listed = json.loads(index.read_text())
+        listed["_class_name"] = [SHIM_MODULE, type(self).__name__]
+        index.write_text(json.dumps(listed, indent=2, sort_keys=True) + "\n")
+        (Path(save_directory) / f"{SHIM_MODULE}.py").write_text(SHIM_CODE)
+        mode = index.stat().st_mode & 0o777
         for weights in Path(save_directory).rglob("*.safetensors"):
             weights.chmod(mode)
 

@@ -238,3 +238,16 @@ def test_prompt_embeds_latents_and_step_end_callback_as_in_diffusers(pipe):
         pipe("a red circle", callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["noise"], **kw)
     with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
         pipe("a red circle", prompt_embeds=cond.hidden_states, **kw)
+
+
+def test_diffusion_pipeline_from_pretrained_loads_an_exported_folder(pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # diffusers' own one-line advice
+        DiffusionPipeline.from_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded) is T2IPipeline
+    again = T2IPipeline.from_pretrained(tmp_path)  # no flag needed: the shim is t2i's own import
+    again.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, output_type="np")
+    assert np.array_equal(pipe("a red circle", generator=gen(), **kw).images, again("a red circle", generator=gen(), **kw).images)
