@@ -387,3 +387,34 @@ def test_data_workers_leave_signals_to_the_training_process():
         os.kill(worker.pid, signal.SIGINT)
         os.kill(worker.pid, signal.SIGTERM)
     assert all(len(next(batches)["i"]) == 2 for _ in range(20))
+
+
+def test_report_to_none_writes_no_logs_and_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
+    assert train(tiny_config(tmp_path / "none", "train.max_steps=1", "train.report_to=none")) is not None
+    assert not (tmp_path / "none" / "tensorboard").exists()
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install wandb"):
+        train(tiny_config(tmp_path / "wandb", "train.max_steps=1", "train.report_to=wandb"))
+    with pytest.raises(ValueError, match="report_to"):
+        tiny_config(tmp_path, "train.report_to=mlflow")
+
+
+@pytest.mark.parametrize("yaml_value, launched, expected", [(None, "bf16", "bf16"), ("no", "bf16", "no"),
+                                                            (None, None, "no"), ("bf16", None, "bf16")])
+def test_mixed_precision_from_accelerate_unless_the_yaml_sets_it(tmp_path, monkeypatch, yaml_value, launched, expected):
+    """`accelerate launch --mixed_precision X` sets ACCELERATE_MIXED_PRECISION; an explicit YAML value wins."""
+    import t2i.train
+    from accelerate.state import AcceleratorState
+    if launched:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    else:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(t2i.train, "_train", lambda cfg, accelerator, *a: accelerator.mixed_precision)
+    extra = [] if yaml_value is None else [f"train.mixed_precision={yaml_value}"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        assert train(tiny_config(tmp_path, *extra)) == expected
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
