@@ -59,6 +59,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     noise_scheduler = make_noise_scheduler(cfg.noise)
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     unet.to(memory_format=layout)
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.text.trainable else [])
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
     state = ckpt.TrainingState(

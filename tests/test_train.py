@@ -418,3 +418,14 @@ def test_mixed_precision_from_accelerate_unless_the_yaml_sets_it(tmp_path, monke
         assert train(tiny_config(tmp_path, *extra)) == expected
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_train_gradient_checkpointing_switch(tmp_path, monkeypatch):
+    from t2i.unet import T2IUNet
+    enabled = []
+    real = T2IUNet.enable_gradient_checkpointing
+    monkeypatch.setattr(T2IUNet, "enable_gradient_checkpointing", lambda self, *a: (enabled.append(True), real(self, *a)))
+    assert train(tiny_config(tmp_path, "train.max_steps=1", "train.gradient_checkpointing=true")) is not None
+    assert enabled == [True]
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        tiny_config(tmp_path, "train.gradient_checkpointing=true", "train.grounding_weight=0.1")
