@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .card import write_model_card
 from .config import RunConfig, config_to_dict, flatten, save_config
 from .data.stream import build_dataset, data_stream
 from .diffusion import diffusion_loss, make_noise_scheduler
@@ -164,6 +165,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
             pipe.text_encoder.half()
         pipe.save_pretrained(path)
         save_config(cfg, path / "train_config.yaml")
+        write_model_card(path, cfg)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return path

@@ -51,7 +51,9 @@ def test_one_step_changes_the_weights_and_dozens_lower_the_loss():
 
 def test_resume_equals_uninterrupted(tmp_path):
     a = tiny_config(tmp_path / "a", "train.max_steps=4", "train.checkpoint_every=2")
-    assert (train(a) / "model_index.json").exists()
+    exported = train(a)
+    assert (exported / "model_index.json").exists()
+    assert "library_name: t2i" in (exported / "README.md").read_text()  # the model card
     b = tiny_config(tmp_path / "b", "train.max_steps=4", "train.checkpoint_every=2")
     assert train(b, stop_at=2) is None
     assert [p.name for p in ckpt.checkpoints(tmp_path / "b")] == ["checkpoint-0000002"]
