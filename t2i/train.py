@@ -53,8 +53,12 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
 
     # 1. components, identically initialised on every process
     set_seed(tc.seed)
-    dataset, corpus = build_dataset(cfg)
-    tokenizer, text_encoder = build_text(cfg.text, corpus, out if resume else None)
+    with accelerator.main_process_first():  # the main process indexes the folder and learns the tokenizer,
+        dataset, corpus = build_dataset(cfg)  # the others then read both from disk
+        tokenizer, text_encoder = build_text(cfg.text, corpus, out if resume or not accelerator.is_main_process else None)
+        if accelerator.is_main_process and not cfg.text.pretrained:
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(out / "tokenizer")
     unet = build_unet(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size,
                       cross_attention_dim=text_encoder.config.hidden_size)
     noise_scheduler = make_noise_scheduler(cfg.noise)
@@ -83,8 +87,6 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        if not cfg.text.pretrained:
-            tokenizer.save_pretrained(out / "tokenizer")
         if tc.report_to != "none":
             accelerator.init_trackers("tensorboard" if tc.report_to == "tensorboard" else "t2i", config=_hparams(cfg))
         print(f"training {_count(unet)/1e6:.2f}M UNet + {_count(text_encoder)/1e6:.2f}M text encoder params "

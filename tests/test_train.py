@@ -431,3 +431,42 @@ def test_train_gradient_checkpointing_switch(tmp_path, monkeypatch):
     assert enabled == [True]
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         tiny_config(tmp_path, "train.gradient_checkpointing=true", "train.grounding_weight=0.1")
+
+
+TRACED = '''import os, sys
+import t2i.data.folder as folder, t2i.text as text
+def traced(module, name):
+    real = getattr(module, name)
+    def call(*a, **k):
+        with open(os.environ["T2I_TRACE"], "a") as f:
+            f.write(f"{name} {os.environ.get('RANK', '0')}\\n")
+        return real(*a, **k)
+    setattr(module, name, call)
+traced(text, "build_offline_tokenizer"); traced(folder, "_is_readable_image")
+from t2i.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_two_processes_share_the_folder_index_and_the_tokenizer(tmp_path):
+    """The main process verifies the image folder and learns the tokenizer; the other reads both."""
+    import numpy as np
+    from PIL import Image
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, caption in enumerate(["a red circle", "a blue square", "a green triangle", "a red square"]):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    (tmp_path / "traced.py").write_text(TRACED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "T2I_TRACE": str(tmp_path / "trace.txt"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "traced.py"), "train",
+           *TINY, "data.kind=folder", f"data.root={data}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
+           "train.checkpoint_every=1"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    trace = (tmp_path / "trace.txt").read_text().split()
+    assert trace.count("build_offline_tokenizer") == 1 and trace[trace.index("build_offline_tokenizer") + 1] == "0"
+    assert trace.count("_is_readable_image") == 4 and set(trace[1::2]) == {"0"}  # rank 1 verified nothing
+    assert (data / ".t2i-index.json").exists()
