@@ -1,6 +1,9 @@
 # Benchmark of cross-attention recording: sampling time with recording off, with t2i's
-# AttentionRecorder (float32 running sums), and with a store-every-map reference recorder that keeps
-# each step's per-head maps of every cross-attention layer (prompt-to-prompt style), in one process.
+# AttentionRecorder (float32 running sums), and with a naive store-every-map reference that keeps each
+# step's per-head maps of every cross-attention layer, so its memory grows with the number of steps. It is
+# not prompt-to-prompt's AttentionStore (Hertz et al. 2022), which sums maps over steps but holds the
+# current step's store and the running sum for self- as well as cross-attention layers, about 4x the
+# maps it counts. All three run in one process.
 #
 #   python bench/attention.py                      # small preset, 32x32, 4 prompts, 10 and 20 steps
 #   python bench/attention.py --preset tiny --size 16 --steps 4 8 --repeats 2
@@ -19,7 +22,7 @@ from t2i.attention import AttentionRecorder, attention_with_probs, cross_attenti
 from _common import CORPUS, random_pipeline
 
 class StoreEveryMapRecorder:
-    """Reference: keeps p (rows, heads, N, T) of every cross-attention layer at every step."""
+    """Naive reference: keeps p (rows, heads, N, T) of every cross-attention layer at every step."""
 
     def __init__(self):
         self.maps: dict[tuple[int, str], torch.Tensor] = {}

@@ -318,6 +318,7 @@ def cmd_make_dataset(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from .card import add_evaluation
     from .evaluate import EvalConfig, evaluate
     given = {k: getattr(args, k) for k in ("num_prompts", "images_per_prompt", "steps", "guidance", "scheduler",
                                            "seed", "calibration_prompts", "batch_size", "effect_prompts")}
@@ -326,6 +327,8 @@ def cmd_evaluate(args) -> None:
         raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
     report = evaluate(_pipeline(args), config)
     print(report.format_table())
+    if args.model and add_evaluation(args.model, report.format_table()):
+        print(f"added the table to {Path(args.model) / 'README.md'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "x") as f:

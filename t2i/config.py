@@ -77,7 +77,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    mixed_precision: str = "no"          # "no", "bf16", "fp16"
+    mixed_precision: str | None = None   # "no", "bf16", "fp16"; None (unset): accelerate's own setting
+                                         # (`accelerate config`, `accelerate launch --mixed_precision`), else "no"
+    gradient_checkpointing: bool = False  # recompute UNet blocks in backward: less memory, more time
+    report_to: str = "tensorboard"       # "tensorboard", "wandb" (needs `pip install wandb`) or "none"
     channels_last: bool = True           # 1.13x training img/s on CPU (bench/train.py)
     ema_decay: float = 0.999
     caption_dropout: float = 0.1         # share of captions replaced by "" so the model learns the unconditional
@@ -109,7 +112,11 @@ class RunConfig:
             (self.noise.prediction_type in ("epsilon", "v_prediction"),
              "noise.prediction_type must be 'epsilon' or 'v_prediction'"),
             (0 <= self.train.caption_dropout < 1, "train.caption_dropout must be in [0, 1)"),
-            (self.train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16"),
+            (self.train.mixed_precision in (None, "no", "bf16", "fp16"),
+             "train.mixed_precision must be no, bf16 or fp16 (or null: accelerate's setting)"),
+            (not (self.train.gradient_checkpointing and self.train.grounding_weight > 0),
+             "train.gradient_checkpointing recomputes the attention that grounding captures: use one of them"),
+            (self.train.report_to in ("tensorboard", "wandb", "none"), "train.report_to must be tensorboard, wandb or none"),
             (self.train.export_dtype in ("float32", "float16"), "train.export_dtype must be float32 or float16"),
             (self.train.batch_size > 0 and self.train.grad_accum > 0, "train.batch_size and grad_accum must be > 0"),
             (self.train.max_steps > 0, "train.max_steps must be > 0"),
@@ -142,7 +149,7 @@ class RunConfig:
 RESUMABLE = ("data.num_workers", "train.output_dir", "train.max_steps", "train.lr", "train.grad_clip",
              "train.mixed_precision", "train.channels_last", "train.log_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.preview_every", "train.preview_prompts", "train.preview_steps",
-             "train.export_dtype")
+             "train.export_dtype", "train.report_to", "train.gradient_checkpointing")
 
 
 def resume_changes(saved: dict, config: RunConfig) -> list[str]:

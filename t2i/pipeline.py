@@ -39,6 +39,10 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
     "unipc": (UniPCMultistepScheduler, {}),
 }
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+# DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) finds T2IPipeline through this
+# file, named with the class in model_index.json's `_class_name` (diffusers' custom-pipeline convention)
+SHIM_MODULE = "t2i_pipeline"
+SHIM_CODE = "from t2i.pipeline import T2IPipeline  # noqa: F401  (needs `pip install t2i`)\n"
 
 
 def make_scheduler(name: str, config: dict):
@@ -113,6 +117,7 @@ class T2IPipeline(DiffusionPipeline):
     training (None: unknown); guidance on a model trained without it warns."""
 
     model_cpu_offload_seq = "text_encoder->unet"
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: the UNet computes in it, latents stay float32
 
     def __init__(self, unet, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler,
@@ -138,6 +143,9 @@ class T2IPipeline(DiffusionPipeline):
         path = os.fspath(path)
         if os.path.isdir(path):
             check_pipeline_folder(path)
+            shim = Path(path) / f"{SHIM_MODULE}.py"
+            if shim.is_file() and shim.read_text() == SHIM_CODE:  # our own one-line import: safe to run
+                kwargs.setdefault("trust_remote_code", True)
         try:
             return super().from_pretrained(path, **kwargs)
         except (ValueError, RuntimeError, OSError) as e:
@@ -151,7 +159,12 @@ class T2IPipeline(DiffusionPipeline):
         """diffusers' save_pretrained, with the weights given the file mode of the configs beside them
         (safetensors writes them 0600, unreadable to the group and others)."""
         super().save_pretrained(save_directory, **kwargs)
-        mode = (Path(save_directory) / "model_index.json").stat().st_mode & 0o777
+        index = Path(save_directory) / "model_index.json"
+        listed = json.loads(index.read_text())
+        listed["_class_name"] = [SHIM_MODULE, type(self).__name__]
+        index.write_text(json.dumps(listed, indent=2, sort_keys=True) + "\n")
+        (Path(save_directory) / f"{SHIM_MODULE}.py").write_text(SHIM_CODE)
+        mode = index.stat().st_mode & 0o777
         for weights in Path(save_directory).rglob("*.safetensors"):
             weights.chmod(mode)
 
@@ -175,10 +188,30 @@ class T2IPipeline(DiffusionPipeline):
             warnings.warn("this model was trained without caption dropout, so it has no unconditional "
                           "prediction to guide against; use guidance_scale=1.0", stacklevel=3)
 
-    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, guided: bool):
-        """(uncond ++ cond) text states when guided, else cond only."""
-        texts = (negative_prompt or [""] * len(prompt)) + prompt if guided else prompt
-        return encode_prompts(self.tokenizer, self.text_encoder, texts)
+    def encode_prompt(self, prompt: list[str] | None, negative_prompt: list[str] | None, guided: bool,
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      prompt_attention_mask: torch.Tensor | None = None,
+                      negative_prompt_attention_mask: torch.Tensor | None = None) -> PromptEncoding:
+        """(uncond ++ cond) text states when guided, else cond only. Given embeddings (B, T, width),
+        with their masks (B, T) (default: all tokens real), stand in for the texts they encode."""
+        if prompt_embeds is None and negative_prompt_embeds is None:
+            texts = (negative_prompt or [""] * len(prompt)) + prompt if guided else prompt
+            return encode_prompts(self.tokenizer, self.text_encoder, texts)
+        cond = (given_encoding(prompt_embeds, prompt_attention_mask) if prompt_embeds is not None
+                else encode_prompts(self.tokenizer, self.text_encoder, prompt, negative_prompt_embeds.shape[1]))
+        if not guided:
+            return cond
+        B, T = cond.hidden_states.shape[:2]
+        uncond = (given_encoding(negative_prompt_embeds, negative_prompt_attention_mask)
+                  if negative_prompt_embeds is not None
+                  else encode_prompts(self.tokenizer, self.text_encoder, negative_prompt or [""] * B, T))
+        if uncond.hidden_states.shape != cond.hidden_states.shape:
+            raise ValueError(f"negative_prompt_embeds {tuple(uncond.hidden_states.shape)} must have the shape of "
+                             f"prompt_embeds {tuple(cond.hidden_states.shape)}")
+        return PromptEncoding(torch.cat([uncond.hidden_states, cond.hidden_states]),
+                              torch.cat([uncond.attention_mask, cond.attention_mask.to(uncond.attention_mask.device)]),
+                              torch.cat([uncond.input_ids, cond.input_ids.to(uncond.input_ids.device)]),
+                              uncond.tokens + cond.tokens)
 
     def prompt_tokens(self, prompt: str | list[str]) -> list[list[str]]:
         """The real tokens of each prompt as `__call__` encodes them (start, words, end; cut at the
@@ -189,10 +222,16 @@ class T2IPipeline(DiffusionPipeline):
             batch = tokenize(self.tokenizer, prompt)
         return token_strings(self.tokenizer, batch["input_ids"], batch["attention_mask"])
 
+    def run_step_end(self, callback, names, i, t, latents, prompt_embeds):
+        """diffusers' callback_on_step_end: the named tensors in, replacements for any of them out."""
+        tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+        out = callback(self, i, t, {k: tensors[k] for k in names}) or {}
+        return out.get("latents", latents), out.get("prompt_embeds", prompt_embeds)
+
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 3.0,
@@ -206,6 +245,13 @@ class T2IPipeline(DiffusionPipeline):
         word_weights: dict[str, float] | list[dict[str, float]] | None = None,
         previews: bool = False,
         return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """Generate images. `callback(i, t, x_t)` runs after each step. Images come back as a list of
         PIL images, a float array (B, H, W, 3) in [0, 1] ('np') or a tensor (B, 3, H, W) in [0, 1] ('pt').
@@ -214,8 +260,21 @@ class T2IPipeline(DiffusionPipeline):
         `word_weights`: {word: weight} for every prompt, or one dict per prompt, scales each word's
         cross-attention probabilities on the conditional branch at every layer and step (prompt-to-prompt's
         reweighting; 0 silences a word, 2 doubles it; see t2i.attention.effects). `previews`: also return
-        the predicted clean image x0 after each step as `.previews` (steps, B, 3, H, W) in [0, 1]."""
+        the predicted clean image x0 after each step as `.previews` (steps, B, 3, H, W) in [0, 1].
+
+        As in diffusers: `latents` (B*n, C, H, W) is the initial noise before the scheduler's
+        init_noise_sigma; `prompt_embeds` (B, T, width) with `prompt_attention_mask` (B, T) replaces
+        `prompt` (and `negative_prompt_embeds` the negative prompt); `callback_on_step_end(pipe, i, t,
+        kwargs)` gets the tensors named in `callback_on_step_end_tensor_inputs` ('latents', and
+        'prompt_embeds': the UNet's batch of text states) and may return replacements for them."""
         # 1. check inputs
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass either prompt or prompt_embeds, not both or neither")
+        bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs can hold {self._callback_tensor_inputs}, got {sorted(bad)}")
+        if prompt is None:
+            prompt = [""] * len(prompt_embeds)  # only counted and checked: the embeddings stand in for the texts
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt] * len(prompt)
@@ -230,7 +289,8 @@ class T2IPipeline(DiffusionPipeline):
         device, dtype = self.unet.device, self.unet.dtype
 
         # 2. encode the prompt, repeated for each image: rows as BatchLayout says, [uncond x B*n, cond x B*n]
-        enc = self.encode_prompt(prompt, negative_prompt, guided)
+        enc = self.encode_prompt(prompt, negative_prompt, guided, prompt_embeds, negative_prompt_embeds,
+                                 prompt_attention_mask, negative_prompt_attention_mask)
         n = num_images_per_prompt
         ctx = enc.hidden_states.repeat_interleave(n, dim=0).to(dtype)
         mask = enc.attention_mask.repeat_interleave(n, dim=0)
@@ -239,7 +299,10 @@ class T2IPipeline(DiffusionPipeline):
         # 3. prepare the initial noise
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         shape = (B, self.unet.config.in_channels, height, width)
-        x = randn(shape, generator, device, dtype) * self.scheduler.init_noise_sigma
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} (images, channels, height, width), got {tuple(latents.shape)}")
+        x = (randn(shape, generator, device, dtype) if latents is None else latents.to(device, dtype)) \
+            * self.scheduler.init_noise_sigma
 
         # 4. denoise, optionally reweighting words' cross-attention and recording it
         recorder = record_attention or None
@@ -274,6 +337,8 @@ class T2IPipeline(DiffusionPipeline):
                 x = self.scheduler.step(pred, t, x, **step_kwargs).prev_sample
                 if callback is not None:
                     callback(i, t, x)
+                if callback_on_step_end is not None:
+                    x, ctx = self.run_step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, x, ctx)
 
         # 5. decode: pixel space in [-1, 1] -> [0, 1]
         images = (x.float() / 2 + 0.5).clamp(0, 1)
@@ -297,6 +362,18 @@ def randn(shape, generator, device, dtype) -> torch.Tensor:
     else:
         x = torch.randn(shape, generator=generator)
     return x.to(device=device, dtype=dtype)
+
+
+def given_encoding(embeds: torch.Tensor, mask: torch.Tensor | None) -> PromptEncoding:
+    """Text states passed in (B, T, width) with their mask (B, T); their tokens are unknown ('?')."""
+    if embeds.dim() != 3:
+        raise ValueError(f"prompt embeddings must be (batch, tokens, width), got shape {tuple(embeds.shape)}")
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    if tuple(mask.shape) != tuple(embeds.shape[:2]):
+        raise ValueError(f"an attention mask must be (batch, tokens) = {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}")
+    mask = mask.long()
+    return PromptEncoding(embeds, mask, torch.zeros_like(mask), [["?"] * int(m.sum()) for m in mask])
 
 
 def downsample_factor(unet) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import time
 from contextlib import ExitStack, nullcontext
@@ -16,6 +17,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .card import write_model_card
 from .config import RunConfig, config_to_dict, flatten, save_config
 from .data.stream import build_dataset, data_stream
 from .diffusion import diffusion_loss, make_noise_scheduler
@@ -32,7 +34,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
     at a time holds the folder. SIGINT or SIGTERM save a checkpoint, then raise checkpoint.Interrupted."""
     unet_config(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size)  # a bad data.size fails before any work
     no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
+    # mixed_precision None: accelerate's (ACCELERATE_MIXED_PRECISION from `accelerate launch`/config), else "no"
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker(cfg.train.report_to),
                               gradient_accumulation_steps=cfg.train.grad_accum, project_dir=cfg.train.output_dir,
                               cpu=no_accelerator)  # cpu: gloo for >1 process
     with ExitStack() as session:  # let go however training ends: the folder's lock, signal handlers, progress bar
@@ -50,13 +53,19 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
 
     # 1. components, identically initialised on every process
     set_seed(tc.seed)
-    dataset, corpus = build_dataset(cfg)
-    tokenizer, text_encoder = build_text(cfg.text, corpus, out if resume else None)
+    with accelerator.main_process_first():  # the main process indexes the folder and learns the tokenizer,
+        dataset, corpus = build_dataset(cfg)  # the others then read both from disk
+        tokenizer, text_encoder = build_text(cfg.text, corpus, out if resume or not accelerator.is_main_process else None)
+        if accelerator.is_main_process and not cfg.text.pretrained:
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(out / "tokenizer")
     unet = build_unet(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size,
                       cross_attention_dim=text_encoder.config.hidden_size)
     noise_scheduler = make_noise_scheduler(cfg.noise)
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     unet.to(memory_format=layout)
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.text.trainable else [])
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
     state = ckpt.TrainingState(
@@ -78,11 +87,11 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        if not cfg.text.pretrained:
-            tokenizer.save_pretrained(out / "tokenizer")
-        accelerator.init_trackers("tensorboard", config=_hparams(cfg))
+        if tc.report_to != "none":
+            accelerator.init_trackers("tensorboard" if tc.report_to == "tensorboard" else "t2i", config=_hparams(cfg))
         print(f"training {_count(unet)/1e6:.2f}M UNet + {_count(text_encoder)/1e6:.2f}M text encoder params "
-              f"({'trained' if cfg.text.trainable else 'frozen'}) on {world} x {device}, from step {state.step}")
+              f"({'trained' if cfg.text.trainable else 'frozen'}) on {world} x {device} in "
+              f"{accelerator.mixed_precision} precision, from step {state.step}")
 
     # 3. the loop: one optimiser step = grad_accum micro-batches on every process
     bar = session.enter_context(tqdm(total=tc.max_steps, initial=state.step, dynamic_ncols=True,
@@ -158,6 +167,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
             pipe.text_encoder.half()
         pipe.save_pretrained(path)
         save_config(cfg, path / "train_config.yaml")
+        write_model_card(path, cfg)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return path
@@ -227,8 +237,20 @@ def preview(accelerator, cfg: RunConfig, state: ckpt.TrainingState, text_encoder
     folder.mkdir(exist_ok=True)
     Image.fromarray((grid * 255).round().astype("uint8")).resize((grid.shape[1] * 4, grid.shape[0] * 4), 0).save(
         folder / f"step-{state.step:07d}.png")
-    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-    tracker.add_image("previews", grid, state.step, dataformats="HWC")
+    if cfg.train.report_to == "tensorboard":
+        accelerator.get_tracker("tensorboard", unwrap=True).add_image("previews", grid, state.step, dataformats="HWC")
+    elif cfg.train.report_to == "wandb":
+        import wandb
+        accelerator.get_tracker("wandb", unwrap=True).log({"previews": wandb.Image(grid)}, step=state.step)
+
+
+def tracker(report_to: str) -> str | None:
+    """accelerate's log_with for train.report_to; wandb only when installed."""
+    if report_to == "none":
+        return None
+    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ValueError("train.report_to=wandb needs wandb: `pip install wandb`, or use tensorboard or none")
+    return report_to
 
 
 def _count(model) -> int:

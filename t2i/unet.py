@@ -211,7 +211,7 @@ class T2IUNet(ModelMixin, ConfigMixin):
     H and W may be any multiple of `downsample_factor`, not only `sample_size`.
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True  # enable_gradient_checkpointing(): blocks recompute in backward
 
     @register_to_config
     def __init__(self, sample_size: int = 32, in_channels: int = 3, out_channels: int = 3,
@@ -220,6 +220,7 @@ class T2IUNet(ModelMixin, ConfigMixin):
                  cross_attention_dim: int = 128, norm_groups: int = 8, ff_mult: int = 4, dropout: float = 0.0,
                  pos_embed: bool = False, context_layers: int = 0):
         super().__init__()
+        self.gradient_checkpointing = False  # diffusers' switch, set by enable_gradient_checkpointing()
         chs = list(block_channels)
         if len(attention_levels) != len(chs):
             raise ValueError(f"attention_levels has {len(attention_levels)} entries but block_channels has "
@@ -309,28 +310,31 @@ class T2IUNet(ModelMixin, ConfigMixin):
             keep = encoder_attention_mask.to(torch.bool)[:, None, None, :]
             bias = torch.zeros(keep.shape, dtype=sample.dtype, device=sample.device).masked_fill(~keep, float("-inf"))
 
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        block = self._gradient_checkpointing_func if checkpointed else (lambda module, *args: module(*args))
+
         # 1. down path, keeping every intermediate for the skip connections
         h = self.conv_in(sample)
         hs = [h]
         for level in self.down:
             for j, resnet in enumerate(level.resnets):
-                h = resnet(h, temb)
+                h = block(resnet, h, temb)
                 if level.transformers:
-                    h = level.transformers[j](h, ctx, bias)
+                    h = block(level.transformers[j], h, ctx, bias)
                 hs.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 hs.append(h)
         # 2. middle: resnet -> transformer -> resnet
-        h = self.mid.resnets[0](h, temb)
-        h = self.mid.transformers[0](h, ctx, bias)
-        h = self.mid.resnets[1](h, temb)
+        h = block(self.mid.resnets[0], h, temb)
+        h = block(self.mid.transformers[0], h, ctx, bias)
+        h = block(self.mid.resnets[1], h, temb)
         # 3. up path, concatenating skips in reverse
         for level in self.up:
             for j, resnet in enumerate(level.resnets):
-                h = resnet(torch.cat([h, hs.pop()], dim=1), temb)
+                h = block(resnet, torch.cat([h, hs.pop()], dim=1), temb)
                 if level.transformers:
-                    h = level.transformers[j](h, ctx, bias)
+                    h = block(level.transformers[j], h, ctx, bias)
             if level.resample is not None:
                 h = level.resample(h)
         out = self.conv_out(F.silu(self.norm_out(h)))

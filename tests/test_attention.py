@@ -286,3 +286,20 @@ def test_recording_with_gradients_on_keeps_no_graph(pipe):
                       encoder_attention_mask=enc.attention_mask).sample.sum().backward()
     assert rec._sums and all(not s.requires_grad for s, _ in rec._sums.values())
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["t2i", "diffusers"])
+def test_recording_changes_a_unet_forward_only_by_float_rounding(pipe, kind):
+    """README: recording computes cross-attention in explicit matmuls, so a forward differs by rounding only."""
+    from t2i.text import encode_prompts
+    unet = pipe.unet if kind == "t2i" else diffusers_pipeline().unet
+    enc = encode_prompts(pipe.tokenizer, pipe.text_encoder, PROMPTS)
+    x = torch.randn(len(PROMPTS), 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(encoder_hidden_states=enc.hidden_states, encoder_attention_mask=enc.attention_mask)
+    with torch.no_grad():
+        plain = unet(x, 500, **kw).sample
+        recorder = AttentionRecorder()
+        with recorder.record(unet, BatchLayout(enc, (16, 16), 1, False, 1)):
+            recorder.set_step(0)
+            recorded = unet(x, 500, **kw).sample
+    assert (plain - recorded).abs().max() < 1e-5

@@ -182,7 +182,10 @@ def test_eval_config_rejects_bad_sizes():
 
 
 def test_cli_evaluate_prints_table_and_writes_json(tmp_path, capsys):
+    from t2i.card import write_model_card
+    from t2i.config import load_config
     shapes_pipeline().save_pretrained(tmp_path / "model")
+    write_model_card(tmp_path / "model", load_config())
     out = tmp_path / "report.json"
     args = ["evaluate", "--model", str(tmp_path / "model"), "--num-prompts", "2", "--images-per-prompt", "1",
             "--steps", "2", "--calibration-prompts", "1", "--device", "cpu", "--json", str(out)]
@@ -192,6 +195,8 @@ def test_cli_evaluate_prints_table_and_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report["fidelity"]) == {"seen", "held-out", "paraphrase"}   # no train_config: assumed hold-out
     assert report["config"]["num_prompts"] == 2 and report["config"]["steps"] == 2
+    card = (tmp_path / "model" / "README.md").read_text()  # the model card now holds the table, once
+    assert "## Prompt fidelity" in card and "Not evaluated yet" not in card and card.count("## Evaluation") == 1
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--num-prompts", "0"]) == 2
     assert "num_prompts" in capsys.readouterr().err
 

@@ -247,3 +247,30 @@ def test_images_that_fail_only_when_decoded_are_skipped_and_counted(tmp_path):
         warnings.simplefilter("ignore")
         batches = data_stream(ds, load_config(None, ["train.batch_size=5"]))
         assert all(next(batches)["pixel_values"].shape == (5, 3, 16, 16) for _ in range(3))
+
+
+def test_index_beside_the_data_is_reused_and_invalidated_per_file(tmp_path, monkeypatch):
+    import t2i.data.folder as folder
+    from t2i.data.index import INDEX_NAME
+    for i in range(3):
+        make_image(tmp_path / f"{i}.png", seed=i)
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    first = ImageFolderDataset(tmp_path, size=8)
+    assert (first.index.checked, first.index.reused) == (3, 0)
+    saved = json.loads((tmp_path / INDEX_NAME).read_text())["files"]
+    assert saved["1.png"]["verified"] is True and saved["1.png"]["caption"] == "caption 1" and saved["1.png"]["size"] > 0
+
+    def no_verify(path):
+        raise AssertionError(f"{path} verified again")
+
+    monkeypatch.setattr(folder, "_is_readable_image", no_verify)  # a later run (or process) verifies nothing
+    again = ImageFolderDataset(tmp_path, size=8)
+    assert (again.index.checked, again.index.reused) == (0, 3) and again.captions == first.captions
+    monkeypatch.undo()
+    (tmp_path / "1.png").write_bytes(b"not an image any more")  # a changed file is verified again, alone
+    (tmp_path / "2.png").unlink()
+    (tmp_path / "2.txt").unlink()
+    with pytest.warns(UserWarning, match="Skipped 1 of 2"):
+        changed = ImageFolderDataset(tmp_path, size=8)
+    assert (changed.index.checked, changed.index.reused) == (1, 1) and changed.captions == ["caption 0"]
+    assert sorted(json.loads((tmp_path / INDEX_NAME).read_text())["files"]) == ["0.png", "1.png"]

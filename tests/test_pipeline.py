@@ -203,3 +203,51 @@ def test_steps_beyond_the_scheduler_are_refused_before_sampling(pipe):
         pipe("a red circle", num_inference_steps=1000)
     with pytest.raises(ValueError, match="positive multiples of 2"):
         pipe("a red circle", height=0, num_inference_steps=1)
+
+
+def test_prompt_embeds_latents_and_step_end_callback_as_in_diffusers(pipe):
+    from t2i.text import encode_prompts
+    kw = dict(num_inference_steps=2, output_type="np", guidance_scale=2.0)
+    ref = pipe("a red circle", negative_prompt="a blue square", generator=gen(3), **kw).images
+    cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle"])
+    uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a blue square"])
+    embeds = pipe(prompt_embeds=cond.hidden_states, prompt_attention_mask=cond.attention_mask,
+                  negative_prompt_embeds=uncond.hidden_states, negative_prompt_attention_mask=uncond.attention_mask,
+                  generator=gen(3), **kw).images
+    assert np.allclose(ref, embeds, atol=1e-6)
+    # the mask is honoured: all-ones (the default) attends to padding and gives another image
+    unmasked = pipe(prompt_embeds=cond.hidden_states, negative_prompt_embeds=uncond.hidden_states, generator=gen(3), **kw).images
+    assert not np.allclose(ref, unmasked, atol=1e-4)
+    # latents= is the initial noise a generator would draw
+    g = gen(3)
+    noise = torch.randn((1, 3, 16, 16), generator=g)  # the generator goes on to draw the scheduler's noise
+    assert np.allclose(ref, pipe("a red circle", negative_prompt="a blue square", latents=noise, generator=g, **kw).images,
+                       atol=1e-6)
+    # callback_on_step_end sees the named tensors and may replace them; the old callback still runs
+    seen, old = [], []
+
+    def on_step_end(p, i, t, tensors):
+        seen.append((p is pipe, i, sorted(tensors), tensors["prompt_embeds"].shape[0]))
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    out = pipe("a red circle", generator=gen(3), callback=lambda i, t, x: old.append(i), callback_on_step_end=on_step_end,
+               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **kw).images
+    assert seen == [(True, 0, ["latents", "prompt_embeds"], 2), (True, 1, ["latents", "prompt_embeds"], 2)] and old == [0, 1]
+    assert np.allclose(out, 0.5)  # zero latents after the last step decode to mid grey
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe("a red circle", callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["noise"], **kw)
+    with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
+        pipe("a red circle", prompt_embeds=cond.hidden_states, **kw)
+
+
+def test_diffusion_pipeline_from_pretrained_loads_an_exported_folder(pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # diffusers' own one-line advice
+        DiffusionPipeline.from_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded) is T2IPipeline
+    again = T2IPipeline.from_pretrained(tmp_path)  # no flag needed: the shim is t2i's own import
+    again.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, output_type="np")
+    assert np.array_equal(pipe("a red circle", generator=gen(), **kw).images, again("a red circle", generator=gen(), **kw).images)

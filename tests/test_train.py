@@ -51,7 +51,9 @@ def test_one_step_changes_the_weights_and_dozens_lower_the_loss():
 
 def test_resume_equals_uninterrupted(tmp_path):
     a = tiny_config(tmp_path / "a", "train.max_steps=4", "train.checkpoint_every=2")
-    assert (train(a) / "model_index.json").exists()
+    exported = train(a)
+    assert (exported / "model_index.json").exists()
+    assert "library_name: t2i" in (exported / "README.md").read_text()  # the model card
     b = tiny_config(tmp_path / "b", "train.max_steps=4", "train.checkpoint_every=2")
     assert train(b, stop_at=2) is None
     assert [p.name for p in ckpt.checkpoints(tmp_path / "b")] == ["checkpoint-0000002"]
@@ -387,3 +389,84 @@ def test_data_workers_leave_signals_to_the_training_process():
         os.kill(worker.pid, signal.SIGINT)
         os.kill(worker.pid, signal.SIGTERM)
     assert all(len(next(batches)["i"]) == 2 for _ in range(20))
+
+
+def test_report_to_none_writes_no_logs_and_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
+    assert train(tiny_config(tmp_path / "none", "train.max_steps=1", "train.report_to=none")) is not None
+    assert not (tmp_path / "none" / "tensorboard").exists()
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install wandb"):
+        train(tiny_config(tmp_path / "wandb", "train.max_steps=1", "train.report_to=wandb"))
+    with pytest.raises(ValueError, match="report_to"):
+        tiny_config(tmp_path, "train.report_to=mlflow")
+
+
+@pytest.mark.parametrize("yaml_value, launched, expected", [(None, "bf16", "bf16"), ("no", "bf16", "no"),
+                                                            (None, None, "no"), ("bf16", None, "bf16")])
+def test_mixed_precision_from_accelerate_unless_the_yaml_sets_it(tmp_path, monkeypatch, yaml_value, launched, expected):
+    """`accelerate launch --mixed_precision X` sets ACCELERATE_MIXED_PRECISION; an explicit YAML value wins."""
+    import t2i.train
+    from accelerate.state import AcceleratorState
+    if launched:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    else:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(t2i.train, "_train", lambda cfg, accelerator, *a: accelerator.mixed_precision)
+    extra = [] if yaml_value is None else [f"train.mixed_precision={yaml_value}"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        assert train(tiny_config(tmp_path, *extra)) == expected
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_train_gradient_checkpointing_switch(tmp_path, monkeypatch):
+    from t2i.unet import T2IUNet
+    enabled = []
+    real = T2IUNet.enable_gradient_checkpointing
+    monkeypatch.setattr(T2IUNet, "enable_gradient_checkpointing", lambda self, *a: (enabled.append(True), real(self, *a)))
+    assert train(tiny_config(tmp_path, "train.max_steps=1", "train.gradient_checkpointing=true")) is not None
+    assert enabled == [True]
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        tiny_config(tmp_path, "train.gradient_checkpointing=true", "train.grounding_weight=0.1")
+
+
+TRACED = '''import os, sys
+import t2i.data.folder as folder, t2i.text as text
+def traced(module, name):
+    real = getattr(module, name)
+    def call(*a, **k):
+        with open(os.environ["T2I_TRACE"], "a") as f:
+            f.write(f"{name} {os.environ.get('RANK', '0')}\\n")
+        return real(*a, **k)
+    setattr(module, name, call)
+traced(text, "build_offline_tokenizer"); traced(folder, "_is_readable_image")
+from t2i.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_two_processes_share_the_folder_index_and_the_tokenizer(tmp_path):
+    """The main process verifies the image folder and learns the tokenizer; the other reads both."""
+    import numpy as np
+    from PIL import Image
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, caption in enumerate(["a red circle", "a blue square", "a green triangle", "a red square"]):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    (tmp_path / "traced.py").write_text(TRACED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "T2I_TRACE": str(tmp_path / "trace.txt"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "traced.py"), "train",
+           *TINY, "data.kind=folder", f"data.root={data}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
+           "train.checkpoint_every=1"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    trace = (tmp_path / "trace.txt").read_text().split()
+    assert trace.count("build_offline_tokenizer") == 1 and trace[trace.index("build_offline_tokenizer") + 1] == "0"
+    assert trace.count("_is_readable_image") == 4 and set(trace[1::2]) == {"0"}  # rank 1 verified nothing
+    assert (data / ".t2i-index.json").exists()

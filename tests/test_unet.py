@@ -82,3 +82,38 @@ def test_save_pretrained_is_safetensors(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     ctx = torch.randn(1, 3, 32)
     assert torch.allclose(unet(x, 1, ctx).sample, again(x, 1, ctx).sample, atol=1e-6)
+
+
+def test_gradient_checkpointing_leaves_outputs_and_gradients_unchanged():
+    torch.manual_seed(0)
+    unet = build_unet("tiny", sample_size=16, cross_attention_dim=8)
+    x, ctx = torch.randn(2, 3, 16, 16), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+
+    def grads():
+        unet.zero_grad()
+        out = unet(x, torch.tensor([10, 700]), ctx, mask).sample
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+    plain, g_plain = grads()
+    calls = []
+
+    def checkpoint(module, *args):  # diffusers' hook: count the blocks it recomputes
+        calls.append(type(module).__name__)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    unet.enable_gradient_checkpointing(checkpoint)
+    assert unet.is_gradient_checkpointing
+    again, g_ckpt = grads()
+    assert "ResBlock" in calls and "SpatialTransformer" in calls
+    torch.testing.assert_close(again, plain, atol=0, rtol=0)
+    assert g_plain.keys() == g_ckpt.keys()
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():  # sampling does not checkpoint
+        calls.clear()
+        unet(x, 10, ctx, mask)
+        assert not calls
+    unet.disable_gradient_checkpointing()
+    assert not unet.is_gradient_checkpointing

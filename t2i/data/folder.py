@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from t2i.data.index import FolderIndex
 from t2i.data.transforms import CROP_MODES, CropMode, horizontal_flip, load_rgb, resize_and_crop, to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -163,8 +164,9 @@ class ImageFolderDataset(Dataset):
                 f"{', '.join(IMAGE_EXTENSIONS)}, any case). Check the path, or convert your images to one of these types."
             )
 
-        # 3. Skip images PIL cannot read, with one warning.
-        ok = [_is_readable_image(p) for p in images]
+        # 3. Skip images PIL cannot read, with one warning; the index beside the data keeps each verdict.
+        index = FolderIndex(self.root)
+        ok = [index.verified(p, _is_readable_image) for p in images]
         readable = [p for p, good in zip(images, ok) if good]
         self.skipped: list[Path] = [p for p, good in zip(images, ok) if not good]
         if self.skipped:
@@ -194,6 +196,8 @@ class ImageFolderDataset(Dataset):
             )
         self.paths: list[Path] = readable
         self.captions: list[str] = [captions[p] for p in readable]
+        index.save(images, captions)
+        self.index = index
 
         # 5. Flipping mirrors the image but not the words.
         if self.flip:
