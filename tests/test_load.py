@@ -42,8 +42,9 @@ def test_twenty_concurrent_generates_finish_and_memory_is_flat(served):
         time.sleep(1.0)
         memory.append(_rss_mb(proc.pid))
     latencies = sorted(s for _, s in results)
+    median = latencies[len(latencies) // 2]
     print(f"\nserver ready in {start_s:.1f} s; {ROUNDS} rounds of {VISITORS} concurrent generates: "
-          f"{', '.join(f'{w:.1f} s' for w in walls)} wall; last round's latency median {latencies[len(latencies) // 2]:.2f} s, "
+          f"{', '.join(f'{w:.1f} s' for w in walls)} wall; last round's latency median {median:.2f} s, "
           f"max {latencies[-1]:.2f} s; server RSS after warm-up and each round: "
           f"{', '.join(f'{m:.0f}' for m in memory)} MiB")
     assert proc.poll() is None
