@@ -9,11 +9,9 @@ import json
 import sys
 from pathlib import Path
 
+from t2i.evaluate import pct
+
 FIDELITY = ("colour", "shape", "size", "position", "relation", "count", "exact")
-
-
-def pct(rate) -> str:
-    return "–" if rate is None else f"{100 * rate:.1f}"
 
 
 def main() -> None:

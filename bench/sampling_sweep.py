@@ -12,7 +12,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from t2i.evaluate import EvalConfig, paraphrase_scenes, prompt_scenes, sample_and_score, training_world
+from t2i.evaluate import EvalConfig, paraphrase_scenes, pct, prompt_scenes, sample_and_score, training_world
 from t2i.metrics import GENEVAL
 from t2i.pipeline import load_pipeline
 
@@ -48,8 +48,8 @@ def main() -> None:
                     tally, _, images = sample_and_score(pipe, scenes, config, split_id, args.images_per_prompt, bar)
                     per_image = (time.perf_counter() - t0) / images
                     overall = [tally.rate(m) for m in GENEVAL if tally.rate(m) is not None]
-                    rows[name].append([str(n), f"{g:g}"] + [_pct(tally.rate(m)) for m in COLUMNS]
-                                      + [_pct(sum(overall) / len(overall)), f"{per_image:.3f}"])
+                    rows[name].append([str(n), f"{g:g}"] + [pct(tally.rate(m)) for m in COLUMNS]
+                                      + [pct(sum(overall) / len(overall)), f"{per_image:.3f}"])
     print(f"# Fidelity against steps and guidance: {args.model or 'the shipped model'}; {machine(pipe.device)}")
     print(f"{args.num_prompts} prompts x {args.images_per_prompt} images per split and cell, seed {args.seed}, "
           f"scheduler {type(pipe.scheduler).__name__}")
@@ -60,10 +60,6 @@ def main() -> None:
         print("|" + "---|" * len(header))
         for r in table:
             print("| " + " | ".join(r) + " |")
-
-
-def _pct(rate: float | None) -> str:
-    return "–" if rate is None else f"{100 * rate:.1f}"
 
 
 if __name__ == "__main__":

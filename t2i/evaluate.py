@@ -335,7 +335,8 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
 # The printed report.
 
 
-def _pct(rate: float | None) -> str:
+def pct(rate: float | None) -> str:
+    """A rate in [0, 1] as a percentage with one decimal, "–" for None (the report tables' cells)."""
     return "–" if rate is None else f"{100 * rate:.1f}"
 
 
@@ -360,14 +361,14 @@ def format_report(report: EvalReport) -> str:
         ge = sources["model"]["geneval"]
         rates = [ge[m]["rate"] for m in GENEVAL]
         known = [r for r in rates if r is not None]
-        rows.append([split, str(sources["model"]["images"])] + [_pct(r) for r in rates]
-                    + [_pct(sum(known) / len(known) if known else None)])
+        rows.append([split, str(sources["model"]["images"])] + [pct(r) for r in rates]
+                    + [pct(sum(known) / len(known) if known else None)])
     out += _table(["split", "n"] + list(GENEVAL) + ["overall"], rows)
     out += [""] + [f"- {m}: {GENEVAL_HELP[m]}" for m in GENEVAL]
     out += ["", "## Prompt fidelity (% of trials, judged by the segmenter)"]
     labels = {"model": "model", "training images": "training images (ceiling)", "noise": "uniform noise (chance)",
               "another prompt's scene": "another prompt's scene (chance)"}
-    rows = [[split, labels[src], str(r["images"])] + [_pct(r[m]["rate"]) for m in FIDELITY]
+    rows = [[split, labels[src], str(r["images"])] + [pct(r[m]["rate"]) for m in FIDELITY]
             for split, sources in report.fidelity.items() for src, r in sources.items()]
     out += _table(["split", "images", "n"] + list(FIDELITY), rows)
     out += [""] + [f"- {m}: {FIDELITY_HELP[m]}" for m in FIDELITY]
@@ -380,7 +381,7 @@ def format_report(report: EvalReport) -> str:
             for src in MAP_SOURCES:
                 tau = "any" if src == "uniform" else f"{report.tau[src]:.1f}"
                 rows.append([split, "noun" if word_class == "noun" else "colour adj.", str(e["scored"]),
-                             str(e["not_found"]), src, tau, _pct(e[src]["miou"]), _pct(e[src]["pointing"])])
+                             str(e["not_found"]), src, tau, pct(e[src]["miou"]), pct(e[src]["pointing"])])
     rows.append(["(published)", "noun", "–", "–", "DAAM, Stable Diffusion †", "0.4",
                  f"{DAAM_NOUN_MIOU[0]}–{DAAM_NOUN_MIOU[1]}", "–"])
     out += _table(["split", "word", "scored", "not found", "map", "tau", "mIoU", "pointing"], rows)
@@ -394,7 +395,7 @@ def format_report(report: EvalReport) -> str:
         from .faithfulness import faithfulness_table
         out += ["", f"## Faithfulness: attention against what the word does ({c.effect_prompts} prompts per split, "
                     "each object word silenced in turn, same seed)"]
-        out += faithfulness_table(report.faithfulness, _table, _pct)
+        out += faithfulness_table(report.faithfulness, _table, pct)
         out += ["", "Effect of silencing: the per-pixel change of the image when the word's attention is set to 0 "
                     "(prompt-to-prompt reweighting, conditional branch). Pointing: the map's maximum lies inside "
                     "the object's mask; share in mask: the share of the map's mass inside it (for the effect map: "
