@@ -251,3 +251,11 @@ def test_diffusion_pipeline_from_pretrained_loads_an_exported_folder(pipe, tmp_p
     again.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=2, output_type="np")
     assert np.array_equal(pipe("a red circle", generator=gen(), **kw).images, again("a red circle", generator=gen(), **kw).images)
+
+
+def test_the_shipped_model_loads_through_diffusers_generic_loader():
+    """The folder `t2i generate` uses out of the box is itself a diffusers custom pipeline."""
+    from diffusers import DiffusionPipeline
+    from t2i.pipeline import DEFAULT_MODEL
+    loaded = DiffusionPipeline.from_pretrained(DEFAULT_MODEL, trust_remote_code=True)
+    assert type(loaded) is T2IPipeline and loaded.unet.config.sample_size == 32
