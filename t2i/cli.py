@@ -311,6 +311,14 @@ def cmd_train(args) -> int | None:
 
 
 def cmd_make_dataset(args) -> None:
+    if args.name == "shards":
+        if not args.source:
+            raise ValueError("make-dataset shards needs --from FOLDER, the image folder to shard")
+        from .data.shards import write_shards
+        n = write_shards(args.source, args.out, args.shard_size)
+        print(f"wrote {n} images in {-(-n // args.shard_size)} shards to {args.out}; train on them with "
+              f"data.kind=shards data.root={args.out}")
+        return
     from .data.shapes import ShapesConfig, write_image_folder
     cfg = ShapesConfig(size=args.size, seed=args.seed, max_objects=args.max_objects)
     write_image_folder(cfg, args.num, args.out)
@@ -423,13 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
-    m = sub.add_parser("make-dataset", help="write the shapes world as an image folder")
-    m.add_argument("name", choices=["shapes"])
-    m.add_argument("--num", type=int, default=1000)
-    m.add_argument("--size", type=int, default=32)
-    m.add_argument("--max-objects", type=int, default=3)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--out", required=True)
+    m = sub.add_parser("make-dataset", help="write the shapes world as an image folder, or shard an image folder")
+    m.add_argument("name", choices=["shapes", "shards"], help="shapes: an image folder of the shapes world; "
+                   "shards: an image folder (--from) as Arrow shards for data.kind=shards (needs datasets)")
+    m.add_argument("--num", type=int, default=1000, help="shapes: images to write")
+    m.add_argument("--size", type=int, default=32, help="shapes: image side in px")
+    m.add_argument("--max-objects", type=int, default=3, help="shapes: most objects per image")
+    m.add_argument("--seed", type=int, default=0, help="shapes: seed of the scenes")
+    m.add_argument("--from", dest="source", help="shards: the image folder (captions as for data.kind=folder)")
+    m.add_argument("--shard-size", type=int, default=1000, help="shards: most images per shard (default: 1000)")
+    m.add_argument("--out", required=True, help="a new folder")
     m.set_defaults(func=cmd_make_dataset)
 
     e = sub.add_parser("evaluate", help="score prompt fidelity and heatmap localisation on seen and held-out "

@@ -14,8 +14,8 @@ import yaml
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "shapes"                 # "shapes" (procedural, streamed) or "folder" (a user's images)
-    root: str | None = None              # the image folder, for kind=folder
+    kind: str = "shapes"                 # "shapes" (procedural), "folder" (a user's images) or "shards"
+    root: str | None = None              # the image folder (kind=folder) or the shard folder (kind=shards)
     size: int = 32                       # training resolution (square)
     crop: str = "center"                 # "center" or "random"
     flip: bool = False                   # horizontal flips (warns when captions say left/right)
@@ -106,8 +106,11 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         checks = [
-            (self.data.kind in ("shapes", "folder"), "data.kind must be 'shapes' or 'folder'"),
+            (self.data.kind in ("shapes", "folder", "shards"), "data.kind must be 'shapes', 'folder' or 'shards'"),
             (self.data.kind != "folder" or self.data.root, "data.kind=folder needs data.root=PATH/TO/IMAGES"),
+            (self.data.kind != "shards" or self.data.root, "data.kind=shards needs data.root=PATH/TO/SHARDS"),
+            (self.data.kind != "shards" or self.train.grounding_weight == 0,
+             "train.grounding_weight needs per-word masks, which only image folders carry: use data.kind=folder"),
             (self.data.crop in ("center", "random"), "data.crop must be 'center' or 'random'"),
             (self.noise.prediction_type in ("epsilon", "v_prediction"),
              "noise.prediction_type must be 'epsilon' or 'v_prediction'"),

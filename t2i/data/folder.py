@@ -117,14 +117,89 @@ def _pick_column(row: dict, names: tuple[str, ...], what: str, where: str) -> st
     )
 
 
-class ImageFolderDataset(Dataset):
+class CaptionedImages(Dataset):
+    """What every source of captioned images shares: {"pixel_values": (3, size, size) in [-1, 1], "text": str}
+    with crops and flips a pure function of (seed, epoch, index), and a stand-in for an image that fails to
+    decode. A subclass sets `captions` and implements `_open(index)` (a PIL image) and `_name(index)`."""
+
+    shuffle = True  # items come in storage order: the training stream permutes them each epoch
+    captions: list[str]
+    grounding = False
+
+    def _check_view(self, size: int, crop: CropMode, flip: bool, seed: int) -> None:
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"size must be a positive int (image side in pixels), got {size!r}.")
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}.")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+        self.size, self.crop, self.flip, self.seed = size, crop, bool(flip), seed
+        self.epoch = 0
+        self.unreadable: set[int] = set()  # items that passed the up-front check but failed to decode
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crops and flips __getitem__ returns."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}.")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Union[torch.Tensor, str]]:
+        """{"pixel_values": float32 (3, size, size) in [-1, 1], "text": caption}. An image that fails to decode
+        although it passed the up-front check (a truncated JPEG) is skipped, named in a warning and counted in
+        `unreadable`; the next image that decodes stands in for it, the same one every time."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images.")
+        start = index % len(self)
+        for k in range(len(self)):
+            index = (start + k) % len(self)
+            image = self._decode(index)
+            if image is not None:
+                break
+        else:
+            raise ValueError(f"None of the {len(self)} images in {str(self.root)!r} could be decoded.")
+        rng = np.random.default_rng([self.seed, self.epoch, index])  # no global RNG: resumable
+        image = resize_and_crop(image, self.size, self.crop, rng)
+        if self.flip and rng.random() < 0.5:
+            image = horizontal_flip(image)
+        item = {"pixel_values": to_tensor(image), "text": self.captions[index]}
+        if self.grounding:
+            item.update(self._grounding_targets(index))
+        return item
+
+    def _decode(self, index: int) -> Image.Image | None:
+        """Image `index` as RGB, or None (with a warning the first time) when it cannot be decoded."""
+        if index in self.unreadable:
+            return None
+        try:
+            return self._open(index)
+        except Exception as error:  # PIL raises many types on damaged data
+            self.unreadable.add(index)
+            worker = torch.utils.data.get_worker_info()
+            where = f" by data worker {worker.id}" if worker is not None else ""
+            warnings.warn(f"skipped {self._name(index)}: it could not be decoded ({error}); the next image stands in "
+                          f"for it. {len(self.unreadable)} of {len(self)} images skipped so far{where}. "
+                          "Delete or re-export it to silence this.", stacklevel=4)
+            return None
+
+    def _open(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def _name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _grounding_targets(self, index: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class ImageFolderDataset(CaptionedImages):
     """Images under `root` (recursive) with captions, as {"pixel_values": (3, size, size) in [-1, 1], "text": str}.
 
     Corrupt images are skipped with one warning; images without captions, captions
     without images, and an empty folder are ValueErrors.
     """
-
-    shuffle = True  # files come in path order: the training stream permutes them each epoch
 
     def __init__(
         self,
@@ -141,19 +216,11 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir():
             what = "is not a folder" if self.root.exists() else "does not exist"
             raise ValueError(f"Dataset root {str(self.root)!r} {what}; pass the folder that holds your images.")
-        if not isinstance(size, int) or size <= 0:
-            raise ValueError(f"size must be a positive int (image side in pixels), got {size!r}.")
-        if crop not in CROP_MODES:
-            raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}.")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-        self.size, self.crop, self.flip, self.seed = size, crop, bool(flip), seed
+        self._check_view(size, crop, flip, seed)
         self.caption_column = caption_column
         self.grounding = grounding
-        self.epoch = 0
         self.masks: dict[Path, list[tuple[int, int, Path]]] = {}  # image -> (start, end, mask file) per word
         self.mask_files: set[Path] = set()
-        self.unreadable: set[Path] = set()  # images that passed the up-front check but failed to decode
 
         # 2. Find images and caption files.
         files = list(_walk(self.root))
@@ -253,53 +320,11 @@ class ImageFolderDataset(Dataset):
             )
         return captions
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random crops and flips __getitem__ returns."""
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}.")
-        self.epoch = epoch
+    def _open(self, index: int) -> Image.Image:
+        return load_rgb(self.paths[index])
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, Union[torch.Tensor, str]]:
-        """{"pixel_values": float32 (3, size, size) in [-1, 1], "text": caption}. An image that fails to decode
-        although it passed the up-front check (a truncated JPEG) is skipped, named in a warning and counted in
-        `unreadable`; the next image that decodes stands in for it, the same one every time."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images.")
-        start = index % len(self)
-        for k in range(len(self)):
-            index = (start + k) % len(self)
-            image = self._decode(index)
-            if image is not None:
-                break
-        else:
-            raise ValueError(f"None of the {len(self)} images in {str(self.root)!r} could be decoded.")
-        rng = np.random.default_rng([self.seed, self.epoch, index])  # no global RNG: resumable
-        image = resize_and_crop(image, self.size, self.crop, rng)
-        if self.flip and rng.random() < 0.5:
-            image = horizontal_flip(image)
-        item = {"pixel_values": to_tensor(image), "text": self.captions[index]}
-        if self.grounding:
-            item.update(self._grounding_targets(index))
-        return item
-
-    def _decode(self, index: int) -> Image.Image | None:
-        """Image `index` as RGB, or None (with a warning the first time) when it cannot be decoded."""
-        path = self.paths[index]
-        if path in self.unreadable:
-            return None
-        try:
-            return load_rgb(path)
-        except Exception as error:  # PIL raises many types on damaged data
-            self.unreadable.add(path)
-            worker = torch.utils.data.get_worker_info()
-            where = f" by data worker {worker.id}" if worker is not None else ""
-            warnings.warn(f"skipped {str(_relative(path, self.root))!r}: it could not be decoded ({error}); the next "
-                          f"image stands in for it. {len(self.unreadable)} of {len(self)} images skipped so far{where}. "
-                          "Delete or re-export it to silence this.", stacklevel=3)
-            return None
+    def _name(self, index: int) -> str:
+        return repr(str(_relative(self.paths[index], self.root)))
 
     def _grounding_targets(self, index: int) -> dict[str, torch.Tensor]:
         """Spans (K, 2) and masks (K, size, size) of the image's grounded words, cropped like the image."""

@@ -19,6 +19,10 @@ def build_dataset(cfg: RunConfig) -> tuple[Dataset, list[str]]:
         from .shapes import ShapesDataset, caption_corpus, shapes_world
         world = shapes_world(d, "train")
         return ShapesDataset(world, length=2**31 - 1, grounding=grounding), caption_corpus(world)
+    if d.kind == "shards":
+        from .shards import ShardDataset
+        ds = ShardDataset(d.root, size=d.size, crop=d.crop, flip=d.flip, seed=d.seed, caption_column=d.caption_column)
+        return ds, ds.captions
     from .folder import ImageFolderDataset
     ds = ImageFolderDataset(d.root, size=d.size, crop=d.crop, flip=d.flip, seed=d.seed, caption_column=d.caption_column,
                             grounding=grounding)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from typing import Literal, Union
+from typing import BinaryIO, Literal, Union
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ def _to_8bit_grey(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8))  # (H, W) -> "L"
 
 
-def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open an image file as an 8-bit RGB PIL image (H, W, 3).
+def load_rgb(path: Union[str, os.PathLike, BinaryIO]) -> Image.Image:
+    """Open an image file (a path or a binary file object) as an 8-bit RGB PIL image (H, W, 3).
 
     Handles every PIL mode: palette, greyscale, 16-bit, CMYK, and alpha (composited on
     white, so transparent backgrounds do not turn black). Applies the EXIF orientation so

@@ -1,0 +1,117 @@
+# Sharded input for datasets past one folder walk: Arrow shards written by Hugging Face `datasets`
+# (`t2i make-dataset shards`), or Parquet files, memory-mapped by every process and read by index.
+"""ShardDataset: captioned images stored in shards, for data.kind=shards.
+
+`t2i make-dataset shards --from FOLDER --out DIR` verifies an image folder once and writes its images (the
+encoded file bytes, not pixels) and captions as `DIR/data-0000k-of-0000n.arrow` with `datasets`'
+`save_to_disk`. Every training process memory-maps the shards: opening them costs no pass over the data, and
+a shared filesystem serves all machines. A folder of Parquet files (a Hub dataset saved locally) also works;
+`datasets` converts it once into its cache, on the main process first.
+
+Shard sizes do not matter for distributed training: each process indexes the whole dataset and the training
+stream hands it `batch_size` samples of every global batch (`t2i.data.stream.CounterSampler`), so no process
+runs out of data before the others (the hang of a split-by-shard reader whose shards are uneven).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+from PIL import Image
+
+from t2i.data.folder import CaptionedImages, ImageFolderDataset
+from t2i.data.transforms import CropMode, load_rgb
+
+NEEDS_DATASETS = "data.kind=shards needs the Hugging Face datasets library: pip install datasets"
+IMAGE_COLUMNS = ("image", "img", "jpg", "png")
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(NEEDS_DATASETS) from None
+    return datasets
+
+
+def write_shards(folder: Union[str, os.PathLike], out: Union[str, os.PathLike], shard_size: int = 1000) -> int:
+    """Verify the image folder (captions, readable images; see ImageFolderDataset) and write its images and
+    captions as Arrow shards of at most `shard_size` rows in the new folder `out`. Returns the row count."""
+    datasets = _datasets()
+    out = Path(out)
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}.")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{str(out)!r} is not empty; pass a new folder for the shards (nothing is overwritten).")
+    source = ImageFolderDataset(folder)
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+
+    def rows():
+        for path, caption in zip(source.paths, source.captions):
+            yield {"image": {"bytes": path.read_bytes(), "path": path.name}, "text": caption}
+
+    with tempfile.TemporaryDirectory() as cache:  # from_generator's own cache: gone once the shards are written
+        table = datasets.Dataset.from_generator(rows, features=features, cache_dir=cache)
+        table.save_to_disk(str(out), num_shards=math.ceil(len(table) / shard_size))
+    return len(source)
+
+
+class ShardDataset(CaptionedImages):
+    """Rows of Arrow shards (save_to_disk) or Parquet files under `root`, as {"pixel_values": (3, size, size)
+    in [-1, 1], "text": str}, with the crops and flips of ImageFolderDataset (same seed, same pixels)."""
+
+    def __init__(self, root: Union[str, os.PathLike], size: int = 32, crop: CropMode = "center", flip: bool = False,
+                 seed: int = 0, caption_column: str = "text") -> None:
+        # 1. Check arguments and open the shards.
+        datasets = _datasets()
+        self.root = Path(root).expanduser().absolute()
+        self._check_view(size, crop, flip, seed)
+        if not self.root.is_dir():
+            what = "is not a folder" if self.root.exists() else "does not exist"
+            raise ValueError(f"Shard folder {str(self.root)!r} {what}; write one with `t2i make-dataset shards`.")
+        parquet = sorted(str(p) for p in self.root.rglob("*.parquet"))
+        if (self.root / "state.json").is_file():
+            table = datasets.load_from_disk(str(self.root))
+        elif parquet:
+            table = datasets.load_dataset("parquet", data_files=parquet, split="train")
+        else:
+            raise ValueError(f"{str(self.root)!r} holds no shards (no state.json of datasets' save_to_disk, no "
+                             "*.parquet files); write them with `t2i make-dataset shards --from FOLDER --out DIR`.")
+        if not isinstance(table, datasets.Dataset):
+            raise ValueError(f"{str(self.root)!r} holds several splits; pass the folder of one (e.g. {self.root}/train).")
+
+        # 2. Find the image and caption columns.
+        columns = list(table.features)
+        images = [c for c in columns if isinstance(table.features[c], datasets.Image)] or \
+                 [c for c in IMAGE_COLUMNS if c in columns]
+        wanted = (caption_column, "caption") if caption_column == "text" else (caption_column,)
+        captions = [c for c in wanted if c in columns]
+        if not images or not captions:
+            missing = "an image column" if not images else f"a caption column ({' or '.join(map(repr, wanted))})"
+            raise ValueError(f"the shards in {str(self.root)!r} have no {missing}; their columns are {columns}. "
+                             "Pass data.caption_column=<name> for another caption column.")
+        self.image_column, caption_column = images[0], captions[0]
+        self.table = table.cast_column(self.image_column, datasets.Image(decode=False))  # bytes: we decode
+
+        # 3. Every row needs a caption.
+        self.captions = [(c or "").strip() for c in table.data.column(caption_column).to_pylist()]
+        empty = [i for i, c in enumerate(self.captions) if not c]
+        if not self.captions:
+            raise ValueError(f"the shards in {str(self.root)!r} hold no rows.")
+        if empty:
+            raise ValueError(f"{len(empty)} of {len(self.captions)} rows have no caption (or an empty one), e.g. rows "
+                             f"{empty[:5]}; fix the source and write the shards again.")
+
+    def _open(self, index: int) -> Image.Image:
+        cell = self.table[index][self.image_column]
+        if cell.get("bytes") is None:  # a Parquet row that points at a file instead of holding it
+            return load_rgb(self.root / cell["path"])
+        return load_rgb(io.BytesIO(cell["bytes"]))
+
+    def _name(self, index: int) -> str:
+        return f"row {index} of the shards in {str(self.root)!r}"

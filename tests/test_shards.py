@@ -1,0 +1,119 @@
+"""Sharded input (data.kind=shards): `t2i make-dataset shards`, reading back, errors, and two processes on
+uneven shards."""
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("datasets")
+
+from t2i.cli import main  # noqa: E402
+from t2i.data.folder import ImageFolderDataset  # noqa: E402
+from t2i.data.shards import ShardDataset  # noqa: E402
+
+from test_train import TINY  # noqa: E402
+
+
+def image_folder(path, n, side=20):
+    """n noise images of assorted sizes with .txt captions."""
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (side + i % 3, side + 2 * (i % 2), 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path / f"{i:02d}.png")
+        (path / f"{i:02d}.txt").write_text(f"a {['red', 'blue', 'green'][i % 3]} {['circle', 'square'][i % 2]} {i}")
+    return path
+
+
+def test_shards_hold_the_folder_and_give_its_samples(tmp_path):
+    folder = image_folder(tmp_path / "images", 7)
+    assert main(["make-dataset", "shards", "--from", str(folder), "--shard-size", "3", "--out", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.arrow")) == [f"data-0000{k}-of-00003.arrow" for k in range(3)]
+    view = dict(size=16, crop="random", flip=True, seed=5)
+    shards, images = ShardDataset(tmp_path / "s", **view), ImageFolderDataset(folder, **view)
+    assert len(shards) == 7 and shards.captions == images.captions
+    for epoch in (0, 3):
+        shards.set_epoch(epoch), images.set_epoch(epoch)
+        for i in range(7):
+            a, b = shards[i], images[i]
+            assert a["text"] == b["text"] and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_parquet_files_read_as_shards(tmp_path):
+    import datasets
+    rows = {"image": [{"bytes": _png(i), "path": None} for i in range(5)],
+            "caption": [f"a red circle {i}" for i in range(5)]}
+    table = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(),
+                                                                         "caption": datasets.Value("string")}))
+    (tmp_path / "pq").mkdir()
+    table.select(range(4)).to_parquet(tmp_path / "pq" / "a.parquet")
+    table.select([4]).to_parquet(tmp_path / "pq" / "b.parquet")
+    ds = ShardDataset(tmp_path / "pq", size=8)
+    assert len(ds) == 5 and ds[4]["text"] == "a red circle 4"
+    assert torch.allclose(ds[2]["pixel_values"], torch.full((3, 8, 8), 2 * 40 / 127.5 - 1))
+
+
+def _png(i):
+    import io
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_shard_errors_name_the_problem_and_the_fix(tmp_path):
+    folder = image_folder(tmp_path / "images", 2)
+    with pytest.raises(ValueError, match="holds no shards .*make-dataset shards"):
+        ShardDataset(folder)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert main(["make-dataset", "shards", "--from", str(folder), "--out", str(tmp_path / "full")]) == 2
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert main(["make-dataset", "shards", "--out", str(tmp_path / "s")]) == 2  # no --from
+    assert main(["make-dataset", "shards", "--from", str(folder), "--out", str(tmp_path / "s")]) == 0
+    with pytest.raises(ValueError, match=r"no a caption column \('words'\).*columns are \['image', 'text'\]"):
+        ShardDataset(tmp_path / "s", caption_column="words")
+    from t2i.config import load_config
+    with pytest.raises(ValueError, match="data.kind=shards needs data.root"):
+        load_config(None, ["data.kind=shards"])
+    with pytest.raises(ValueError, match="only image folders carry"):
+        load_config(None, ["data.kind=shards", "data.root=x", "train.grounding_weight=0.1"])
+
+
+TRACED = '''
+import os, sys
+from t2i.data import shards
+real = shards.ShardDataset.__getitem__
+def traced(self, index):
+    with open(os.environ["T2I_TRACE"], "a") as f:
+        f.write(f"{os.environ.get('RANK', '0')} {index} {self.epoch}\\n")
+    return real(self, index)
+shards.ShardDataset.__getitem__ = traced
+from t2i.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_two_processes_get_equal_samples_from_uneven_shards(tmp_path):
+    """11 images in shards of 4, 4 and 3; two processes of batch 2 for 3 steps draw 12 samples: each process 6,
+    and together every image of epoch 0 once before epoch 1 begins."""
+    folder = image_folder(tmp_path / "images", 11, side=16)
+    assert main(["make-dataset", "shards", "--from", str(folder), "--shard-size", "4", "--out", str(tmp_path / "s")]) == 0
+    (tmp_path / "traced.py").write_text(TRACED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "T2I_TRACE": str(tmp_path / "trace.txt"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "traced.py"), "train",
+           *TINY, "data.kind=shards", f"data.root={tmp_path / 's'}", "train.batch_size=2",
+           f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.checkpoint_every=3"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    drawn = [tuple(map(int, line.split())) for line in (tmp_path / "trace.txt").read_text().splitlines()]
+    assert Counter(rank for rank, _, _ in drawn) == {0: 6, 1: 6}
+    first = sorted(index for _, index, epoch in drawn if epoch == 0)
+    assert first == list(range(11)) and [epoch for _, _, epoch in drawn].count(1) == 1
