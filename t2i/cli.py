@@ -2,140 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import itertools
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import sys
-import unicodedata
 import warnings
 from pathlib import Path
-from typing import Iterator
+
+from .sampling import (new_out_folder, png_metadata, sampling_device, sampling_pipeline, save_new_png, slug,
+                       use_idle_cores)
 
 SAMPLING_COMMANDS = ("generate", "heatmap", "effect", "evaluate", "serve")
-MAX_SIZE_FACTOR = 8  # --height/--width: at most 8x the model's sample size (pixel space: memory grows with the area)
-BOUNDS = {"upscale": (1, 16), "size": (32, 2048), "steps": (1, None), "height": (1, None), "width": (1, None),
-          "num_images": (1, None)}  # option: (least, most); None: no fixed bound
-
-
-def check_options(args) -> None:
-    """Bad options of a sampling command, one line each, before anything is loaded or sampled."""
-    for name, (least, most) in BOUNDS.items():
-        value, flag = getattr(args, name, None), "--" + name.replace("_", "-")
-        if value is not None and value < least:
-            raise ValueError(f"{flag} must be at least {least}, got {value}")
-        if value is not None and most is not None and value > most:
-            raise ValueError(f"{flag} must be at most {most}, got {value}")
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
-
-
-def check_against_model(args, pipe) -> None:
-    """Options bounded by the loaded model: steps by its scheduler, image size by its sample size."""
-    from .pipeline import max_inference_steps
-    most = max_inference_steps(pipe.scheduler)
-    if args.steps is not None and args.steps > most:
-        raise ValueError(f"--steps must be at most {most} (fewer than the scheduler's training timesteps), "
-                         f"got {args.steps}")
-    sample_size = pipe.unet.config.sample_size
-    for name in ("height", "width"):
-        value = getattr(args, name, None)
-        if value is not None and value > MAX_SIZE_FACTOR * sample_size:
-            raise ValueError(f"--{name} must be at most {MAX_SIZE_FACTOR * sample_size} ({MAX_SIZE_FACTOR}x the "
-                             f"model's sample size {sample_size}), got {value}")
-
-
-def sampling_device(name: str | None):
-    """The torch device of --device (default: cuda when available), or a ValueError saying what to use."""
-    import torch
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available on this machine (or torch was built "
-                         "without CUDA); use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: use cpu or cuda")
-    return device
-
-
-def sampling_threads(cores: int, load: float) -> int:
-    """Torch threads for sampling on the CPU: the cores other work leaves idle (by the 1-minute load
-    average), at least one. A thread that shares a core with other work stalls every step while it
-    waits its turn (bench/threads.py)."""
-    return max(1, min(cores, round(cores - load)))
-
-
-def _use_idle_cores() -> None:
-    import torch
-    if "OMP_NUM_THREADS" in os.environ:  # the user's choice
-        return
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on this platform
-        return
-    torch.set_num_threads(sampling_threads(torch.get_num_threads(), load))
-
-
-def _pipeline(args, progress: bool = False):
-    import torch
-
-    from .pipeline import load_pipeline, make_scheduler
-    check_options(args)
-    device = sampling_device(args.device)
-    pipe = load_pipeline(args.model, device)
-    if getattr(args, "precision", "fp32") == "bf16":
-        pipe.autocast_dtype = torch.bfloat16
-    if getattr(args, "scheduler", None):
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    check_against_model(args, pipe)
-    if device.type == "cpu":
-        _use_idle_cores()
-    if progress:
-        pipe.set_progress_bar_config(desc="sampling", unit="step", leave=False)
-    return pipe
-
-
-def _slug(text: str, n: int = 40) -> str:
-    """A file-name stem for a prompt: its letters and digits in any script, else (emoji) a hash of it."""
-    slug = re.sub(r"[\W_]+", "-", unicodedata.normalize("NFKC", text).lower()).strip("-")[:n].strip("-")
-    return slug or "prompt-" + hashlib.sha1(text.encode()).hexdigest()[:8]
-
-
-def _new_name(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Iterator[str]:
-    """stem, stem-v2, stem-v3, ...: the stems for which no stem + suffix exists in folder yet."""
-    for k in itertools.count(1):
-        name = stem if k == 1 else f"{stem}-v{k}"
-        if not any((folder / (name + s)).exists() for s in suffixes):
-            yield name
-
-
-def save_new_png(image, folder: Path, stem: str, **save_kw) -> Path:
-    """Save as folder/stem.png, or stem-v2.png, ... never replacing a file (an exclusive create)."""
-    for name in _new_name(folder, stem, (".png", "-heatmaps")):
-        try:
-            with open(folder / f"{name}.png", "xb") as f:
-                image.save(f, format="PNG", **save_kw)
-            return folder / f"{name}.png"
-        except FileExistsError:  # another run took the name since it was checked
-            continue
-
-
-def png_metadata(**fields):
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    for k, v in fields.items():
-        info.add_text(k, json.dumps(v) if not isinstance(v, str) else v)
-    return info
 
 
 def cmd_generate(args) -> None:
@@ -144,7 +23,7 @@ def cmd_generate(args) -> None:
     if len(args.prompt) > 1 and all(len(p.split()) == 1 for p in args.prompt):
         print(f"t2i generate: warning: {len(args.prompt)} one-word prompts make one image each; for one image of "
               f"\"{' '.join(args.prompt)}\", quote it", file=sys.stderr)
-    pipe = _pipeline(args, progress=True)
+    pipe = sampling_pipeline(args, progress=True)
     model = args.model or "default"
     from .pipeline import scheduler_name
     scheduler = scheduler_name(pipe.scheduler)
@@ -161,7 +40,7 @@ def cmd_generate(args) -> None:
                     guidance=args.guidance, scheduler=scheduler, model=model, height=image.height,
                     width=image.width, upscale=args.upscale, precision=args.precision)
         big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
-        path = save_new_png(big, out, f"{_slug(prompt)}-{seed}", pnginfo=png_metadata(**meta))
+        path = save_new_png(big, out, f"{slug(prompt)}-{seed}", pnginfo=png_metadata(**meta))
         print(path)
         if args.heatmaps:
             from .attention.export import write_heatmap_outputs
@@ -172,17 +51,6 @@ def _word_list(text: str | None) -> list[str] | None:
     """'red, circle' -> ['red', 'circle']; None or blank -> None."""
     words = [w.strip() for w in text.split(",") if w.strip()] if text else []
     return words or None
-
-
-def _new_out_folder(out: str | None, kind: str, prompt: str, seed: int) -> Path:
-    """--out, which must be new or empty; by default outputs/<kind>/<prompt>-<seed>[-vN]."""
-    if out is None:
-        default = Path("outputs") / kind
-        return default / next(_new_name(default, f"{_slug(prompt)}-{seed}", ("",)))
-    out = Path(out)
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        raise ValueError(f"--out {out} already holds files or is one; pass a new folder (nothing is overwritten)")
-    return out
 
 
 def _check_words(pipe, prompt: str, words: list[str]) -> None:
@@ -199,8 +67,8 @@ def cmd_heatmap(args) -> None:
     from .attention import AttentionRecorder
     from .attention.export import write_heatmap_outputs
     words = _word_list(args.words)
-    out = _new_out_folder(args.out, "heatmaps", args.prompt, args.seed)
-    pipe = _pipeline(args, progress=True)
+    out = new_out_folder(args.out, "heatmaps", args.prompt, args.seed)
+    pipe = sampling_pipeline(args, progress=True)
     if words:
         _check_words(pipe, args.prompt, words)
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
@@ -219,8 +87,8 @@ def cmd_effect(args) -> None:
         raise ValueError("--words needs at least one word of the prompt, e.g. --words red,circle")
     if not (math.isfinite(args.weight) and args.weight >= 0):
         raise ValueError(f"--weight must be a finite number >= 0 (0 silences the word), got {args.weight}")
-    out = _new_out_folder(args.out, "effects", args.prompt, args.seed)
-    pipe = _pipeline(args, progress=True)
+    out = new_out_folder(args.out, "effects", args.prompt, args.seed)
+    pipe = sampling_pipeline(args, progress=True)
     _check_words(pipe, args.prompt, words)
     effects = word_effects(pipe, args.prompt, words, weight=args.weight, seed=args.seed,
                            num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
@@ -248,7 +116,7 @@ def cmd_serve(args) -> None:
     except ImportError as e:  # the web extra is optional
         raise ValueError(str(e)) from None
     if device.type == "cpu":
-        _use_idle_cores()
+        use_idle_cores()
     port = args.port
     if port == 0:  # a free port, chosen by the system
         with socket.socket() as s:
@@ -333,7 +201,7 @@ def cmd_evaluate(args) -> None:
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
     if args.json and Path(args.json).exists():
         raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
-    report = evaluate(_pipeline(args), config)
+    report = evaluate(sampling_pipeline(args), config)
     print(report.format_table())
     if args.model and add_evaluation(args.model, report.format_table()):
         print(f"added the table to {Path(args.model) / 'README.md'}")

@@ -22,7 +22,7 @@ from PIL import Image
 from .attention import AttentionRecorder, Heatmaps
 from .attention.effects import effect_map
 from .attention.overlay import effect_heat, grid_image, overlay, upscale
-from .cli import _slug, png_metadata
+from .sampling import png_metadata, slug
 from .pipeline import (SCHEDULERS, downsample_factor, load_pipeline, make_scheduler, max_inference_steps,
                        scheduler_name)
 
@@ -182,9 +182,9 @@ class Explorer:
             meta = png_metadata(prompt=r.prompt, negative_prompt=r.negative, seed=r.seed + i, steps=r.steps,
                                 guidance=r.guidance, scheduler=result.scheduler, model=r.model, height=image.height,
                                 width=image.width, upscale=1, precision="fp32")
-            files[f"png:{i}"] = folder / f"{_slug(r.prompt)}-{r.seed + i}.png"
+            files[f"png:{i}"] = folder / f"{slug(r.prompt)}-{r.seed + i}.png"
             image.save(files[f"png:{i}"], pnginfo=meta)
-        files["heatmaps"] = folder / f"{_slug(r.prompt)}-{r.seed}-heatmaps.safetensors"
+        files["heatmaps"] = folder / f"{slug(r.prompt)}-{r.seed}-heatmaps.safetensors"
         result.heatmaps[ALL].save(files["heatmaps"])
         return files
 

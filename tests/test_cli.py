@@ -132,7 +132,7 @@ def test_files_are_never_overwritten_and_any_script_names_its_file(model_dir, tm
 
 
 def test_sampling_threads_leave_busy_cores_alone():
-    from t2i.cli import sampling_threads
+    from t2i.sampling import sampling_threads
     assert sampling_threads(cores=2, load=0.1) == 2        # idle: every core
     assert sampling_threads(cores=2, load=1.0) == 1        # one core busy
     assert sampling_threads(cores=2, load=5.0) == 1        # busy machine: one thread, never zero

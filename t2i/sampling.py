@@ -1,0 +1,145 @@
+# What the sampling commands share: options checked, the device, the CPU threads, the pipeline loaded, and the
+# files they write (names from prompts, never replacing a file, PNGs that carry their settings).
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import unicodedata
+from pathlib import Path
+from typing import Iterator
+
+MAX_SIZE_FACTOR = 8  # --height/--width: at most 8x the model's sample size (pixel space: memory grows with the area)
+BOUNDS = {"upscale": (1, 16), "size": (32, 2048), "steps": (1, None), "height": (1, None), "width": (1, None),
+          "num_images": (1, None)}  # option: (least, most); None: no fixed bound
+
+
+def check_options(args) -> None:
+    """Bad options of a sampling command, one line each, before anything is loaded or sampled."""
+    for name, (least, most) in BOUNDS.items():
+        value, flag = getattr(args, name, None), "--" + name.replace("_", "-")
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+        if value is not None and most is not None and value > most:
+            raise ValueError(f"{flag} must be at most {most}, got {value}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+
+
+def check_against_model(args, pipe) -> None:
+    """Options bounded by the loaded model: steps by its scheduler, image size by its sample size."""
+    from .pipeline import max_inference_steps
+    most = max_inference_steps(pipe.scheduler)
+    if args.steps is not None and args.steps > most:
+        raise ValueError(f"--steps must be at most {most} (fewer than the scheduler's training timesteps), "
+                         f"got {args.steps}")
+    sample_size = pipe.unet.config.sample_size
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None and value > MAX_SIZE_FACTOR * sample_size:
+            raise ValueError(f"--{name} must be at most {MAX_SIZE_FACTOR * sample_size} ({MAX_SIZE_FACTOR}x the "
+                             f"model's sample size {sample_size}), got {value}")
+
+
+def sampling_device(name: str | None):
+    """The torch device of --device (default: cuda when available), or a ValueError saying what to use."""
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available on this machine (or torch was built "
+                         "without CUDA); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: use cpu or cuda")
+    return device
+
+
+def sampling_threads(cores: int, load: float) -> int:
+    """Torch threads for sampling on the CPU: the cores other work leaves idle (by the 1-minute load
+    average), at least one. A thread that shares a core with other work stalls every step while it
+    waits its turn (bench/threads.py)."""
+    return max(1, min(cores, round(cores - load)))
+
+
+def use_idle_cores() -> None:
+    import torch
+    if "OMP_NUM_THREADS" in os.environ:  # the user's choice
+        return
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return
+    torch.set_num_threads(sampling_threads(torch.get_num_threads(), load))
+
+
+def sampling_pipeline(args, progress: bool = False):
+    """The pipeline of --model on --device with --precision and --scheduler, options checked against it."""
+    import torch
+
+    from .pipeline import load_pipeline, make_scheduler
+    check_options(args)
+    device = sampling_device(args.device)
+    pipe = load_pipeline(args.model, device)
+    if getattr(args, "precision", "fp32") == "bf16":
+        pipe.autocast_dtype = torch.bfloat16
+    if getattr(args, "scheduler", None):
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    check_against_model(args, pipe)
+    if device.type == "cpu":
+        use_idle_cores()
+    if progress:
+        pipe.set_progress_bar_config(desc="sampling", unit="step", leave=False)
+    return pipe
+
+
+def slug(text: str, n: int = 40) -> str:
+    """A file-name stem for a prompt: its letters and digits in any script, else (emoji) a hash of it."""
+    stem = re.sub(r"[\W_]+", "-", unicodedata.normalize("NFKC", text).lower()).strip("-")[:n].strip("-")
+    return stem or "prompt-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def new_name(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """stem, stem-v2, stem-v3, ...: the stems for which no stem + suffix exists in folder yet."""
+    for k in itertools.count(1):
+        name = stem if k == 1 else f"{stem}-v{k}"
+        if not any((folder / (name + s)).exists() for s in suffixes):
+            yield name
+
+
+def save_new_png(image, folder: Path, stem: str, **save_kw) -> Path:
+    """Save as folder/stem.png, or stem-v2.png, ... never replacing a file (an exclusive create)."""
+    for name in new_name(folder, stem, (".png", "-heatmaps")):
+        try:
+            with open(folder / f"{name}.png", "xb") as f:
+                image.save(f, format="PNG", **save_kw)
+            return folder / f"{name}.png"
+        except FileExistsError:  # another run took the name since it was checked
+            continue
+
+
+def png_metadata(**fields):
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for k, v in fields.items():
+        info.add_text(k, json.dumps(v) if not isinstance(v, str) else v)
+    return info
+
+
+def new_out_folder(out: str | None, kind: str, prompt: str, seed: int) -> Path:
+    """--out, which must be new or empty; by default outputs/<kind>/<prompt>-<seed>[-vN]."""
+    if out is None:
+        default = Path("outputs") / kind
+        return default / next(new_name(default, f"{slug(prompt)}-{seed}", ("",)))
+    out = Path(out)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already holds files or is one; pass a new folder (nothing is overwritten)")
+    return out
