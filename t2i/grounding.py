@@ -10,37 +10,20 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .attention.processors import attention_with_probs, cross_attention_modules
-
-
-class _ProbsProcessor:
-    """For t2i.unet.Attention: explicit attention that keeps its head-averaged probabilities (B, N, T),
-    with their autograd graph, in `store`."""
-
-    def __init__(self, store: list, original):
-        self.store, self.original = store, original
-
-    def __call__(self, attn, x, context=None, mask=None):
-        q, k, v = attn.project(x, context)                      # (B, heads, N|T, d)
-        o, p = attention_with_probs(q, k, v, mask, attn.scale)  # p: (B, heads, N, T) float32
-        self.store.append(p.mean(dim=1))
-        return attn.merge(o)
+from .attention.processors import attached, cross_attention_modules
 
 
 @contextmanager
 def capture_cross_attention(unet) -> Iterator[list[torch.Tensor]]:
-    """Within the block, every forward of `unet` (a T2IUNet) appends each cross-attention layer's
-    probabilities (B, N, T) to the yielded list. The original processors are always restored."""
+    """Within the block, every forward of `unet` (t2i's or a diffusers UNet) appends each cross-attention
+    layer's head-averaged probabilities (B, N, T), with their autograd graph, to the yielded list. The
+    original processors are always restored."""
     modules = cross_attention_modules(unet)
     if not modules:
-        raise ValueError("the grounding loss needs a UNet with cross-attention layers (t2i's T2IUNet)")
+        raise ValueError("the grounding loss needs a UNet with cross-attention layers")
     store: list[torch.Tensor] = []
-    originals = {name: m.processor for name, m in modules.items()}
-    unet.set_attn_processor({name: _ProbsProcessor(store, p) for name, p in originals.items()})
-    try:
+    with attached(unet, modules, "capture", store):
         yield store
-    finally:
-        unet.set_attn_processor(originals)
 
 
 def token_indices(tokenizer, captions: list[str], spans: torch.Tensor) -> torch.Tensor:

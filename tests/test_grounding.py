@@ -126,14 +126,16 @@ def test_grounding_loss_is_minimal_when_maps_equal_masks():
     assert grounding_loss([probs(masks[0])], masks, torch.tensor([[-1, -1]])) == 0
 
 
-def test_capture_restores_processors_and_gradients_reach_attention():
+@pytest.mark.parametrize("kind", ["t2i", "diffusers"])
+def test_capture_restores_processors_and_gradients_reach_attention(kind):
+    from conftest import tiny_diffusers_unet
     torch.manual_seed(0)
-    unet = jittered(build_unet("tiny"))
+    unet = jittered(build_unet("tiny")) if kind == "t2i" else tiny_diffusers_unet()
     before = dict(unet.attn_processors)
     x, ctx = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 32, requires_grad=True)
     with capture_cross_attention(unet) as probs:
         unet(x, 10, ctx)
-    assert len(probs) == sum(n.endswith("cross_attn") for n in before)
+    assert len(probs) == sum(n.endswith(("cross_attn", "attn2.processor")) for n in before) > 0
     assert all(p.shape[0] == 2 and p.shape[2] == 4 for p in probs)
     masks = torch.zeros(2, 1, 16, 16)
     masks[:, 0, :8, :8] = 1

@@ -1,7 +1,8 @@
 # Explicit cross-attention: softmax(q k^T / sqrt(d) + mask) computed in the open, so that it can be read
-# (the recorder sums it into heatmaps) and edited (word weights scale a token's column: prompt-to-prompt's
-# reweighting, Hertz et al. 2022, sec. 3.2). One processor per module holds both roles, so a recorder and
-# a reweighting can be on the same module at once, in either order, and neither undoes the other. The
+# (the recorder sums it into heatmaps; training captures it, with its graph, for the grounding loss) and
+# edited (word weights scale a token's column: prompt-to-prompt's reweighting, Hertz et al. 2022, sec. 3.2).
+# One processor per module holds all roles, so a recorder and a reweighting can be on the same module at
+# once, in either order, and neither undoes the other. The
 # processors are swapped in by module name through the UNet's own `set_attn_processor`, for t2i's
 # T2IUNet and diffusers' UNet2DConditionModel, and each falls back to the module's original (fused SDPA)
 # processor whenever it has nothing to read or edit.
@@ -16,7 +17,7 @@ from torch import nn
 from ..unet import Attention as T2IAttention
 from ..unet import SDPAProcessor
 
-ROLES = ("recorder", "weights")
+ROLES = ("recorder", "weights", "capture")
 
 
 def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
@@ -43,22 +44,28 @@ def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
 
 
 class _Explicit:
-    """The two roles of an explicit processor: a recorder reading p, and word weights (rows, T) editing it."""
+    """The roles of an explicit processor: a recorder reading p, word weights (rows, T) editing it, and a
+    capture list taking each forward's head-averaged p (B, N, T) with its autograd graph."""
 
     def __init__(self, name: str, original):
         self.name, self.original = name, original
         self.recorder = None                  # an AttentionRecorder: `_grid_to_record(N)` and `_add(name, grid, p)`
         self.weights: torch.Tensor | None = None
+        self.capture: list[torch.Tensor] | None = None
 
     def _plan(self, N: int):
-        """(grid to record or None, weights or None); both None: run the original processor."""
+        """(grid to record or None, weights or None), or None: nothing to read or edit, run the original."""
         grid = self.recorder._grid_to_record(N) if self.recorder is not None else None
+        if grid is None and self.weights is None and self.capture is None:
+            return None
         return grid, self.weights
 
     def _attend(self, grid, q, k, v, bias, scale):
         o, p = attention_with_probs(q, k, v, bias, scale, self.weights)
         if grid is not None:
             self.recorder._add(self.name, grid, p)
+        if self.capture is not None:
+            self.capture.append(p.mean(dim=1))
         return o
 
 
@@ -67,11 +74,11 @@ class T2IExplicitProcessor(_Explicit):
 
     def __call__(self, attn: T2IAttention, x: torch.Tensor, context: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
-        grid, weights = self._plan(x.shape[1])
-        if grid is None and weights is None:
+        plan = self._plan(x.shape[1])
+        if plan is None:
             return self.original(attn, x, context, mask)
         q, k, v = attn.project(x, context)                                # (B, heads, N|T, d)
-        return attn.merge(self._attend(grid, q, k, v, mask, attn.scale))
+        return attn.merge(self._attend(plan[0], q, k, v, mask, attn.scale))
 
 
 class DiffusersExplicitProcessor(_Explicit):
@@ -87,8 +94,8 @@ class DiffusersExplicitProcessor(_Explicit):
         x = hidden_states
         spatial = x.ndim == 4
         N = x.shape[2] * x.shape[3] if spatial else x.shape[1]
-        grid, weights = self._plan(N) if encoder_hidden_states is not None else (None, None)
-        if grid is None and weights is None:
+        plan = self._plan(N) if encoder_hidden_states is not None else None
+        if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if spatial:
             B, C, H, W = x.shape
@@ -106,7 +113,7 @@ class DiffusersExplicitProcessor(_Explicit):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        o = self._attend(grid, q, k, v, bias, self.scale)
+        o = self._attend(plan[0], q, k, v, bias, self.scale)
         o = o.transpose(1, 2).reshape(B, -1, attn.heads * d).to(q.dtype)
         o = attn.to_out[1](attn.to_out[0](o))                               # linear, dropout
         if spatial:
@@ -170,7 +177,7 @@ def _install(unet: nn.Module, processors: dict[str, object]) -> None:
 
 @contextmanager
 def attached(unet: nn.Module, names: Iterable[str], role: str, value) -> Iterator[dict[str, _Explicit]]:
-    """Give the named cross-attention modules' explicit processors `role` ('recorder' or 'weights') =
+    """Give the named cross-attention modules' explicit processors `role` ('recorder', 'weights', 'capture') =
     `value`, installing one over a module's own processor where it has none yet. On exit the role is
     cleared, and a module whose processor has no role left gets its original processor back."""
     if role not in ROLES:
