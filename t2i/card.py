@@ -17,8 +17,9 @@ NOT_EVALUATED = "Not evaluated yet: `t2i evaluate --model {path}` adds the table
 def data_description(cfg: RunConfig) -> str:
     """One sentence on what the model was trained on."""
     d = cfg.data
-    if d.kind == "folder":
-        return (f"the image folder {d.root} (captions from `{d.caption_column}`), {d.crop}-cropped to "
+    if d.kind in ("folder", "shards"):
+        source = "the image folder" if d.kind == "folder" else "the shards in"
+        return (f"{source} {d.root} (captions from `{d.caption_column}`), {d.crop}-cropped to "
                 f"{d.size}x{d.size}{', flipped' if d.flip else ''}")
     held = [*d.holdout_pairs, *d.holdout_positions]
     return (f"t2i's procedural shapes world at {d.size}x{d.size}, {d.min_objects}-{d.max_objects} objects per "

@@ -1,6 +1,6 @@
 import yaml
 
-from t2i.card import add_evaluation, write_model_card
+from t2i.card import add_evaluation, data_description, write_model_card
 from t2i.config import load_config
 
 
@@ -19,3 +19,9 @@ def test_model_card_front_matter_holds_library_tags_recipe_config_and_data(tmp_p
     assert "| c | d |" in text and "| a | b |" not in text and "Not evaluated yet" not in text
     assert yaml.safe_load(text.split("---\n")[1])["library_name"] == "t2i"
     assert not add_evaluation(tmp_path / "elsewhere", "| x |")  # no card: nothing written
+
+
+def test_the_card_names_the_data_of_each_kind():
+    shards = data_description(load_config(None, ["data.kind=shards", "data.root=my/shards"]))
+    assert shards.startswith("the shards in my/shards") and "shapes" not in shards
+    assert data_description(load_config(None, [])).startswith("t2i's procedural shapes world")
