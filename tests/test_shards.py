@@ -2,6 +2,7 @@
 uneven shards."""
 
 import os
+import pickle
 import subprocess
 import sys
 from collections import Counter
@@ -43,6 +44,10 @@ def test_shards_hold_the_folder_and_give_its_samples(tmp_path):
         for i in range(7):
             a, b = shards[i], images[i]
             assert a["text"] == b["text"] and torch.equal(a["pixel_values"], b["pixel_values"])
+    # a data worker gets the memory map, not a copy of the images
+    shipped = len(pickle.dumps(shards))
+    assert shipped < sum(p.stat().st_size for p in (tmp_path / "s").glob("*.arrow")) / 2
+    assert torch.equal(pickle.loads(pickle.dumps(shards))[6]["pixel_values"], shards[6]["pixel_values"])
 
 
 def test_parquet_files_read_as_shards(tmp_path):

@@ -97,6 +97,7 @@ class ShardDataset(CaptionedImages):
                              "Pass data.caption_column=<name> for another caption column.")
         self.image_column, caption_column = images[0], captions[0]
         self.table = table.cast_column(self.image_column, datasets.Image(decode=False))  # bytes: we decode
+        self._images = None  # the image column as Arrow, looked up per process (see _open)
 
         # 3. Every row needs a caption.
         self.captions = [(c or "").strip() for c in table.data.column(caption_column).to_pylist()]
@@ -107,8 +108,13 @@ class ShardDataset(CaptionedImages):
             raise ValueError(f"{len(empty)} of {len(self.captions)} rows have no caption (or an empty one), e.g. rows "
                              f"{empty[:5]}; fix the source and write the shards again.")
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None}  # a data worker reopens the memory map, not a copy of the data
+
     def _open(self, index: int) -> Image.Image:
-        cell = self.table[index][self.image_column]
+        if self._images is None:  # the column, not the row: 7 us a read instead of 66 us
+            self._images = self.table.data.column(self.image_column)
+        cell = self._images[index].as_py()
         if cell.get("bytes") is None:  # a Parquet row that points at a file instead of holding it
             return load_rgb(self.root / cell["path"])
         return load_rgb(io.BytesIO(cell["bytes"]))
