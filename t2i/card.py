@@ -30,7 +30,8 @@ def recipe(cfg: RunConfig) -> dict:
     """The base recipe: what the model is, before the details of the full config."""
     return {"unet_preset": cfg.model.preset, "resolution": cfg.data.size,
             "text_encoder": cfg.text.pretrained or "offline CLIP (tokenizer learned from the captions)",
-            "prediction_type": cfg.noise.prediction_type, "steps": cfg.train.max_steps}
+            "prediction_type": cfg.noise.prediction_type, "steps": cfg.train.max_steps,
+            **({"fine_tuned_from": cfg.train.init_from} if cfg.train.init_from else {})}
 
 
 def write_model_card(folder: str | Path, cfg: RunConfig) -> Path:

@@ -94,6 +94,8 @@ class TrainConfig:
     preview_steps: int = 20
     export_dtype: str = "float32"        # "float32" or "float16" for the exported pipeline
     grounding_weight: float = 0.0        # token-grounding loss (TokenCompose-style): object words' maps -> masks
+    init_from: str | None = None         # start from a pipeline folder's UNet, tokenizer and text encoder
+                                         # ("default": the shipped model) instead of random weights
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class RunConfig:
              "train.mixed_precision must be no, bf16 or fp16 (or null: accelerate's setting)"),
             (not (self.train.gradient_checkpointing and self.train.grounding_weight > 0),
              "train.gradient_checkpointing recomputes the attention that grounding captures: use one of them"),
+            (not (self.train.init_from and self.text.pretrained),
+             "train.init_from brings its own tokenizer and text encoder: leave text.pretrained unset"),
             (self.train.report_to in ("tensorboard", "wandb", "none"), "train.report_to must be tensorboard, wandb or none"),
             (self.train.export_dtype in ("float32", "float16"), "train.export_dtype must be float32 or float16"),
             (self.train.batch_size > 0 and self.train.grad_accum > 0, "train.batch_size and grad_accum must be > 0"),
@@ -133,7 +137,7 @@ class RunConfig:
             (self.train.weight_decay >= 0 and self.train.warmup_steps >= 0 and self.train.grad_clip > 0,
              "train.weight_decay and warmup_steps must be >= 0, train.grad_clip > 0"),
             (self.text.max_length >= 3, "text.max_length must be >= 3 (start, a word, end)"),
-            (self.text.pretrained or self.text.trainable or self.text.allow_random_frozen,
+            (self.text.pretrained or self.train.init_from or self.text.trainable or self.text.allow_random_frozen,
              "text.train=false without text.pretrained keeps the offline text encoder frozen at its random "
              "initialisation, so the UNet learns from noise-like text states: drop text.train (it then trains), set "
              "text.pretrained=PATH to a CLIP, or set text.allow_random_frozen=true if that is the experiment"),

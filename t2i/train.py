@@ -22,6 +22,7 @@ from .config import RunConfig, config_to_dict, flatten, save_config
 from .data.stream import build_dataset, data_stream
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .grounding import capture_cross_attention, grounding_loss, token_indices
+from .pipeline import load_pipeline
 from .text import TextStates, build_text, drop_captions
 from .unet import build_unet, unet_config
 
@@ -55,12 +56,18 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     set_seed(tc.seed)
     with accelerator.main_process_first():  # the main process indexes the folder and learns the tokenizer,
         dataset, corpus = build_dataset(cfg)  # the others then read both from disk
-        tokenizer, text_encoder = build_text(cfg.text, corpus, out if resume or not accelerator.is_main_process else None)
+        if tc.init_from:
+            start = load_pipeline(None if tc.init_from == "default" else tc.init_from)
+            tokenizer, text_encoder = start.tokenizer, start.text_encoder.requires_grad_(cfg.text.trainable)
+        else:
+            tokenizer, text_encoder = build_text(cfg.text, corpus, out if resume or not accelerator.is_main_process else None)
         if accelerator.is_main_process and not cfg.text.pretrained:
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save_pretrained(out / "tokenizer")
     unet = build_unet(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size,
                       cross_attention_dim=text_encoder.config.hidden_size)
+    if tc.init_from:
+        load_start(unet, start.unet, tc.init_from)
     noise_scheduler = make_noise_scheduler(cfg.noise)
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     unet.to(memory_format=layout)
@@ -211,6 +218,21 @@ def lr_lambda(cfg: RunConfig):
         progress = min(1.0, (step - w) / max(1, total - w))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
     return f
+
+
+def load_start(unet, start, name: str) -> None:
+    """train.init_from: `start`'s weights into `unet`. Parts the config adds that start at zero (model.pos_embed's
+    projections) keep their zeros, so the model begins as the pipeline it came from; any other difference in
+    the UNet's shape is an error that names it."""
+    mine, theirs = unet.state_dict(), start.state_dict()
+    added = [k for k in mine if k not in theirs]
+    differ = ([f"{k} is {tuple(theirs[k].shape)} there, {tuple(mine[k].shape)} here" for k in theirs
+               if k in mine and theirs[k].shape != mine[k].shape] + [f"{k} is not in this config's UNet" for k in theirs
+               if k not in mine] + [f"{k} is new and not zero-initialised" for k in added if mine[k].any()])
+    if differ:
+        raise ValueError(f"train.init_from={name}: its UNet does not fit model.* ({'; '.join(differ[:3])}"
+                         f"{f' and {len(differ) - 3} more' if len(differ) > 3 else ''}); set model.* as in its unet/config.json")
+    unet.load_state_dict(theirs, strict=False)
 
 
 def ema_pipeline(cfg: RunConfig, state: ckpt.TrainingState, text_encoder, tokenizer, noise_scheduler):

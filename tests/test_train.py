@@ -470,3 +470,32 @@ def test_two_processes_share_the_folder_index_and_the_tokenizer(tmp_path):
     assert trace.count("build_offline_tokenizer") == 1 and trace[trace.index("build_offline_tokenizer") + 1] == "0"
     assert trace.count("_is_readable_image") == 4 and set(trace[1::2]) == {"0"}  # rank 1 verified nothing
     assert (data / ".t2i-index.json").exists()
+
+
+def test_init_from_starts_at_the_pipeline_and_refuses_a_unet_that_does_not_fit(tmp_path):
+    """train.init_from: a pipeline's UNet, tokenizer and text encoder as the start. A zero-initialised addition
+    (model.pos_embed) leaves the start's function unchanged; a different UNet shape is one clear error."""
+    from t2i.pipeline import load_pipeline
+    from t2i.train import load_start
+    from t2i.unet import build_unet
+    first = train(tiny_config(tmp_path / "a", "train.max_steps=2", "train.checkpoint_every=2"))
+    start = load_pipeline(first)
+    torch.manual_seed(0)
+    grown = build_unet("tiny", sample_size=16, cross_attention_dim=32, pos_embed=True)
+    load_start(grown, start.unet, "a")
+    x, ctx = torch.randn(2, 3, 16, 16), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.allclose(grown(x, 10, ctx).sample, start.unet(x, 10, ctx).sample, atol=1e-5)
+    with pytest.raises(ValueError, match=r"init_from=a: its UNet does not fit model.* \(.* is \(.*\) there"):
+        load_start(build_unet("tiny", sample_size=16, cross_attention_dim=32, block_channels=[16, 64]), start.unet, "a")
+    with pytest.raises(ValueError, match="context_refiner.* is new and not zero-initialised"):
+        load_start(build_unet("tiny", sample_size=16, cross_attention_dim=32, context_layers=1), start.unet, "a")
+    # a frozen text encoder from the start is no random one; the run trains on from the start's weights
+    cfg = tiny_config(tmp_path / "b", f"train.init_from={first}", "model.pos_embed=true", "text.train=false",
+                      "train.max_steps=1", "train.checkpoint_every=1")
+    path = train(cfg)
+    exported = load_file(str(path / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(exported[k].float(), v) for k, v in start.text_encoder.state_dict().items() if k in exported)
+    assert (tmp_path / "b" / "tokenizer" / "tokenizer.json").read_text() == (first / "tokenizer" / "tokenizer.json").read_text()
+    with pytest.raises(ValueError, match="brings its own tokenizer"):
+        tiny_config(tmp_path / "c", f"train.init_from={first}", "text.pretrained=some/clip")
