@@ -43,7 +43,7 @@ POSITIONS = (
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )  # row-major: POSITIONS[3 * row + col], row 0 at the top, col 0 on the left
-_POSITION_PHRASES = {
+POSITION_PHRASES = {
     "top left": "in the top left", "top": "at the top", "top right": "in the top right",
     "left": "on the left", "center": "in the center", "right": "on the right",
     "bottom left": "in the bottom left", "bottom": "at the bottom", "bottom right": "in the bottom right",
@@ -248,7 +248,7 @@ def _noun_phrase(obj: ShapeObject, with_size: bool, with_position: bool) -> str:
     words = ([obj.size] if with_size else []) + [obj.colour, obj.shape]
     article = "an" if words[0][0] in "aeiou" else "a"
     phrase = " ".join([article] + words)
-    return f"{phrase} {_POSITION_PHRASES[obj.position]}" if with_position else phrase
+    return f"{phrase} {POSITION_PHRASES[obj.position]}" if with_position else phrase
 
 
 def relation(a: ShapeObject, b: ShapeObject) -> str:
