@@ -15,6 +15,8 @@ import argparse
 
 import torch
 
+from _common import red_centroid
+
 from t2i.data.shapes import POSITIONS, POSITION_PHRASES
 from t2i.diffusion import alpha_bar_at, predict_x0
 from t2i.pipeline import load_pipeline
@@ -25,7 +27,6 @@ def red_centroids(pipe, prompts: list[str], t: int, seeds: int) -> torch.Tensor:
     """(len(prompts), 2) mean (x, y) in [0, 1] of the predicted x0's redness, over `seeds` noise draws."""
     enc = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
     side = pipe.unet.config.sample_size
-    ys, xs = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
     out = torch.zeros(len(prompts), 2)
     for seed in range(seeds):
         noise = torch.randn((1, 3, side, side), generator=torch.Generator().manual_seed(seed)).repeat(len(prompts), 1, 1, 1)
@@ -33,9 +34,7 @@ def red_centroids(pipe, prompts: list[str], t: int, seeds: int) -> torch.Tensor:
             pred = pipe.unet(noise, t, encoder_hidden_states=enc.hidden_states,
                              encoder_attention_mask=enc.attention_mask).sample
         x0 = predict_x0(noise, pred, alpha_bar_at(pipe.scheduler, t), pipe.scheduler.config.prediction_type)
-        red = (x0[:, 0] - 0.5 * (x0[:, 1] + x0[:, 2])).clamp(min=0) + 1e-8      # (B, H, W)
-        mass = red.sum(dim=(1, 2))
-        out += torch.stack([(red * xs).sum(dim=(1, 2)) / mass, (red * ys).sum(dim=(1, 2)) / mass], 1) / side
+        out += red_centroid(x0)
     return out / seeds
 
 

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import torch
 
+from _common import red_centroid
+
 from t2i.data.shapes import ShapesConfig, ShapesDataset, caption_corpus
 from t2i.text import build_offline_text_encoder, build_offline_tokenizer, encode_prompts
 from t2i.unet import build_unet
@@ -29,7 +31,6 @@ def run(pos_embed: bool, steps: int, every: int) -> Iterator[tuple[int, float, l
     encoder = build_offline_text_encoder(tokenizer, width=128, layers=2, heads=4, seed=0)
     unet = build_unet("small", sample_size=32, cross_attention_dim=128, pos_embed=pos_embed)
     opt = torch.optim.AdamW(list(unet.parameters()) + list(encoder.parameters()), lr=1e-3)
-    ys, xs = torch.meshgrid(torch.arange(32.) + 0.5, torch.arange(32.) + 0.5, indexing="ij")
     for step in range(1, steps + 1):
         items = [data[32 * step + i] for i in range(32)]
         x0 = torch.stack([it["pixel_values"] for it in items])
@@ -45,10 +46,7 @@ def run(pos_embed: bool, steps: int, every: int) -> Iterator[tuple[int, float, l
                 probe = encode_prompts(tokenizer, encoder, PROBES)
                 out = unet(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), 999,
                            encoder_hidden_states=probe.hidden_states, encoder_attention_mask=probe.attention_mask).sample
-            red = (out[:, 0] - 0.5 * (out[:, 1] + out[:, 2])).clamp(min=0) + 1e-8
-            mass = red.sum(dim=(1, 2))
-            centroids = torch.stack([(red * xs).sum((1, 2)) / mass, (red * ys).sum((1, 2)) / mass], 1) / 32
-            yield step, loss.item(), [tuple(c) for c in centroids.tolist()]
+            yield step, loss.item(), [tuple(c) for c in red_centroid(out).tolist()]
 
 
 def main() -> None:
