@@ -183,8 +183,8 @@ def cmd_make_dataset(args) -> None:
         if not args.source:
             raise ValueError("make-dataset shards needs --from FOLDER, the image folder to shard")
         from .data.shards import write_shards
-        n = write_shards(args.source, args.out, args.shard_size)
-        print(f"wrote {n} images in {-(-n // args.shard_size)} shards to {args.out}; train on them with "
+        rows, shards = write_shards(args.source, args.out, args.shard_size)
+        print(f"wrote {rows} images in {shards} shards to {args.out}; train on them with "
               f"data.kind=shards data.root={args.out}")
         return
     from .data.shapes import ShapesConfig, write_image_folder

@@ -225,10 +225,11 @@ def load_start(unet, start, name: str) -> None:
     projections) keep their zeros, so the model begins as the pipeline it came from; any other difference in
     the UNet's shape is an error that names it."""
     mine, theirs = unet.state_dict(), start.state_dict()
-    added = [k for k in mine if k not in theirs]
-    differ = ([f"{k} is {tuple(theirs[k].shape)} there, {tuple(mine[k].shape)} here" for k in theirs
-               if k in mine and theirs[k].shape != mine[k].shape] + [f"{k} is not in this config's UNet" for k in theirs
-               if k not in mine] + [f"{k} is new and not zero-initialised" for k in added if mine[k].any()])
+    reshaped = [f"{k} is {tuple(v.shape)} there, {tuple(mine[k].shape)} here" for k, v in theirs.items()
+                if k in mine and v.shape != mine[k].shape]
+    dropped = [f"{k} is not in this config's UNet" for k in theirs if k not in mine]
+    not_zero = [f"{k} is new and not zero-initialised" for k, v in mine.items() if k not in theirs and v.any()]
+    differ = reshaped + dropped + not_zero
     if differ:
         raise ValueError(f"train.init_from={name}: its UNet does not fit model.* ({'; '.join(differ[:3])}"
                          f"{f' and {len(differ) - 3} more' if len(differ) > 3 else ''}); set model.* as in its unet/config.json")

@@ -75,13 +75,15 @@ def test_shard_errors_name_the_problem_and_the_fix(tmp_path):
     folder = image_folder(tmp_path / "images", 2)
     with pytest.raises(ValueError, match="holds no shards .*make-dataset shards"):
         ShardDataset(folder)
+    with pytest.raises(ValueError, match="Shard folder .*nowhere' does not exist; write one with"):
+        ShardDataset(tmp_path / "nowhere")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert main(["make-dataset", "shards", "--from", str(folder), "--out", str(tmp_path / "full")]) == 2
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert main(["make-dataset", "shards", "--out", str(tmp_path / "s")]) == 2  # no --from
     assert main(["make-dataset", "shards", "--from", str(folder), "--out", str(tmp_path / "s")]) == 0
-    with pytest.raises(ValueError, match=r"no a caption column \('words'\).*columns are \['image', 'text'\]"):
+    with pytest.raises(ValueError, match=r"no caption column \('words'\).*columns are \['image', 'text'\]"):
         ShardDataset(tmp_path / "s", caption_column="words")
     from t2i.config import load_config
     with pytest.raises(ValueError, match="data.kind=shards needs data.root"):

@@ -2,10 +2,9 @@
 # (the recorder sums it into heatmaps; training captures it, with its graph, for the grounding loss) and
 # edited (word weights scale a token's column: prompt-to-prompt's reweighting, Hertz et al. 2022, sec. 3.2).
 # One processor per module holds all roles, so a recorder and a reweighting can be on the same module at
-# once, in either order, and neither undoes the other. The
-# processors are swapped in by module name through the UNet's own `set_attn_processor`, for t2i's
-# T2IUNet and diffusers' UNet2DConditionModel, and each falls back to the module's original (fused SDPA)
-# processor whenever it has nothing to read or edit.
+# once, in either order, and neither undoes the other. The processors are swapped in by module name through
+# the UNet's own `set_attn_processor`, for t2i's T2IUNet and diffusers' UNet2DConditionModel, and each falls
+# back to the module's original (fused SDPA) processor whenever it has nothing to read or edit.
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -54,11 +53,9 @@ class _Explicit:
         self.capture: list[torch.Tensor] | None = None
 
     def _plan(self, N: int):
-        """(grid to record or None, weights or None), or None: nothing to read or edit, run the original."""
+        """(whether to attend explicitly, grid to record or None); False: nothing to read or edit, run the original."""
         grid = self.recorder._grid_to_record(N) if self.recorder is not None else None
-        if grid is None and self.weights is None and self.capture is None:
-            return None
-        return grid, self.weights
+        return grid is not None or self.weights is not None or self.capture is not None, grid
 
     def _attend(self, grid, q, k, v, bias, scale):
         o, p = attention_with_probs(q, k, v, bias, scale, self.weights)
@@ -74,11 +71,11 @@ class T2IExplicitProcessor(_Explicit):
 
     def __call__(self, attn: T2IAttention, x: torch.Tensor, context: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
-        plan = self._plan(x.shape[1])
-        if plan is None:
+        explicit, grid = self._plan(x.shape[1])
+        if not explicit:
             return self.original(attn, x, context, mask)
         q, k, v = attn.project(x, context)                                # (B, heads, N|T, d)
-        return attn.merge(self._attend(plan[0], q, k, v, mask, attn.scale))
+        return attn.merge(self._attend(grid, q, k, v, mask, attn.scale))
 
 
 class DiffusersExplicitProcessor(_Explicit):
@@ -94,8 +91,8 @@ class DiffusersExplicitProcessor(_Explicit):
         x = hidden_states
         spatial = x.ndim == 4
         N = x.shape[2] * x.shape[3] if spatial else x.shape[1]
-        plan = self._plan(N) if encoder_hidden_states is not None else None
-        if plan is None:
+        explicit, grid = self._plan(N) if encoder_hidden_states is not None else (False, None)
+        if not explicit:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if spatial:
             B, C, H, W = x.shape
@@ -113,7 +110,7 @@ class DiffusersExplicitProcessor(_Explicit):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        o = self._attend(plan[0], q, k, v, bias, self.scale)
+        o = self._attend(grid, q, k, v, bias, self.scale)
         o = o.transpose(1, 2).reshape(B, -1, attn.heads * d).to(q.dtype)
         o = attn.to_out[1](attn.to_out[0](o))                               # linear, dropout
         if spatial:

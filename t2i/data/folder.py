@@ -126,6 +126,13 @@ class CaptionedImages(Dataset):
     captions: list[str]
     grounding = False
 
+    def _set_root(self, root: Union[str, os.PathLike], name: str, fix: str) -> None:
+        """self.root, an existing folder, or a ValueError: '<name> <root> does not exist; <fix>'."""
+        self.root = Path(root).expanduser().absolute()
+        if not self.root.is_dir():
+            what = "is not a folder" if self.root.exists() else "does not exist"
+            raise ValueError(f"{name} {str(self.root)!r} {what}; {fix}")
+
     def _check_view(self, size: int, crop: CropMode, flip: bool, seed: int) -> None:
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"size must be a positive int (image side in pixels), got {size!r}.")
@@ -212,10 +219,7 @@ class ImageFolderDataset(CaptionedImages):
         grounding: bool = False,
     ) -> None:
         # 1. Check arguments.
-        self.root = Path(root).expanduser().absolute()
-        if not self.root.is_dir():
-            what = "is not a folder" if self.root.exists() else "does not exist"
-            raise ValueError(f"Dataset root {str(self.root)!r} {what}; pass the folder that holds your images.")
+        self._set_root(root, "Dataset root", "pass the folder that holds your images.")
         self._check_view(size, crop, flip, seed)
         self.caption_column = caption_column
         self.grounding = grounding

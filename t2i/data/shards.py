@@ -39,9 +39,10 @@ def _datasets():
     return datasets
 
 
-def write_shards(folder: Union[str, os.PathLike], out: Union[str, os.PathLike], shard_size: int = 1000) -> int:
+def write_shards(folder: Union[str, os.PathLike], out: Union[str, os.PathLike], shard_size: int = 1000
+                 ) -> tuple[int, int]:
     """Verify the image folder (captions, readable images; see ImageFolderDataset) and write its images and
-    captions as Arrow shards of at most `shard_size` rows in the new folder `out`. Returns the row count."""
+    captions as Arrow shards of at most `shard_size` rows in the new folder `out`. Returns (rows, shards)."""
     datasets = _datasets()
     out = Path(out)
     if shard_size < 1:
@@ -57,8 +58,9 @@ def write_shards(folder: Union[str, os.PathLike], out: Union[str, os.PathLike], 
 
     with tempfile.TemporaryDirectory() as cache:  # from_generator's own cache: gone once the shards are written
         table = datasets.Dataset.from_generator(rows, features=features, cache_dir=cache)
-        table.save_to_disk(str(out), num_shards=math.ceil(len(table) / shard_size))
-    return len(source)
+        shards = math.ceil(len(table) / shard_size)
+        table.save_to_disk(str(out), num_shards=shards)
+    return len(table), shards
 
 
 class ShardDataset(CaptionedImages):
@@ -69,11 +71,8 @@ class ShardDataset(CaptionedImages):
                  seed: int = 0, caption_column: str = "text") -> None:
         # 1. Check arguments and open the shards.
         datasets = _datasets()
-        self.root = Path(root).expanduser().absolute()
+        self._set_root(root, "Shard folder", "write one with `t2i make-dataset shards`.")
         self._check_view(size, crop, flip, seed)
-        if not self.root.is_dir():
-            what = "is not a folder" if self.root.exists() else "does not exist"
-            raise ValueError(f"Shard folder {str(self.root)!r} {what}; write one with `t2i make-dataset shards`.")
         parquet = sorted(str(p) for p in self.root.rglob("*.parquet"))
         if (self.root / "state.json").is_file():
             table = datasets.load_from_disk(str(self.root))
@@ -92,7 +91,7 @@ class ShardDataset(CaptionedImages):
         wanted = (caption_column, "caption") if caption_column == "text" else (caption_column,)
         captions = [c for c in wanted if c in columns]
         if not images or not captions:
-            missing = "an image column" if not images else f"a caption column ({' or '.join(map(repr, wanted))})"
+            missing = "image column" if not images else f"caption column ({' or '.join(map(repr, wanted))})"
             raise ValueError(f"the shards in {str(self.root)!r} have no {missing}; their columns are {columns}. "
                              "Pass data.caption_column=<name> for another caption column.")
         self.image_column, caption_column = images[0], captions[0]
