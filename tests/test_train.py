@@ -499,3 +499,19 @@ def test_init_from_starts_at_the_pipeline_and_refuses_a_unet_that_does_not_fit(t
     assert (tmp_path / "b" / "tokenizer" / "tokenizer.json").read_text() == (first / "tokenizer" / "tokenizer.json").read_text()
     with pytest.raises(ValueError, match="brings its own tokenizer"):
         tiny_config(tmp_path / "c", f"train.init_from={first}", "text.pretrained=some/clip")
+
+
+# ---- issue 19: nothing lost, round 2 ---------------------------------------------------------------
+
+
+def test_resume_is_bit_exact_with_dropout(tmp_path):
+    """Dropout draws from the global torch RNG: the checkpoint's RNG must be the straight run's, and nothing
+    (the data loader) may draw from it between the restore and the first step."""
+    args = ["model.dropout=0.3", "train.max_steps=4", "train.checkpoint_every=2", "train.report_to=none"]
+    train(tiny_config(tmp_path / "a", *args), stop_at=4)
+    train(tiny_config(tmp_path / "b", *args), stop_at=2)
+    train(tiny_config(tmp_path / "b", *args), resume="latest", stop_at=4)
+    for name in ("unet", "ema", "rng-0"):
+        wa = load_file(str(tmp_path / "a" / "checkpoint-0000004" / f"{name}.safetensors"))
+        wb = load_file(str(tmp_path / "b" / "checkpoint-0000004" / f"{name}.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name

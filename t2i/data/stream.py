@@ -77,12 +77,14 @@ class CounterSampler(Sampler):
 def data_stream(dataset, cfg: RunConfig, rank: int = 0, world: int = 1, start: int = 0):
     """Batches of this process from global sample `start` on, in the order CounterSampler fixes. A dataset
     declares with `shuffle = False` that its items are already in random order (a procedural world);
-    any other is shuffled per epoch."""
+    any other is shuffled per epoch. The loader seeds its workers from a generator of its own, never from the
+    global torch RNG, which a resumed run has just restored for dropout."""
     b = cfg.train.batch_size
     sampler = CounterSampler(len(dataset), b, rank, world, cfg.train.seed, start=start,
                              shuffle=getattr(dataset, "shuffle", True))
     return iter(DataLoader(Epoched(dataset), batch_size=b, sampler=sampler, num_workers=cfg.data.num_workers,
-                           drop_last=True, worker_init_fn=_leave_signals_to_the_trainer))
+                           drop_last=True, worker_init_fn=_leave_signals_to_the_trainer,
+                           generator=torch.Generator().manual_seed(cfg.train.seed)))
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
