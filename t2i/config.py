@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -144,11 +145,26 @@ class RunConfig:
             (self.noise.timestep_bias > 0, "noise.timestep_bias must be > 0 (1 is uniform)"),
             (0 <= self.data.position_prob <= 1, "data.position_prob must be in [0, 1]"),
             (self.train.grounding_weight >= 0, "train.grounding_weight must be >= 0 (0 turns it off)"),
+            (not _infinite(self), f"{' and '.join(_infinite(self))} must be a finite number"),
+            (self.noise.beta_schedule in BETA_SCHEDULES,
+             f"noise.beta_schedule must be {', '.join(BETA_SCHEDULES[:-1])} or {BETA_SCHEDULES[-1]}"),
+            (self.noise.num_train_timesteps >= 2, "noise.num_train_timesteps must be >= 2 (1000 is usual)"),
+            (self.noise.min_snr_gamma is None or self.noise.min_snr_gamma > 0,
+             "noise.min_snr_gamma must be > 0 (5 is usual), or null for plain MSE"),
+            (self.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1 (the newest N are kept)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         return self
+
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # the noise schedules diffusers' DDPM offers
+
+
+def _infinite(config: RunConfig) -> list[str]:
+    """The keys of `config` whose number is inf or nan (YAML reads `.inf` and `.nan`)."""
+    return [k for k, v in flatten(config_to_dict(config)).items() if isinstance(v, float) and not math.isfinite(v)]
 
 
 # Settings that may change when a run resumes: how long, how fast, how often, where it writes. Any other

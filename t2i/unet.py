@@ -351,6 +351,11 @@ def unet_config(preset: str = "small", **overrides) -> dict:
     if kwargs["sample_size"] % 2 ** (levels - 1):
         raise ValueError(f"data.size={kwargs['sample_size']} must be a multiple of {2 ** (levels - 1)}: the UNet "
                          f"({levels} levels) halves the image {levels - 1} times")
+    chs, heads = kwargs["block_channels"], kwargs["num_heads"]
+    widths = sorted({c for c, attn in zip(chs, kwargs["attention_levels"]) if attn} | {chs[-1]})  # and the middle
+    if heads < 1 or any(w % heads for w in widths):
+        raise ValueError(f"model.num_heads={heads} must divide every attention width ({', '.join(map(str, widths))}): "
+                         f"choose a common divisor, e.g. model.num_heads={max(d for d in range(1, 9) if math.gcd(*widths) % d == 0)}")
     return kwargs
 
 

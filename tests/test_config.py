@@ -70,6 +70,13 @@ def test_a_frozen_offline_text_encoder_must_be_asked_for():
     (["text.max_length=0"], r"text.max_length must be >= 3"),
     (["train.lr=-1e-3"], "train.lr must be > 0"),
     (["train.ema_decay=2"], r"train.ema_decay must be in \[0, 1\)"),
+    (["train.lr=.inf"], "train.lr must be a finite number"),
+    (["noise.timestep_bias=.inf"], "noise.timestep_bias must be a finite number"),
+    (["noise.beta_schedule=bogus"], "noise.beta_schedule must be linear, scaled_linear or squaredcos_cap_v2"),
+    (["noise.num_train_timesteps=0"], "noise.num_train_timesteps must be >= 2"),
+    (["noise.min_snr_gamma=-1"], "noise.min_snr_gamma must be > 0"),
+    (["train.keep_checkpoints=0"], "train.keep_checkpoints must be >= 1"),
+    (["train.keep_checkpoints=-1"], "train.keep_checkpoints must be >= 1"),
 ])
 def test_settings_that_would_fail_mid_run_are_refused_at_start(override, message):
     with pytest.raises(ValueError, match=message):
@@ -91,3 +98,12 @@ def test_a_folder_or_invalid_yaml_as_config_is_one_clear_line(tmp_path, capsys):
         load_config(tmp_path / "bad.yaml")
     assert main(["train", "--config", str(tmp_path), "--dry-run"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_num_heads_must_divide_every_attention_width():
+    kw = dict(preset="tiny", sample_size=16)
+    with pytest.raises(ValueError, match=r"model.num_heads=3 must divide every attention width \(32\).*=8"):
+        unet_config(**kw, num_heads=3)
+    with pytest.raises(ValueError, match=r"model.num_heads=0 must divide"):
+        unet_config(**kw, num_heads=0)
+    assert unet_config(**kw, num_heads=4)["num_heads"] == 4
