@@ -34,6 +34,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
     A fresh run refuses a folder that holds a run unless `overwrite` (which deletes that run); one training
     at a time holds the folder. SIGINT or SIGTERM save a checkpoint, then raise checkpoint.Interrupted."""
     unet_config(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size)  # a bad data.size fails before any work
+    if stop_at is not None and stop_at < 1:
+        raise ValueError(f"--stop-at must be a step >= 1, got {stop_at}; leave it out to train to train.max_steps")
     no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     # mixed_precision None: accelerate's (ACCELERATE_MIXED_PRECISION from `accelerate launch`/config), else "no"
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker(cfg.train.report_to),
@@ -84,6 +86,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     # 2. resume: weights, EMA, optimiser, LR schedule, step, RNG and data position
     if resume:
         state.load(ckpt.resolve_resume(out, resume, accelerator.is_main_process), rank, cfg)
+        if stop_at is not None and stop_at <= state.step < tc.max_steps:
+            raise ValueError(f"--stop-at {stop_at} is not after the checkpoint's step {state.step}: give a later step")
     if cfg.text.trainable:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:  # a frozen module has nothing for DDP to synchronise

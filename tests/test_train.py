@@ -515,3 +515,21 @@ def test_resume_is_bit_exact_with_dropout(tmp_path):
         wa = load_file(str(tmp_path / "a" / "checkpoint-0000004" / f"{name}.safetensors"))
         wb = load_file(str(tmp_path / "b" / "checkpoint-0000004" / f"{name}.safetensors"))
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+@pytest.mark.parametrize("stop_at", ["0", "-1"])
+def test_stop_at_below_one_is_one_line_and_trains_nothing(tmp_path, capsys, stop_at):
+    from t2i.cli import main
+    assert main(["train", *TINY, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "--stop-at", stop_at]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"t2i train: error: --stop-at must be a step >= 1, got {stop_at}; leave it out to train to "
+                   "train.max_steps"], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_stop_at_before_the_checkpoint_is_refused_on_resume(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=2", "train.report_to=none")
+    train(cfg, stop_at=4)
+    with pytest.raises(ValueError, match="--stop-at 2 is not after the checkpoint's step 4"):
+        train(cfg, resume="latest", stop_at=2)
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["checkpoint-0000002", "checkpoint-0000004"]
