@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from .train import EMA
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STATE_KEYS = {"step": int, "samples": int, "world_size": int, "optimizer": dict, "lr_schedule": dict, "config": dict}
+CORE_FILES = ("unet.safetensors", "ema.safetensors", "optimizer.safetensors")  # in every checkpoint, listed or not
 RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "previews", "tensorboard")  # a run's files beside its checkpoints
 
 
@@ -194,7 +196,13 @@ def damage(path: str | Path) -> str | None:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
         return f"state.json {'is missing' if isinstance(e, FileNotFoundError) else 'is unreadable'}"
-    for name in state.get("files", ["unet.safetensors", "ema.safetensors", "optimizer.safetensors"]):
+    if not isinstance(state, dict):
+        return f"state.json holds a {type(state).__name__}, not a checkpoint's state"
+    lacking = [k for k, kind in STATE_KEYS.items() if not isinstance(state.get(k), kind)]
+    files = state.get("files", [])
+    if lacking or not (isinstance(files, list) and all(isinstance(name, str) for name in files)):
+        return f"state.json lacks {', '.join(lacking) or 'a list of file names'}"
+    for name in dict.fromkeys([*CORE_FILES, *files]):
         problem = _safetensors_damage(path / name)
         if problem:
             return f"{name} {problem}"

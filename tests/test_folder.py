@@ -274,3 +274,14 @@ def test_index_beside_the_data_is_reused_and_invalidated_per_file(tmp_path, monk
         changed = ImageFolderDataset(tmp_path, size=8)
     assert (changed.index.checked, changed.index.reused) == (1, 1) and changed.captions == ["caption 0"]
     assert sorted(json.loads((tmp_path / INDEX_NAME).read_text())["files"]) == ["0.png", "1.png"]
+
+
+@pytest.mark.parametrize("files", [[], {"0.png": []}, {"0.png": {"size": 1}}])
+def test_a_hand_edited_index_is_rebuilt(tmp_path, files):
+    from t2i.data.index import INDEX_NAME
+    for i in range(2):
+        make_image(tmp_path / f"{i}.png", seed=i)
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"version": 1, "files": files}))
+    ds = ImageFolderDataset(tmp_path, size=8)
+    assert (ds.index.checked, ds.index.reused) == (2, 0) and ds.captions == ["caption 0", "caption 1"]

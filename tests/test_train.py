@@ -533,3 +533,20 @@ def test_stop_at_before_the_checkpoint_is_refused_on_resume(tmp_path):
     with pytest.raises(ValueError, match="--stop-at 2 is not after the checkpoint's step 4"):
         train(cfg, resume="latest", stop_at=2)
     assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["checkpoint-0000002", "checkpoint-0000004"]
+
+
+@pytest.mark.parametrize("state", ["{}", "[]", "files"])
+def test_a_hand_edited_state_json_is_a_damaged_checkpoint(tmp_path, state):
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=2", "train.report_to=none")
+    train(cfg, stop_at=4)
+    newest = tmp_path / "checkpoint-0000004"
+    saved = json.loads((newest / "state.json").read_text())
+    if state == "files":  # valid JSON listing no files, beside a missing unet
+        (newest / "unet.safetensors").unlink()
+    (newest / "state.json").write_text(json.dumps({**saved, "files": []}) if state == "files" else state)
+    problem = {"{}": "state.json lacks step, samples", "[]": "state.json holds a list",
+               "files": "unet.safetensors is missing"}[state]
+    with pytest.raises(ValueError, match=rf"checkpoint-0000004 is damaged \({problem}"):
+        train(cfg, resume=str(newest))
+    with pytest.warns(UserWarning, match=rf"skipped checkpoint-0000004: {problem}.*checkpoint-0000002"):
+        assert train(cfg, resume="latest", stop_at=4) is None

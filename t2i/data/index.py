@@ -23,7 +23,7 @@ class FolderIndex:
         try:
             saved = json.loads(self.path.read_text())
             if saved.get("version") == VERSION:
-                self.entries = saved["files"]
+                self.entries = {k: v for k, v in saved["files"].items() if isinstance(v, dict)}
         except (OSError, ValueError, KeyError, AttributeError):
             pass  # no index yet, or a damaged one: rebuild it
 
@@ -31,7 +31,8 @@ class FolderIndex:
         """The cached verdict on `path` when its size and mtime match, else check(path), remembered."""
         key, stat = path.relative_to(self.root).as_posix(), path.stat()
         entry = self.entries.get(key)
-        if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns \
+                and isinstance(entry.get("verified"), bool):
             self.reused += 1
             return entry["verified"]
         self.checked += 1
