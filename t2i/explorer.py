@@ -180,8 +180,9 @@ class Explorer:
         files = {}
         for i, image in enumerate(result.images):
             meta = png_metadata(prompt=r.prompt, negative_prompt=r.negative, seed=r.seed + i, steps=r.steps,
-                                guidance=r.guidance, scheduler=result.scheduler, model=r.model, height=image.height,
-                                width=image.width, upscale=1, precision="fp32")
+                                guidance=r.guidance, scheduler=result.scheduler, height=image.height,
+                                width=image.width, upscale=1, precision="fp32",
+                                model=self.models[r.model] or "default")  # what `t2i generate --model` accepts
             files[f"png:{i}"] = folder / f"{slug(r.prompt)}-{r.seed + i}.png"
             image.save(files[f"png:{i}"], pnginfo=meta)
         files["heatmaps"] = folder / f"{slug(r.prompt)}-{r.seed}-heatmaps.safetensors"

@@ -415,9 +415,9 @@ def _first_line(e: Exception) -> str:
 
 def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> T2IPipeline:
-    """Load a pipeline folder; with no path, the default model shipped inside the package. Weights
+    """Load a pipeline folder; with no path or "default", the default model shipped inside the package. Weights
     come in float32 on the CPU (half precision is slow there) and as stored elsewhere, unless `dtype`."""
-    if path is None:
+    if path is None or os.fspath(path) == "default":  # "default": what a PNG of the shipped model records
         path = DEFAULT_MODEL
         if not (DEFAULT_MODEL / "model_index.json").exists():
             raise ValueError(f"no default model is shipped in {DEFAULT_MODEL}; pass --model PATH/TO/PIPELINE")

@@ -179,3 +179,17 @@ def test_unquoted_multi_word_prompt_warns(model_dir, tmp_path, capsys):
     assert main(["generate", "a red circle", "a blue square", "--model", str(model_dir), "--steps", "1",
                  "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert "one-word" not in capsys.readouterr().err
+
+
+def test_the_shipped_model_regenerates_from_what_its_png_records(tmp_path):
+    """`model: default` in a PNG of the shipped model, from the CLI or the explorer, is what --model accepts."""
+    from t2i.explorer import Explorer, Request
+    assert main(["generate", "a red circle", "--steps", "2", "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    meta = Image.open(tmp_path / "a" / "a-red-circle-0.png").text
+    explorer = Explorer([None], files_dir=tmp_path)
+    served = Image.open(explorer.generate(Request("a red circle", steps=2)).files["png:0"]).text
+    assert meta["model"] == served["model"] == "default"
+    assert main(["generate", "a red circle", "--model", meta["model"], "--steps", "2", "--out", str(tmp_path / "b"),
+                 "--device", "cpu", "--scheduler", meta["scheduler"]]) == 0
+    assert Image.open(tmp_path / "b" / "a-red-circle-0.png").tobytes() == \
+        Image.open(tmp_path / "a" / "a-red-circle-0.png").tobytes()
