@@ -15,11 +15,11 @@ from .sampling import (new_out_folder, png_metadata, sampling_device, sampling_p
                        use_idle_cores)
 
 SAMPLING_COMMANDS = ("generate", "heatmap", "effect", "evaluate", "serve")
+GENERATE_BATCH = 16  # images per pipeline call of `t2i generate`
 
 
 def cmd_generate(args) -> None:
     import torch
-    from PIL import Image
     if len(args.prompt) > 1 and all(len(p.split()) == 1 for p in args.prompt):
         print(f"t2i generate: warning: {len(args.prompt)} one-word prompts make one image each; for one image of "
               f"\"{' '.join(args.prompt)}\", quote it", file=sys.stderr)
@@ -30,12 +30,19 @@ def cmd_generate(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = args.num_images
-    seeds = [args.seed + i for i in range(len(args.prompt) * n)]
-    result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, height=args.height, width=args.width, num_images_per_prompt=n,
-                  generator=[torch.Generator().manual_seed(s) for s in seeds], record_attention=args.heatmaps)
-    for i, (image, seed) in enumerate(zip(result.images, seeds)):
-        prompt = args.prompt[i // n]
+    jobs = [(args.prompt[i // n], args.seed + i) for i in range(len(args.prompt) * n)]  # image i: seed + i
+    for start in range(0, len(jobs), GENERATE_BATCH):  # memory stays flat in the number of images
+        batch = jobs[start:start + GENERATE_BATCH]
+        result = pipe([prompt for prompt, _ in batch], negative_prompt=args.negative, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, height=args.height, width=args.width,
+                      generator=[torch.Generator().manual_seed(s) for _, s in batch], record_attention=args.heatmaps)
+        _save_generated(args, result, batch, out, model, scheduler)
+
+
+def _save_generated(args, result, batch: list[tuple[str, int]], out: Path, model: str, scheduler: str) -> None:
+    """Each image of one batch of `t2i generate` as a PNG with its settings (and its heatmaps)."""
+    from PIL import Image
+    for i, (image, (prompt, seed)) in enumerate(zip(result.images, batch)):
         meta = dict(prompt=prompt, negative_prompt=args.negative or "", seed=seed, steps=args.steps,
                     guidance=args.guidance, scheduler=scheduler, model=model, height=image.height,
                     width=image.width, upscale=args.upscale, precision=args.precision)
@@ -238,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="+", help="one or more prompts")
     _sampling_options(g)
     g.add_argument("--negative", help="negative prompt")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
-    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image, from 0 to 2**64 - 1; image i uses "
+                   "seed+i (default: 0)")
+    g.add_argument("--num-images", type=int, default=1, help=f"images per prompt, at most 1000, sampled "
+                   f"{GENERATE_BATCH} at a time (default: 1)")
     g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG (default: 4)")
     g.add_argument("--heatmaps", action="store_true", help="also write per-word attention heatmaps")
     g.add_argument("--out", default="outputs", help="output folder; no file in it is replaced (default: outputs)")

@@ -14,7 +14,8 @@ from typing import Iterator
 
 MAX_SIZE_FACTOR = 8  # --height/--width: at most 8x the model's sample size (pixel space: memory grows with the area)
 BOUNDS = {"upscale": (1, 16), "size": (32, 2048), "steps": (1, None), "height": (1, None), "width": (1, None),
-          "num_images": (1, None)}  # option: (least, most); None: no fixed bound
+          "num_images": (1, 1000)}  # option: (least, most); None: no fixed bound
+SEEDS = 2**64  # a torch generator's seed is from 0 to 2**64 - 1
 
 
 def check_options(args) -> None:
@@ -27,6 +28,15 @@ def check_options(args) -> None:
             raise ValueError(f"{flag} must be at most {most}, got {value}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    images = len(args.prompt) * args.num_images if getattr(args, "num_images", None) else 1  # generate: per prompt
+    check_seed(getattr(args, "seed", None), images)
+
+
+def check_seed(seed: int | None, images: int = 1) -> None:
+    """--seed: image i of a command uses seed + i, and each must be a torch generator's seed."""
+    if seed is not None and not 0 <= seed <= SEEDS - images:
+        many = f" for {images} images (image i uses seed + i)" if images > 1 else ""
+        raise ValueError(f"--seed must be a whole number from 0 to {SEEDS - images}{many}, got {seed}")
 
 
 def check_against_model(args, pipe) -> None:

@@ -89,6 +89,12 @@ def no_sampling(monkeypatch):
     (["generate", "x", "--upscale", "0"], "--upscale must be at least 1, got 0"),
     (["generate", "x", "--upscale", "1000"], "--upscale must be at most 16"),
     (["generate", "x", "--num-images", "0"], "--num-images must be at least 1, got 0"),
+    (["generate", "x", "--num-images", "10000"], "--num-images must be at most 1000, got 10000"),
+    (["generate", "x", "--seed", str(2**64)], "--seed must be a whole number from 0 to 18446744073709551615, got"),
+    (["generate", "a x", "a y", "--seed", str(2**64 - 2), "--num-images", "2"],
+     "--seed must be a whole number from 0 to 18446744073709551612 for 4 images (image i uses seed + i)"),
+    (["generate", "x", "--seed", "-1"], "--seed must be a whole number from 0 to"),
+    (["heatmap", "x", "--seed", str(2**70)], "--seed must be a whole number from 0 to 18446744073709551615"),
     (["generate", "x", "--guidance", "nan"], "--guidance must be a finite number"),
     (["generate", "x", "--device", "cuda"], "--device cuda: no CUDA GPU is available"),
     (["generate", "x", "--device", "gpu"], "--device 'gpu' is not a device"),
@@ -193,3 +199,22 @@ def test_the_shipped_model_regenerates_from_what_its_png_records(tmp_path):
                  "--device", "cpu", "--scheduler", meta["scheduler"]]) == 0
     assert Image.open(tmp_path / "b" / "a-red-circle-0.png").tobytes() == \
         Image.open(tmp_path / "a" / "a-red-circle-0.png").tobytes()
+
+
+def test_generate_samples_in_batches_so_memory_is_flat(model_dir, tmp_path, monkeypatch, capsys):
+    """Many images are sampled GENERATE_BATCH at a time, each from its own seed as in one batch."""
+    from t2i import cli
+    from t2i.pipeline import T2IPipeline
+    sizes, call = [], T2IPipeline.__call__
+    monkeypatch.setattr(T2IPipeline, "__call__", lambda self, prompt, **kw: (sizes.append(len(prompt)),
+                                                                             call(self, prompt, **kw))[1])
+    monkeypatch.setattr(cli, "GENERATE_BATCH", 3)
+    assert main(["generate", "a red circle", "a blue square", "--num-images", "4", "--model", str(model_dir),
+                 "--steps", "1", "--seed", "5", "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    assert sizes == [3, 3, 2]
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == sorted(
+        [f"a-red-circle-{s}.png" for s in (5, 6, 7, 8)] + [f"a-blue-square-{s}.png" for s in (9, 10, 11, 12)])
+    assert main(["generate", "a blue square", "--model", str(model_dir), "--steps", "1", "--seed", "10",
+                 "--out", str(tmp_path / "b"), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "b" / "a-blue-square-10.png").tobytes() == \
+        Image.open(tmp_path / "a" / "a-blue-square-10.png").tobytes()
