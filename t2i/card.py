@@ -34,8 +34,9 @@ def recipe(cfg: RunConfig) -> dict:
             **({"fine_tuned_from": cfg.train.init_from} if cfg.train.init_from else {})}
 
 
-def write_model_card(folder: str | Path, cfg: RunConfig) -> Path:
-    """Write `{folder}/README.md` for an exported pipeline trained with `cfg`."""
+def write_model_card(folder: str | Path, cfg: RunConfig, final: str | Path | None = None) -> Path:
+    """Write `{folder}/README.md` for an exported pipeline trained with `cfg`; `final`: where the folder will
+    be once renamed into place (default: `folder`)."""
     folder = Path(folder)
     meta = {"library_name": "t2i", "pipeline_tag": "text-to-image",
             "tags": ["t2i", "text-to-image", "diffusers", "pixel-space"],
@@ -45,7 +46,7 @@ def write_model_card(folder: str | Path, cfg: RunConfig) -> Path:
             "`t2i.load_pipeline(PATH)` or `DiffusionPipeline.from_pretrained(PATH, trust_remote_code=True)`.", "",
             f"Data: {data_description(cfg)}.", "",
             "The resolved training config is `t2i_config` above (and `train_config.yaml`).", "",
-            EVAL_HEADING, "", NOT_EVALUATED.format(path=folder), ""]
+            EVAL_HEADING, "", NOT_EVALUATED.format(path=final or folder), ""]
     path = folder / CARD
     path.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(body))
     return path

@@ -243,12 +243,45 @@ def staging(run_dir: str | Path, step: int) -> Iterator[Path]:
         yield stage
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if no_space(e):
             last = checkpoints(run_dir)
             raise DiskFull(f"no space left on the disk of {run_dir} while saving checkpoint-{step:07d}; the "
                            f"last good checkpoint is {last[-1] if last else 'none'}: free space, then continue with "
                            "--resume latest") from None
         raise
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether `e` says the disk (or the quota) is full: an OSError, or safetensors' SafetensorError that
+    carries the system's message in its text."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(os.strerror(code) in str(e) for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+@contextmanager
+def staged_folder(final: Path, then: str) -> Iterator[Path]:
+    """Write the folder `final` atomically: into a temporary folder beside it, whose files are fsynced and which
+    is renamed into place (replacing an older `final`) only when complete. On any failure the temporary folder
+    goes and `final` stays as it was; a full disk is one line that ends with `then`, what to do next."""
+    stage, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        yield stage
+        for file in sorted(p for p in stage.rglob("*") if p.is_file()):
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+        sync_dir(stage)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(stage, final)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if no_space(e):
+            raise DiskFull(f"no space left on the disk of {final.parent} while writing {final.name}/; {then}") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    sync_dir(final.parent)
 
 
 def write_synced(path: Path, data: bytes) -> None:
@@ -332,6 +365,8 @@ def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite
         for path in old if overwrite else []:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         for stage in run_dir.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(stage, ignore_errors=True)
+        for stage in run_dir.glob(".pipeline.*"):  # an export killed half-way
             shutil.rmtree(stage, ignore_errors=True)
         yield
     finally:

@@ -176,9 +176,11 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
         if tc.export_dtype == "float16":  # halves the folder; sampling upcasts where it needs to
             pipe.unet.half()
             pipe.text_encoder.half()
-        pipe.save_pretrained(path)
-        save_config(cfg, path / "train_config.yaml")
-        write_model_card(path, cfg)
+        then = f"checkpoint-{state.step:07d} is complete: free space, then export it with --resume latest"
+        with ckpt.staged_folder(path, then) as stage:  # a failed export leaves no half-written pipeline/
+            pipe.save_pretrained(stage)
+            save_config(cfg, stage / "train_config.yaml")
+            write_model_card(stage, cfg, final=path)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return path

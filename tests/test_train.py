@@ -550,3 +550,33 @@ def test_a_hand_edited_state_json_is_a_damaged_checkpoint(tmp_path, state):
         train(cfg, resume=str(newest))
     with pytest.warns(UserWarning, match=rf"skipped checkpoint-0000004: {problem}.*checkpoint-0000002"):
         assert train(cfg, resume="latest", stop_at=4) is None
+
+
+def test_a_full_disk_during_export_is_one_line_and_a_resume_exports(tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from t2i.cli import main
+    args = ["train", *TINY, f"train.output_dir={tmp_path}", "train.max_steps=2", "train.checkpoint_every=2",
+            "train.report_to=none"]
+    real = safetensors.torch.save_file
+
+    def full(tensors, path, *a, **kw):  # the disk fills up half-way through the first weights file
+        open(path, "wb").write(b"\0" * 100)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("t2i train")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0] == (f"t2i train: error: no space left on the disk of {tmp_path} while writing pipeline/; "
+                        "checkpoint-0000002 is complete: free space, then export it with --resume latest"), lines
+    assert not (tmp_path / "pipeline").exists() and not list(tmp_path.glob(".pipeline*"))
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert main([*args, "--resume", "latest"]) == 0
+    assert "exported pipeline" in capsys.readouterr().out
+    from t2i.pipeline import load_pipeline
+    assert load_pipeline(tmp_path / "pipeline").unet is not None
+    assert str(tmp_path / "pipeline") in (tmp_path / "pipeline" / "README.md").read_text()
