@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_KEYS = {"step": int, "samples": int, "world_size": int, "optimizer": dict, "lr_schedule": dict, "config": dict}
 CORE_FILES = ("unet.safetensors", "ema.safetensors", "optimizer.safetensors")  # in every checkpoint, listed or not
+NOT_A_RUN = ("config.yaml", "tokenizer", "previews", "tensorboard")  # with no checkpoint nor pipeline beside them
 RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "previews", "tensorboard")  # a run's files beside its checkpoints
 
 
@@ -168,8 +169,7 @@ def resolve_resume(run_dir: str | Path, resume: str, main: bool = True) -> Path:
         return path
     found = checkpoints(run_dir)
     if not found:
-        raise ValueError(f"--resume latest: no checkpoint in {run_dir}; start a fresh run without --resume (adding "
-                         f"--overwrite if an earlier one left files there)")
+        raise ValueError(f"--resume latest: no checkpoint in {run_dir}; start a fresh run without --resume")
     skipped = []
     for path in reversed(found):
         problem = damage(path)
@@ -203,13 +203,13 @@ def damage(path: str | Path) -> str | None:
     if lacking or not (isinstance(files, list) and all(isinstance(name, str) for name in files)):
         return f"state.json lacks {', '.join(lacking) or 'a list of file names'}"
     for name in dict.fromkeys([*CORE_FILES, *files]):
-        problem = _safetensors_damage(path / name)
+        problem = safetensors_damage(path / name)
         if problem:
             return f"{name} {problem}"
     return None
 
 
-def _safetensors_damage(file: Path) -> str | None:
+def safetensors_damage(file: Path) -> str | None:
     """A safetensors file is 8 bytes of header length n, n bytes of JSON header, then the tensors' bytes."""
     size = file.stat().st_size if file.is_file() else None
     if not size:
@@ -357,12 +357,16 @@ def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite
         found = checkpoints(run_dir)
         old = found + sorted(run_dir.glob("checkpoint-*.damaged")) + [
             run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-        if old and not resume and not overwrite:
+        started = not [p for p in old if p.name not in NOT_A_RUN]  # no checkpoint: a start that failed, not a run
+        if started and old and not resume and not overwrite:
+            warnings.warn(f"train.output_dir {run_dir} holds no checkpoint, only what a start that failed left "
+                          f"({', '.join(p.name for p in old)}): replacing it", stacklevel=3)
+        if old and not resume and not overwrite and not started:
             what = found[-1].name if found else ", ".join(p.name for p in old)
             raise ValueError(f"train.output_dir {run_dir} holds a run ({what}): continue it with --resume latest, "
                              "start over with --overwrite (deletes its checkpoints, pipeline and logs), or choose "
                              "another train.output_dir")
-        for path in old if overwrite else []:
+        for path in old if overwrite or (started and not resume) else []:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         for stage in run_dir.glob(".checkpoint-*.tmp"):
             shutil.rmtree(stage, ignore_errors=True)

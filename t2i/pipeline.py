@@ -18,8 +18,10 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
                        UniPCMultistepScheduler)
 from diffusers.utils import BaseOutput
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .checkpoint import safetensors_damage
 from .diffusion import alpha_bar_at, predict_x0
 from .text import PromptEncoding, encode_prompts, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
@@ -148,7 +150,7 @@ class T2IPipeline(DiffusionPipeline):
                 kwargs.setdefault("trust_remote_code", True)
         try:
             return super().from_pretrained(path, **kwargs)
-        except (ValueError, RuntimeError, OSError) as e:
+        except (ValueError, RuntimeError, OSError, SafetensorError) as e:
             if not os.path.isdir(path):
                 raise ValueError(f"no pipeline folder at {path!r}: pass a folder written by "
                                  "T2IPipeline.save_pretrained or `t2i train`") from None
@@ -406,6 +408,11 @@ def check_pipeline_folder(path: str) -> None:
         files = os.listdir(os.path.join(path, c))
         if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
             raise ValueError(f"{os.path.join(path, c)!r} needs a config.json and .safetensors weights")
+        for weights in sorted(f for f in files if f.endswith(".safetensors")):
+            problem = safetensors_damage(Path(path, c, weights))
+            if problem:
+                raise ValueError(f"{os.path.join(path, c, weights)} {problem}: copy the pipeline folder again, or "
+                                 "export it again from its run")
 
 
 def _first_line(e: Exception) -> str:

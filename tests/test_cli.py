@@ -218,3 +218,19 @@ def test_generate_samples_in_batches_so_memory_is_flat(model_dir, tmp_path, monk
                  "--out", str(tmp_path / "b"), "--device", "cpu"]) == 0
     assert Image.open(tmp_path / "b" / "a-blue-square-10.png").tobytes() == \
         Image.open(tmp_path / "a" / "a-blue-square-10.png").tobytes()
+
+
+@pytest.mark.parametrize("part", ["text_encoder", "unet"])
+@pytest.mark.parametrize("command", [["info"], ["generate", "a red circle"], ["heatmap", "a red circle"],
+                                     ["effect", "a red circle", "--words", "red"], ["serve", "--port", "0"]])
+def test_a_damaged_weights_file_is_one_line_that_names_it(model_dir, tmp_path, capsys, command, part):
+    import shutil
+    damaged = tmp_path / "model"
+    shutil.copytree(model_dir, damaged)
+    weights = next((damaged / part).glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:3000])
+    model = [str(damaged)] if command == ["info"] else ["--model", str(damaged)]
+    out = ["--out", str(tmp_path / "out")] if command[0] in ("generate", "heatmap", "effect") else []
+    assert main([*command, *model, *out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"t2i {command[0]}: error: {weights} is cut short") and err.count("\n") == 1, err

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -580,3 +581,24 @@ def test_a_full_disk_during_export_is_one_line_and_a_resume_exports(tmp_path, mo
     from t2i.pipeline import load_pipeline
     assert load_pipeline(tmp_path / "pipeline").unet is not None
     assert str(tmp_path / "pipeline") in (tmp_path / "pipeline" / "README.md").read_text()
+
+
+def test_a_failed_start_leaves_no_run_behind(tmp_path):
+    """A start that fails before its first checkpoint (here: a damaged train.init_from) leaves files, but no run:
+    the corrected rerun starts without --overwrite, and --resume latest says there is nothing to resume."""
+    good = train(tiny_config(tmp_path / "a", "train.max_steps=1", "train.report_to=none"))
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    weights = broken / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"^{weights} is cut short \(5000 of \d+ bytes\): copy the pipeline"):
+        train(tiny_config(run, "train.max_steps=1", f"train.init_from={broken}"))
+    (run / "tokenizer").mkdir(exist_ok=True)                  # what a start that failed later leaves
+    (run / "config.yaml").write_text("train: {}\n")
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        train(tiny_config(run, "train.max_steps=1"), resume="latest")
+    with pytest.warns(UserWarning, match=r"holds no checkpoint, only what a start that failed left \(config.yaml, "
+                      r"tokenizer\): replacing it"):
+        assert train(tiny_config(run, "train.max_steps=1", "train.report_to=none")) is not None
+    assert ckpt.checkpoints(run) and "max_steps: 1" in (run / "config.yaml").read_text()
