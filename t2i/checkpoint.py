@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_KEYS = {"step": int, "samples": int, "world_size": int, "optimizer": dict, "lr_schedule": dict, "config": dict}
 CORE_FILES = ("unet.safetensors", "ema.safetensors", "optimizer.safetensors")  # in every checkpoint, listed or not
-NOT_A_RUN = ("config.yaml", "tokenizer", "previews", "tensorboard")  # with no checkpoint nor pipeline beside them
-RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "previews", "tensorboard")  # a run's files beside its checkpoints
+NOT_A_RUN = ("config.yaml", "tokenizer", "text_encoder", "previews", "tensorboard")  # with no checkpoint nor pipeline
+RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "text_encoder", "previews", "tensorboard")  # beside its checkpoints
 
 
 @dataclass

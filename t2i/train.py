@@ -23,7 +23,7 @@ from .data.stream import build_dataset, data_stream
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .grounding import capture_cross_attention, grounding_loss, token_indices
 from .pipeline import load_pipeline
-from .text import TextStates, build_text, drop_captions
+from .text import TextStates, build_text, drop_captions, load_pretrained_clip
 from .unet import build_unet, unet_config
 
 
@@ -58,7 +58,11 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     set_seed(tc.seed)
     with accelerator.main_process_first():  # the main process indexes the folder and learns the tokenizer,
         dataset, corpus = build_dataset(cfg)  # the others then read both from disk
-        if tc.init_from:
+        start = None
+        if tc.init_from and resume and (out / "text_encoder").is_dir():  # the start's text, kept by the run
+            tokenizer, text_encoder = load_pretrained_clip(str(out))
+            text_encoder.requires_grad_(cfg.text.trainable)
+        elif tc.init_from:
             start = load_pipeline(None if tc.init_from == "default" else tc.init_from)
             tokenizer, text_encoder = start.tokenizer, start.text_encoder.requires_grad_(cfg.text.trainable)
         else:
@@ -66,9 +70,11 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
         if accelerator.is_main_process and not cfg.text.pretrained:
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save_pretrained(out / "tokenizer")
+        if accelerator.is_main_process and start is not None:  # a resume needs no init_from folder
+            text_encoder.save_pretrained(out / "text_encoder")
     unet = build_unet(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size,
                       cross_attention_dim=text_encoder.config.hidden_size)
-    if tc.init_from:
+    if start is not None:
         load_start(unet, start.unet, tc.init_from)
     noise_scheduler = make_noise_scheduler(cfg.noise)
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format

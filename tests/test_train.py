@@ -602,3 +602,21 @@ def test_a_failed_start_leaves_no_run_behind(tmp_path):
                       r"tokenizer\): replacing it"):
         assert train(tiny_config(run, "train.max_steps=1", "train.report_to=none")) is not None
     assert ckpt.checkpoints(run) and "max_steps: 1" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("text", ["text.train=true", "text.train=false"])
+def test_a_fine_tune_resumes_without_its_init_from_folder(tmp_path, text):
+    """The run keeps the start's tokenizer and text encoder; the checkpoint holds the rest."""
+    start = train(tiny_config(tmp_path / "start", "train.max_steps=1", "train.report_to=none"))
+    args = [f"train.init_from={start}", text, "train.max_steps=2", "train.checkpoint_every=1", "train.report_to=none"]
+    train(tiny_config(tmp_path / "straight", *args))
+    train(tiny_config(tmp_path / "resumed", *args), stop_at=1)
+    start.rename(tmp_path / "gone")
+    assert train(tiny_config(tmp_path / "resumed", *args), resume="latest") is not None
+    for name in ("unet", "ema"):
+        wa = load_file(str(tmp_path / "straight" / "checkpoint-0000002" / f"{name}.safetensors"))
+        wb = load_file(str(tmp_path / "resumed" / "checkpoint-0000002" / f"{name}.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    a, b = (load_file(str(tmp_path / run / "pipeline" / "text_encoder" / "model.safetensors"))
+            for run in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
