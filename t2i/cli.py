@@ -185,12 +185,16 @@ def cmd_train(args) -> int | None:
     return None
 
 
-def cmd_make_dataset(args) -> None:
+def cmd_make_dataset(args) -> int | None:
     if args.name == "shards":
         if not args.source:
             raise ValueError("make-dataset shards needs --from FOLDER, the image folder to shard")
         from .data.shards import write_shards
-        rows, shards = write_shards(args.source, args.out, args.shard_size)
+        try:
+            rows, shards = write_shards(args.source, args.out, args.shard_size)
+        except KeyboardInterrupt:
+            print(f"t2i make-dataset: stopped; nothing was written to {args.out}", file=sys.stderr)
+            return 128 + signal.SIGINT
         print(f"wrote {rows} images in {shards} shards to {args.out}; train on them with "
               f"data.kind=shards data.root={args.out}")
         return

@@ -124,3 +124,80 @@ def test_two_processes_get_equal_samples_from_uneven_shards(tmp_path):
     assert Counter(rank for rank, _, _ in drawn) == {0: 6, 1: 6}
     first = sorted(index for _, index, epoch in drawn if epoch == 0)
     assert first == list(range(11)) and [epoch for _, _, epoch in drawn].count(1) == 1
+
+
+# ---- issue 19: nothing lost, round 2 ---------------------------------------------------------------
+
+
+def test_make_dataset_shards_stages_beside_out_and_one_of_two_writers_wins(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    import datasets
+
+    import t2i.data.shards as shards
+    folder = image_folder(tmp_path / "images", 3)
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))           # $TMPDIR: nothing may be written there
+    seen = []
+    real_save = datasets.Dataset.save_to_disk
+
+    def save(self, path, **kw):
+        seen.append(list(tmp.iterdir()))
+        return real_save(self, path, **kw)
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save)
+    assert main(["make-dataset", "shards", "--from", str(folder), "--out", str(tmp_path / "s")]) == 0
+    assert seen == [[]] and not list(tmp.iterdir()) and len(ShardDataset(tmp_path / "s")) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "s", "tmpdir"]      # no staging folder left
+
+    def other_writer_meanwhile(self, path, **kw):                # a second writer fills --out first
+        (tmp_path / "t").mkdir(exist_ok=True)
+        (tmp_path / "t" / "theirs.arrow").write_text("theirs")
+        return real_save(self, path, **kw)
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", other_writer_meanwhile)
+    capsys.readouterr()
+    assert main(["make-dataset", "shards", "--from", str(folder), "--out", str(tmp_path / "t")]) == 2
+    assert "was filled by another writer meanwhile" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["theirs.arrow"]
+
+    def interrupted(self, path, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", interrupted)
+    assert main(["make-dataset", "shards", "--from", str(folder), "--out", str(tmp_path / "u")]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"t2i make-dataset: stopped; nothing was written to {tmp_path / 'u'}", err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "s", "t", "tmpdir"]
+    (tmp_path / ".v.abc.999999999.tmp").mkdir()                  # what a writer killed with -9 left
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real_save)
+    assert shards.write_shards(folder, tmp_path / "v") == (3, 1)
+    assert not (tmp_path / ".v.abc.999999999.tmp").exists()
+
+
+def test_bad_parquet_columns_and_rows_are_named(tmp_path):
+    import datasets
+    image = datasets.Image()
+
+    def parquet(name, rows, features, file="a.parquet"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        datasets.Dataset.from_dict(rows, features=datasets.Features(features)).to_parquet(tmp_path / name / file)
+        return tmp_path / name
+    pngs = [{"bytes": _png(i), "path": None} for i in range(3)]
+    zero = parquet("zero", {"image": [], "text": []}, {"image": image, "text": datasets.Value("string")})
+    with pytest.raises(ValueError, match="the Parquet files in .*zero' hold no rows"):
+        ShardDataset(zero)
+    ints = parquet("ints", {"image": pngs, "text": [1, 2, 3]}, {"image": image, "text": datasets.Value("int64")})
+    with pytest.raises(ValueError, match="caption column 'text' of the shards in .* holds int64, not text"):
+        ShardDataset(ints)
+    lists = parquet("lists", {"image": pngs, "text": [["a"]] * 3}, {"image": image,
+                                                                   "text": datasets.Sequence(datasets.Value("string"))})
+    with pytest.raises(ValueError, match="holds lists, not text"):
+        ShardDataset(lists)
+    no_image = parquet("noimg", {"pic": [1], "text": ["a"]}, {"pic": datasets.Value("int64"), "text": datasets.Value("string")})
+    with pytest.raises(ValueError, match=r"have no image column \(an Image feature.*columns are \['pic', 'text'\]\.$"):
+        ShardDataset(no_image)
+    strings = {"image": image, "text": datasets.Value("string")}
+    parquet("gaps", {"image": pngs, "text": ["a", "b", "c"]}, strings)
+    gaps = parquet("gaps", {"image": pngs, "text": ["a", "", "c"]}, strings, file="b.parquet")
+    with pytest.raises(ValueError, match=r"1 of 6 rows have no caption .*e\.g\. row 1 of b\.parquet;"):
+        ShardDataset(gaps)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -56,11 +57,35 @@ def write_shards(folder: Union[str, os.PathLike], out: Union[str, os.PathLike], 
         for path, caption in zip(source.paths, source.captions):
             yield {"image": {"bytes": path.read_bytes(), "path": path.name}, "text": caption}
 
-    with tempfile.TemporaryDirectory() as cache:  # from_generator's own cache: gone once the shards are written
-        table = datasets.Dataset.from_generator(rows, features=features, cache_dir=cache)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a writer that was killed
+        if not _alive(stale.suffixes[-2][1:]):
+            shutil.rmtree(stale, ignore_errors=True)
+    # beside --out, on its disk, not in $TMPDIR: from_generator's cache, then the shards, renamed into place
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=f".{os.getpid()}.tmp", dir=out.parent))
+    try:
+        table = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(stage / "cache"))
         shards = math.ceil(len(table) / shard_size)
-        table.save_to_disk(str(out), num_shards=shards)
-    return len(table), shards
+        table.save_to_disk(str(stage / "shards"), num_shards=shards)
+        try:
+            os.rename(stage / "shards", out)  # replaces a missing or empty --out only: one of two writers wins
+        except OSError:
+            raise ValueError(f"{str(out)!r} was filled by another writer meanwhile; its shards stay, these were "
+                             "not written. Pass a new folder.") from None
+        return len(table), shards
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` (a string, as in a staging folder's name) still runs."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ShardDataset(CaptionedImages):
@@ -76,7 +101,11 @@ class ShardDataset(CaptionedImages):
         parquet = sorted(str(p) for p in self.root.rglob("*.parquet"))
         if (self.root / "state.json").is_file():
             table = datasets.load_from_disk(str(self.root))
+            self.sources = _row_counts([f["filename"] for f in table.cache_files], "arrow")
         elif parquet:
+            self.sources = _row_counts(parquet, "parquet")
+            if not any(n for _, n in self.sources):
+                raise ValueError(f"the Parquet files in {str(self.root)!r} hold no rows.")
             table = datasets.load_dataset("parquet", data_files=parquet, split="train")
         else:
             raise ValueError(f"{str(self.root)!r} holds no shards (no state.json of datasets' save_to_disk, no "
@@ -90,11 +119,18 @@ class ShardDataset(CaptionedImages):
                  [c for c in IMAGE_COLUMNS if c in columns]
         wanted = (caption_column, "caption") if caption_column == "text" else (caption_column,)
         captions = [c for c in wanted if c in columns]
-        if not images or not captions:
-            missing = "image column" if not images else f"caption column ({' or '.join(map(repr, wanted))})"
-            raise ValueError(f"the shards in {str(self.root)!r} have no {missing}; their columns are {columns}. "
-                             "Pass data.caption_column=<name> for another caption column.")
+        if not images:
+            raise ValueError(f"the shards in {str(self.root)!r} have no image column (an Image feature, or one named "
+                             f"{', '.join(IMAGE_COLUMNS)}); their columns are {columns}.")
+        if not captions:
+            raise ValueError(f"the shards in {str(self.root)!r} have no caption column ({' or '.join(map(repr, wanted))}); "
+                             f"their columns are {columns}. Pass data.caption_column=<name> for another caption column.")
         self.image_column, caption_column = images[0], captions[0]
+        kind = table.features[caption_column]
+        if getattr(kind, "dtype", None) not in ("string", "large_string"):
+            raise ValueError(f"the caption column {caption_column!r} of the shards in {str(self.root)!r} holds "
+                             f"{getattr(kind, 'dtype', None) or 'lists'}, not text; pass data.caption_column=<name> "
+                             f"of a text column (the columns are {columns}).")
         self.table = table.cast_column(self.image_column, datasets.Image(decode=False))  # bytes: we decode
         self._images = None  # the image column as Arrow, looked up per process (see _open)
 
@@ -104,8 +140,8 @@ class ShardDataset(CaptionedImages):
         if not self.captions:
             raise ValueError(f"the shards in {str(self.root)!r} hold no rows.")
         if empty:
-            raise ValueError(f"{len(empty)} of {len(self.captions)} rows have no caption (or an empty one), e.g. rows "
-                             f"{empty[:5]}; fix the source and write the shards again.")
+            raise ValueError(f"{len(empty)} of {len(self.captions)} rows have no caption (or an empty one), e.g. "
+                             f"{'; '.join(self._row(i) for i in empty[:3])}; fix the source and write the shards again.")
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_images": None}  # a data worker reopens the memory map, not a copy of the data
@@ -119,4 +155,21 @@ class ShardDataset(CaptionedImages):
         return load_rgb(io.BytesIO(cell["bytes"]))
 
     def _name(self, index: int) -> str:
-        return f"row {index} of the shards in {str(self.root)!r}"
+        return f"{self._row(index)} of the shards in {str(self.root)!r}"
+
+    def _row(self, index: int) -> str:
+        """'row r of FILE' for global row `index`: the file it came from, counted from 0."""
+        for name, rows in self.sources:
+            if index < rows:
+                return f"row {index} of {name}"
+            index -= rows
+        return f"row {index}"
+
+
+def _row_counts(files: list[str], kind: str) -> list[tuple[str, int]]:
+    """(file name, rows) of each shard file in order, from the Parquet footers or the Arrow memory maps."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if kind == "parquet":
+        return [(os.path.basename(f), pq.ParquetFile(f).metadata.num_rows) for f in files]
+    return [(os.path.basename(f), sum(b.num_rows for b in pa.ipc.open_stream(pa.memory_map(f)))) for f in files]
