@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import __version__
 from .sampling import (new_out_folder, png_metadata, sampling_device, sampling_pipeline, save_new_png, slug,
                        use_idle_cores)
 
@@ -195,7 +196,7 @@ def cmd_make_dataset(args) -> int | None:
         except KeyboardInterrupt:
             print(f"t2i make-dataset: stopped; nothing was written to {args.out}", file=sys.stderr)
             return 128 + signal.SIGINT
-        print(f"wrote {rows} images in {shards} shards to {args.out}; train on them with "
+        print(f"wrote {rows} images in {shards} shard{'s' * (shards != 1)} to {args.out}; train on them with "
               f"data.kind=shards data.root={args.out}")
         return
     from .data.shapes import ShapesConfig, write_image_folder
@@ -243,6 +244,7 @@ def _sampling_options(p: argparse.ArgumentParser, steps: int | None = 30, guidan
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i", description="Text-to-image diffusion: generate, train, see each word.")
+    p.add_argument("--version", action="version", version=f"t2i {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate PNGs from prompts")
@@ -262,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("prompt", help="the prompt, e.g. 'a red circle above a blue square'")
     _sampling_options(h)
     h.add_argument("--words", help="comma-separated words to draw (default: all); 'circle#2' = the second circle")
-    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--seed", type=int, default=0, help="from 0 to 2**64 - 1 (default: 0)")
     h.add_argument("--layers", help="regex on cross-attention module names to record (default: all)")
     h.add_argument("--gif", action="store_true", help="also write an animated GIF per word over the steps")
     h.add_argument("--size", type=int, default=256, help="display size of the drawings in px (default: 256)")
@@ -277,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--weight", type=float, default=0.0, help="each word's attention is multiplied by this "
                    "(prompt-to-prompt reweighting, conditional branch only); 0 silences it (default: 0)")
     f.add_argument("--negative", help="negative prompt")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="from 0 to 2**64 - 1 (default: 0)")
     f.add_argument("--size", type=int, default=256, help="display size of the drawings in px (default: 256)")
     f.add_argument("--out", help="a new or empty output folder (default: outputs/effects/<prompt>-<seed>)")
     f.set_defaults(func=cmd_effect)

@@ -6,7 +6,7 @@ import inspect
 import json
 import os
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -154,7 +154,7 @@ class T2IPipeline(DiffusionPipeline):
             if not os.path.isdir(path):
                 raise ValueError(f"no pipeline folder at {path!r}: pass a folder written by "
                                  "T2IPipeline.save_pretrained or `t2i train`") from None
-            raise ValueError(f"could not load the pipeline in {path!r}: {_first_line(e)}. If a component's "
+            raise ValueError(f"could not load the pipeline in {path!r}: {_first_line(e).rstrip('.')}. If a component's "
                              "weights do not match its config.json, re-export the folder from its run.") from e
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
@@ -420,6 +420,21 @@ def _first_line(e: Exception) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
+@contextmanager
+def _no_progress_bars():
+    """diffusers' and transformers' loading bars off, then as they were."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    shown = [lib.is_progress_bar_enabled() for lib in (diffusers_logging, transformers_logging)]
+    diffusers_logging.disable_progress_bar(), transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, on in zip((diffusers_logging, transformers_logging), shown):
+            if on:
+                lib.enable_progress_bar()
+
+
 def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> T2IPipeline:
     """Load a pipeline folder; with no path or "default", the default model shipped inside the package. Weights
@@ -431,7 +446,8 @@ def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.dev
     device = torch.device(device)
     if dtype is None and device.type == "cpu":
         dtype = torch.float32
-    pipe = T2IPipeline.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+    with _no_progress_bars():  # loading a few MB needs no bars, from the CLI or from Python
+        pipe = T2IPipeline.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.to(memory_format=torch.channels_last)  # 1.1-1.2x faster sampling on CPU (bench/sample.py)
     return pipe.to(device)

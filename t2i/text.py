@@ -139,14 +139,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], max_length: int | None = None) -> dict:
     """Pad/truncate to a fixed length; warn with the count of dropped tokens when a prompt is too long."""
     T = max_length or tokenizer.model_max_length
-    full = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    full = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]  # verbose: transformers' own warning
     for prompt, ids in zip(prompts, full):
         if len(ids) > T:
-            dropped = tokenizer.decode(ids[T - 1:-1])
+            dropped = tokenizer.decode(ids[T - 1:-1]).lstrip("\ufffd")  # a character split across the limit
             warnings.warn(
-                f"prompt {prompt!r} is {len(ids)} tokens with start/end, the limit is {T}: dropped the last "
-                f"{len(ids) - T} tokens ({dropped!r}). Shorten the prompt to keep them.", stacklevel=4)
+                f"prompt {_shortened(prompt)!r} is {len(ids)} tokens with start/end, the limit is {T}: dropped the "
+                f"last {len(ids) - T} tokens ({_shortened(dropped)!r}). Shorten the prompt to keep them.", stacklevel=4)
     return tokenizer(prompts, padding="max_length", truncation=True, max_length=T, return_tensors="pt")
+
+
+def _shortened(text: str, most: int = 60) -> str:
+    """`text`, or its start and its length when longer than `most` characters."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
 
 
 def encode(tokenizer: CLIPTokenizer, text_encoder, texts: list[str], device: torch.device | str | None = None,

@@ -108,7 +108,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
             accelerator.init_trackers("tensorboard" if tc.report_to == "tensorboard" else "t2i", config=_hparams(cfg))
         print(f"training {_count(unet)/1e6:.2f}M UNet + {_count(text_encoder)/1e6:.2f}M text encoder params "
               f"({'trained' if cfg.text.trainable else 'frozen'}) on {world} x {device} in "
-              f"{accelerator.mixed_precision} precision, from step {state.step}")
+              f"{'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision} precision, "
+              f"from step {state.step}")
 
     # 3. the loop: one optimiser step = grad_accum micro-batches on every process
     bar = session.enter_context(tqdm(total=tc.max_steps, initial=state.step, dynamic_ncols=True,

@@ -234,3 +234,19 @@ def test_a_damaged_weights_file_is_one_line_that_names_it(model_dir, tmp_path, c
     assert main([*command, *model, *out]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"t2i {command[0]}: error: {weights} is cut short") and err.count("\n") == 1, err
+
+
+def test_cosmetics_version_defaults_and_a_quiet_api(model_dir, capfd):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capfd.readouterr().out.strip() == "t2i 0.1.0"
+    for command in ("heatmap", "effect"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "from 0 to 2**64 - 1 (default: 0)" in " ".join(capfd.readouterr().out.split())
+    from diffusers.utils import logging as diffusers_logging
+
+    from t2i.pipeline import load_pipeline
+    capfd.readouterr()
+    load_pipeline(model_dir)
+    assert "Loading" not in capfd.readouterr().err and diffusers_logging.is_progress_bar_enabled()

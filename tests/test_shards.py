@@ -148,6 +148,7 @@ def test_make_dataset_shards_stages_beside_out_and_one_of_two_writers_wins(tmp_p
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", save)
     assert main(["make-dataset", "shards", "--from", str(folder), "--out", str(tmp_path / "s")]) == 0
     assert seen == [[]] and not list(tmp.iterdir()) and len(ShardDataset(tmp_path / "s")) == 3
+    assert "wrote 3 images in 1 shard to" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "s", "tmpdir"]      # no staging folder left
 
     def other_writer_meanwhile(self, path, **kw):                # a second writer fills --out first

@@ -91,3 +91,15 @@ def test_a_hub_clip_fails_at_once_when_the_hub_is_unreachable(tmp_path):
     message, seconds = run.stdout.strip().splitlines()
     assert "hub is unreachable" in message and "pass a local path" in message.lower(), run.stdout + run.stderr[-2000:]
     assert float(seconds) < 15
+
+
+def test_the_cut_off_warning_is_short_alone_and_readable_in_any_script(caplog):
+    from t2i.text import tokenize
+    tok = build_offline_tokenizer(CORPUS, 12)
+    with pytest.warns(UserWarning) as record:
+        tokenize(tok, ["a red circle " * 1000])
+        tokenize(tok, ["一个红色的圆" * 3])
+    long, cjk = (str(w.message) for w in record)
+    assert len(long) < 300 and "(13000 characters)" in long, long
+    assert "\ufffd" not in cjk and "的圆" in cjk, cjk
+    assert "indexing errors" not in caplog.text            # transformers' own warning stays quiet
