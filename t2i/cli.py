@@ -126,16 +126,21 @@ def cmd_serve(args) -> None:
     if device.type == "cpu":
         use_idle_cores()
     port = args.port
-    if port == 0:  # a free port, chosen by the system
-        with socket.socket() as s:
-            s.bind((args.host, 0))
-            port = s.getsockname()[1]
+    with socket.socket() as s:  # port 0: a free one, chosen by the system
+        try:
+            s.bind((args.host, port))
+        except OSError:
+            raise ValueError(f"--port {port} on {args.host} is in use: pass another --port, or --port 0 for a free "
+                             "one") from None
+        port = s.getsockname()[1]
     explorer = Explorer(args.model or [None], str(device), Limits(**limits))
-    app, url = serve(explorer, args.host, port)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"t2i serve: warning: bound to {args.host}: anyone who can reach it can use this model", file=sys.stderr)
-    print(f"t2i explorer at {url} (ready in {time.perf_counter() - t0:.1f} s); Ctrl+C stops it", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so that `finally` cleans up
     try:
+        app, url = serve(explorer, args.host, port)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"t2i serve: warning: bound to {args.host}: anyone who can reach it can use this model",
+                  file=sys.stderr)
+        print(f"t2i explorer at {url} (ready in {time.perf_counter() - t0:.1f} s); Ctrl+C stops it", flush=True)
         app.block_thread()
     finally:
         explorer.close()

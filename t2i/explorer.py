@@ -23,8 +23,8 @@ from .attention import AttentionRecorder, Heatmaps
 from .attention.effects import effect_map
 from .attention.overlay import effect_heat, grid_image, overlay, upscale
 from .sampling import png_metadata, slug
-from .pipeline import (SCHEDULERS, downsample_factor, load_pipeline, make_scheduler, max_inference_steps,
-                       scheduler_name)
+from .pipeline import (SCHEDULERS, check_pipeline_folder, downsample_factor, load_pipeline, make_scheduler,
+                       max_inference_steps, scheduler_name)
 
 ALL = "all"                    # the resolution filter that keeps every recorded grid
 MODEL_DEFAULT = "default"      # the scheduler choice that keeps the model's own
@@ -90,14 +90,17 @@ class Explorer:
     def __init__(self, models: list[str | None] | None = None, device: str = "cpu", limits: Limits = Limits(),
                  files_dir: str | Path | None = None):
         models = models or [None]                          # None: the shipped model
+        for m in models:                                   # every model is checked at start, not when picked
+            if m not in (None, "default"):
+                check_pipeline_folder(str(m))
         self.models = {SHIPPED if m is None else str(m): m for m in models}
         self.device, self.limits = device, limits
-        self._own_files = files_dir is None
-        self.files_dir = Path(files_dir) if files_dir else Path(tempfile.mkdtemp(prefix="t2i-serve-"))
         self._pipes: dict[str, object] = {}
         self._lock = threading.Lock()
         self._kept: deque[Path] = deque()
         self.pipeline(self.default_model)                  # the first model loads at start
+        self._own_files = files_dir is None                # and only then the downloads folder is made
+        self.files_dir = Path(files_dir) if files_dir else Path(tempfile.mkdtemp(prefix="t2i-serve-"))
 
     def close(self) -> None:
         """Delete the downloads folder if the explorer made it."""

@@ -395,6 +395,9 @@ def check_unet(unet) -> None:
 
 def check_pipeline_folder(path: str) -> None:
     """Fail fast, naming what is missing, before diffusers tries to load a broken folder."""
+    if not os.path.isdir(path):
+        raise ValueError(f"no pipeline folder at {path!r}: pass a folder written by T2IPipeline.save_pretrained "
+                         "or `t2i train`")
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
         raise ValueError(f"{path!r} has no model_index.json: pass a folder written by T2IPipeline.save_pretrained")

@@ -149,3 +149,59 @@ def test_cli_serve_refuses_bad_options_before_loading_anything(argv, message, ca
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+# ---- issue 19: the explorer as a user meets it -----------------------------------------------------
+
+
+def test_every_model_is_checked_at_start_and_a_failed_start_leaves_no_folder(model, tmp_path, monkeypatch):
+    import shutil
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    weights = next((damaged / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="no pipeline folder at '.*missing'"):
+        Explorer([model, str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match=f"{weights} is cut short"):
+        Explorer([model, str(damaged)])
+    with pytest.raises(ValueError, match=f"{weights} is cut short"):
+        Explorer([str(damaged)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]      # no t2i-serve-* folder
+
+
+def test_cli_serve_names_a_port_in_use_by_its_option(capsys, monkeypatch):
+    import socket
+
+    import t2i.explorer as explorer_module
+    from t2i.cli import main
+    monkeypatch.setattr(explorer_module, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"t2i serve: error: --port {port} on 127.0.0.1 is in use: pass another --port, or --port 0 for a " \
+                  "free one\n", err
+
+
+def test_sigterm_leaves_no_downloads_folder(model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "t2i.cli", "serve", "--model", model, "--port", "0", "--device",
+                             "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("t2i explorer at "):
+                break
+        assert [p.name[:10] for p in tmp_path.iterdir() if p.name.startswith("t2i-serve-")] == ["t2i-serve-"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("t2i-serve-")]
