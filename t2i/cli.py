@@ -127,6 +127,7 @@ def cmd_serve(args) -> None:
         use_idle_cores()
     port = args.port
     with socket.socket() as s:  # port 0: a free one, chosen by the system
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed port's TIME_WAIT is free
         try:
             s.bind((args.host, port))
         except OSError:

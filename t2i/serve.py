@@ -45,6 +45,27 @@ def _page_errors(message_box):
     return wrap
 
 
+def _lenient_slider() -> type:
+    """gr.Slider, but its typed value reaches the handler even out of range, to be refused there in t2i's words
+    (Gradio's own range check answers with an 'Error' badge on every output and a traceback in the log). A class,
+    not a patched instance: Gradio rebuilds a slider per session from its class when a handler changes its range."""
+    from gradio import component_meta
+    write_stub, component_meta.create_or_modify_pyi = component_meta.create_or_modify_pyi, lambda *a: None
+    try:  # Gradio writes a .pyi stub beside the module of every component class; not into t2i
+        class Slider(gr.Slider):
+            def preprocess(self, payload: float) -> float:
+                return payload
+
+            def get_block_name(self) -> str:  # drawn by Gradio's own slider
+                return "slider"
+    finally:
+        component_meta.create_or_modify_pyi = write_stub
+    return Slider
+
+
+Slider = _lenient_slider()
+
+
 def _image(i: str | None) -> int:
     return int(i or 1) - 1                                   # the image chooser counts from 1
 
@@ -63,12 +84,12 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                                     max_length=lim.max_prompt_chars)
                 negative = gr.Textbox(label="negative prompt", elem_id="negative", max_length=lim.max_prompt_chars)
                 with gr.Row():
-                    seed = gr.Number(label="seed", value=0, precision=0, minimum=0, elem_id="seed")
+                    seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")  # checked by the explorer
                     size = gr.Number(label="size (px)", value=pipe.unet.config.sample_size, precision=0,
                                      elem_id="size")
-                steps = gr.Slider(1, lim.max_steps, value=min(20, lim.max_steps), step=1, label="steps", elem_id="steps")
-                guidance = gr.Slider(1, 10, value=3, step=0.5, label="guidance", elem_id="guidance")
-                count = gr.Slider(1, lim.max_images, value=1, step=1, label="images", elem_id="count")
+                steps = Slider(1, lim.max_steps, value=min(20, lim.max_steps), step=1, label="steps", elem_id="steps")
+                guidance = Slider(1, 10, value=3, step=0.5, label="guidance", elem_id="guidance")
+                count = Slider(1, lim.max_images, value=1, step=1, label="images", elem_id="count")
                 with gr.Row():
                     scheduler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT, label="scheduler",
                                             elem_id="scheduler")
@@ -89,12 +110,12 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     reweighted = gr.Image(label="reweighted", type="pil", interactive=False, elem_id="reweighted",
                                           elem_classes="pixelated")
                 words = gr.Radio([], label="words: click one", elem_id="words")
-                weight = gr.Slider(0, 3, value=1, step=0.1, label="weight of the word (regenerates, same seed)",
-                                   elem_id="weight")
+                weight = Slider(0, 3, value=1, step=0.1, label="weight of the word (regenerates, same seed)",
+                                elem_id="weight")
                 with gr.Row():
                     resolution = gr.Radio([ALL], value=ALL, label="maps from the layers at", elem_id="resolution")
                     which = gr.Radio(["1"], value="1", label="image", elem_id="which")
-                step = gr.Slider(1, 2, value=1, step=1, label="step", elem_id="step")
+                step = Slider(1, 2, value=1, step=1, label="step", elem_id="step")
                 with gr.Row():
                     x0 = gr.Image(label="x0: the predicted clean image at this step", type="pil", interactive=False,
                                   elem_id="x0", elem_classes="pixelated")
@@ -108,6 +129,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         def draw_step(result, word, index, res, at):
             """x0 and the word's map at step `at` (0-based)."""
             n = result.request.steps
+            if not 0 <= at < n:  # a typed step: the page counts from 1
+                raise ValueError(f"the step must be a whole number from 1 to {n}, got {at + 1}")
             shown_x0, shown_map = explorer.step_view(result, at, word, index, res)
             return {x0: gr.Image(shown_x0, label=f"x0: the predicted clean image at step {at + 1}/{n}"),
                     step_map: gr.Image(shown_map, label=f"{word} at step {at + 1}/{n}" if word else "map at this step")}
@@ -165,7 +188,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         view_in, view_out = [state, words, which, resolution, step], [*views, weight, message]
         for chooser in (words, which, resolution):
             chooser.input(on_view, view_in, view_out, api_name=False, concurrency_limit=4)
-        step.input(on_step, view_in, [x0, step_map, message], api_name=False, concurrency_limit=4)
+        for moved in (step.input, step.release):  # a drag's last position always draws, after the ones before it
+            moved(on_step, view_in, [x0, step_map, message], api_name=False, trigger_mode="always_last",
+                  concurrency_limit=1, concurrency_id="step")
         weight.release(on_weight, [state, words, which, weight], [reweighted, effect, message], api_name="reweight",
                        concurrency_id="sampling")
     app.queue(max_size=lim.max_queue, default_concurrency_limit=lim.concurrency)

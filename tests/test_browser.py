@@ -105,3 +105,60 @@ def test_the_page_generates_shows_a_words_map_scrubs_steps_and_silences_a_word(s
             browser.close()
     print(f"\npage generate: {generate_s:.2f} s; requests refused (not loopback): {len(outside)}; "
           f"screenshot: {SCREENSHOT}")
+
+
+def _drag(page, element_id: str, fraction: float) -> None:
+    """Drag a gr.Slider's handle from where it is to `fraction` of its track, as a person does with a mouse."""
+    track = page.locator(f"#{element_id} input[type=range]")
+    box, low, high = track.bounding_box(), float(track.get_attribute("min")), float(track.get_attribute("max"))
+    start, y = (float(track.input_value()) - low) / (high - low), box["y"] + box["height"] / 2
+    x = lambda f: box["x"] + 8 + f * (box["width"] - 16)      # noqa: E731  (the handle's centre, inside the ends)
+    page.mouse.move(x(start), y)
+    page.mouse.down()
+    for k in range(1, 11):
+        page.mouse.move(x(start + k / 10 * (fraction - start)), y)
+        time.sleep(0.02)
+    page.mouse.up()
+
+
+def test_step_drags_and_bad_values_as_a_user_meets_them(served):
+    """Issue 19: a dragged step shows that step (x0 and the map); a bad value is t2i's own message in the page,
+    the last result stays, and the server's log holds no traceback."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#prompt textarea", "a red circle")
+            _set_number(page, "steps", "8")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')",
+                                   timeout=60_000)
+            page.click("#words label:has-text('red')")
+            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')")
+
+            # 1. drags: after each, x0 and the map show the step the slider shows
+            for fraction in (0.0, 0.6, 0.2, 1.0, 0.45):
+                _drag(page, "step", fraction)
+                shown = page.locator("#step input[type=number]").input_value()
+                page.wait_for_function(f"document.querySelector('#stepmap').innerText.includes('red at step {shown}/8')"
+                                       f" && document.querySelector('#x0').innerText.includes('at step {shown}/8')",
+                                       timeout=5_000)
+
+            # 2. bad values: t2i's message, the result stays
+            image = _img(page, "image")
+            for element_id, value, said in (("seed", "-1", "the seed must be"), ("weight", "1e9", "weight must be"),
+                                            ("step", "99", "the step must be a whole number from 1 to 8")):
+                _set_number(page, element_id, value)
+                if element_id == "seed":
+                    page.click("#generate")
+                page.wait_for_function(f"document.querySelector('#message').innerText.includes('Cannot do that')"
+                                       f" && document.querySelector('#message').innerText.includes({said!r})",
+                                       timeout=30_000)
+                assert _img(page, "image") == image and not page.locator(".toast-body").count()
+                _set_number(page, element_id, "1" if element_id == "step" else "0")
+        finally:
+            browser.close()
