@@ -219,6 +219,15 @@ class Explorer:
         heat = _heatmaps(result, resolution).word_timeline(i, word)[int(step)]   # shared scale over the steps
         return upscale(x0, DISPLAY), overlay(x0, heat, size=DISPLAY)
 
+    def cut_off(self, result: Result) -> str:
+        """What the text encoder's token limit cut from the prompt, said for the page; '' when nothing."""
+        tokenizer = self.pipeline(result.request.model).tokenizer
+        ids, most = tokenizer(result.request.prompt, verbose=False)["input_ids"], tokenizer.model_max_length
+        if len(ids) <= most:
+            return ""
+        return (f"the prompt is {len(ids)} tokens and the model reads {most} (with start and end): it saw only "
+                f"'{tokenizer.decode(ids[1:most - 1]).rstrip(chr(0xfffd))}'")
+
     def reweight(self, result: Result, word: str, weight: float, index: int = 0
                  ) -> tuple[Image.Image, Image.Image, dict[str, float]]:
         """Set `word`'s weight (0 to 3; the other words keep theirs) and regenerate image `index` from its

@@ -80,9 +80,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         gr.Markdown("## t2i explorer: where each word looks, and what it does")
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                prompt = gr.Textbox(label="prompt", value="a red circle above a blue square", elem_id="prompt",
-                                    max_length=lim.max_prompt_chars)
-                negative = gr.Textbox(label="negative prompt", elem_id="negative", max_length=lim.max_prompt_chars)
+                # no max_length: a longer prompt is refused in words (Explorer.check), not cut in silence
+                prompt = gr.Textbox(label="prompt", value="a red circle above a blue square", elem_id="prompt")
+                negative = gr.Textbox(label="negative prompt", elem_id="negative")
                 with gr.Row():
                     seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")  # checked by the explorer
                     size = gr.Number(label="size (px)", value=pipe.unet.config.sample_size, precision=0,
@@ -157,7 +157,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     step: gr.Slider(maximum=max(n, 2), value=n, interactive=n > 1),
                     weight: 1.0, effect: None, reweighted: None, files: files_,
                     message: f"{len(result.images)} image(s), {result.request.steps} steps "
-                             f"({result.scheduler}), seed {result.request.seed}: {result.seconds:.1f} s"}
+                             f"({result.scheduler}), seed {result.request.seed}: {result.seconds:.1f} s"
+                             + (f". Note: {explorer.cut_off(result)}" if explorer.cut_off(result) else "")}
 
         @_page_errors(message)
         def on_view(result, word, index, res, at):

@@ -205,3 +205,12 @@ def test_sigterm_leaves_no_downloads_folder(model, tmp_path):
     finally:
         proc.kill()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("t2i-serve-")]
+
+
+def test_a_prompt_past_the_token_limit_is_said_not_cut_in_silence(explorer):
+    long = explorer.generate(Request("a red a red a red a red a red a red", steps=1))
+    assert explorer.cut_off(long) == ("the prompt is 14 tokens and the model reads 12 (with start and end): it saw "
+                                      "only 'a red a red a red a red a red'")
+    assert explorer.cut_off(explorer.generate(Request("a red circle", steps=1))) == ""
+    with pytest.raises(ValueError, match="the prompt has 41 characters; at most 40"):
+        explorer.generate(Request("x" * 41))
