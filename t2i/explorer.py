@@ -30,6 +30,8 @@ ALL = "all"                    # the resolution filter that keeps every recorded
 MODEL_DEFAULT = "default"      # the scheduler choice that keeps the model's own
 SHIPPED = "shipped model"      # the model choice of the model inside the package
 DISPLAY = 256                  # px of the longer side of every image the page shows
+FUNCTION_WORDS = {"a", "an", "the", "of", "in", "on", "at", "to", "and", "with", "above", "below", "left", "right",
+                  "top", "bottom", "next", "is", "there"}  # never the word the page shows first
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ class Result:
     @property
     def words(self) -> list[str]:
         return self.heatmaps[ALL].words(0)
+
+    @property
+    def first_word(self) -> str | None:
+        """The word the page shows first: the first that is not a function word ('a', 'the', 'of', ...)."""
+        return next((w for w in self.words if w.split("#")[0] not in FUNCTION_WORDS), next(iter(self.words), None))
 
     @property
     def filters(self) -> list[str]:

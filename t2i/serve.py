@@ -147,7 +147,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                         progress=gr.Progress()):
             request = Request(prompt_, negative_, seed_, steps_, guidance_, scheduler_, model_, size_, count_)
             result = explorer.generate(request, progress=lambda i, n: progress((i, n), desc="sampling"))
-            word = result.words[0] if result.words else None
+            word = result.first_word
             n = result.request.steps
             files_ = [str(p) for p in result.files.values()]
             return {state: result, **draw(result, word, 0, ALL, n - 1),

@@ -69,13 +69,15 @@ def test_the_page_generates_shows_a_words_map_scrubs_steps_and_silences_a_word(s
             generate_s = time.perf_counter() - t0
             assert "4 steps" in page.inner_text("#message")
             assert page.locator("#words label").all_inner_texts() == ["a", "red", "circle"]
+            assert "attention: red" in page.inner_text("#overlay")          # the first content word, not "a"
 
             # 2. click a word: the overlay's pixels change
-            before_src, before = _img(page, "overlay"), _pixels(page, "overlay")
-            page.click("#words label:has-text('red')")
-            _wait_for_new(page, "overlay", before_src)
-            assert _pixels(page, "overlay") != before
-            assert "attention: red" in page.inner_text("#overlay")
+            for word in ("circle", "red"):
+                before_src, before = _img(page, "overlay"), _pixels(page, "overlay")
+                page.click(f"#words label:has-text('{word}')")
+                _wait_for_new(page, "overlay", before_src)
+                assert _pixels(page, "overlay") != before
+                assert f"attention: {word}" in page.inner_text("#overlay")
 
             # 3. move the step slider: x0 and the word's map change
             map_src, x0_src = _img(page, "stepmap"), _img(page, "x0")
@@ -137,7 +139,6 @@ def test_step_drags_and_bad_values_as_a_user_meets_them(served):
             page.click("#generate")
             page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')",
                                    timeout=60_000)
-            page.click("#words label:has-text('red')")
             page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')")
 
             # 1. drags: after each, x0 and the map show the step the slider shows

@@ -214,3 +214,8 @@ def test_a_prompt_past_the_token_limit_is_said_not_cut_in_silence(explorer):
     assert explorer.cut_off(explorer.generate(Request("a red circle", steps=1))) == ""
     with pytest.raises(ValueError, match="the prompt has 41 characters; at most 40"):
         explorer.generate(Request("x" * 41))
+
+
+def test_the_first_word_shown_is_a_content_word(explorer):
+    assert explorer.generate(Request("a red circle", steps=1)).first_word == "red"
+    assert explorer.generate(Request("the a of", steps=1)).first_word == "the"      # none: the first one
