@@ -247,6 +247,7 @@ def test_cosmetics_version_defaults_and_a_quiet_api(model_dir, capfd):
     from diffusers.utils import logging as diffusers_logging
 
     from t2i.pipeline import load_pipeline
+    diffusers_logging.enable_progress_bar()                  # as in a Python session; the CLI turns them off
     capfd.readouterr()
     load_pipeline(model_dir)
     assert "Loading" not in capfd.readouterr().err and diffusers_logging.is_progress_bar_enabled()
