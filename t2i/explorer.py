@@ -199,6 +199,16 @@ class Explorer:
         result.heatmaps[ALL].save(files["heatmaps"])
         return files
 
+    def _write_reweighted(self, result: Result, image: Image.Image, i: int, weights: dict[str, float]) -> None:
+        """The reweighted image as a download beside the result's, its word weights in its metadata."""
+        r, said = result.request, "-".join(f"{w}x{v:g}" for w, v in weights.items())
+        path = result.files["heatmaps"].parent / f"{slug(r.prompt)}-{r.seed + i}-{slug(said)}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)       # kept_results may have pruned the folder
+        image.save(path, pnginfo=png_metadata(prompt=r.prompt, negative_prompt=r.negative, seed=r.seed + i,
+                                              steps=r.steps, guidance=r.guidance, scheduler=result.scheduler,
+                                              model=self.models[r.model] or "default", word_weights=weights))
+        result.files[f"reweighted:{i}"] = path
+
     # -- 3. drawing from a result ----------------------------------------------------------------
     def image(self, result: Result, index: int = 0) -> Image.Image:
         return upscale(result.images[_index(result, index)], DISPLAY)
@@ -255,6 +265,7 @@ class Explorer:
                                guidance_scale=r.guidance, height=r.size, width=r.size, word_weights=weights,
                                generator=[torch.Generator().manual_seed(r.seed + i)],
                                record_attention=True).images[0]   # recorded as the original was: same arithmetic
+            self._write_reweighted(result, changed, i, weights)
         effect = effect_map(result.images[i], changed)
         return upscale(changed, DISPLAY), overlay(result.images[i], effect_heat(effect), size=DISPLAY), weights
 

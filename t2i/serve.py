@@ -180,7 +180,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             changed, shown, used = explorer.reweight(result, word, value, _image(index))
             said = ", ".join(f"{w} x {v:g}" for w, v in used.items()) or "every word at 1"
             return {reweighted: gr.Image(changed, label=f"reweighted: {said}"),
-                    effect: gr.Image(shown, label=f"effect of {said}"), message: f"regenerated with {said}"}
+                    effect: gr.Image(shown, label=f"effect of {said}"), message: f"regenerated with {said}",
+                    files: [str(p) for p in result.files.values()]}               # the reweighted PNG among them
 
         inputs = [prompt, negative, seed, steps, guidance, scheduler, model, size, count]
         everything = [state, *views, words, resolution, which, step, weight, effect, reweighted, files, message]
@@ -192,8 +193,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         for moved in (step.input, step.release):  # a drag's last position always draws, after the ones before it
             moved(on_step, view_in, [x0, step_map, message], api_name=False, trigger_mode="always_last",
                   concurrency_limit=1, concurrency_id="step")
-        weight.release(on_weight, [state, words, which, weight], [reweighted, effect, message], api_name="reweight",
-                       concurrency_id="sampling")
+        weight.release(on_weight, [state, words, which, weight], [reweighted, effect, files, message],
+                       api_name="reweight", concurrency_id="sampling")
     app.queue(max_size=lim.max_queue, default_concurrency_limit=lim.concurrency)
     return app
 

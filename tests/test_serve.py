@@ -219,3 +219,12 @@ def test_a_prompt_past_the_token_limit_is_said_not_cut_in_silence(explorer):
 def test_the_first_word_shown_is_a_content_word(explorer):
     assert explorer.generate(Request("a red circle", steps=1)).first_word == "red"
     assert explorer.generate(Request("the a of", steps=1)).first_word == "the"      # none: the first one
+
+
+def test_the_reweighted_image_is_among_the_downloads(explorer):
+    import json
+    result = explorer.generate(Request("a red circle", steps=2, seed=3))
+    explorer.reweight(result, "red", 0.0)
+    png = Image.open(result.files["reweighted:0"])
+    assert json.loads(png.text["word_weights"]) == {"red": 0.0} and png.text["seed"] == "3"
+    assert result.files["reweighted:0"].parent == result.files["heatmaps"].parent
