@@ -236,6 +236,14 @@ class Explorer:
         heat = _heatmaps(result, resolution).word_timeline(i, word)[int(step)]   # shared scale over the steps
         return upscale(x0, DISPLAY), overlay(x0, heat, size=DISPLAY)
 
+    def above_native(self, result: Result) -> str:
+        """A hint when the image is larger than the model's training size, said for the page; '' when not."""
+        native = self.pipeline(result.request.model).unet.config.sample_size
+        if result.request.size <= native:
+            return ""
+        return (f"the model was trained at {native} px; at {result.request.size} px it tends to repeat or stretch "
+                "what it learned")
+
     def cut_off(self, result: Result) -> str:
         """What the text encoder's token limit cut from the prompt, said for the page; '' when nothing."""
         tokenizer = self.pipeline(result.request.model).tokenizer

@@ -139,7 +139,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             """Every view of one image, word, resolution and step (0-based)."""
             return {image: explorer.image(result, index),
                     attention: gr.Image(explorer.word_overlay(result, word, index, res) if word else None,
-                                        label=f"attention: {word}" if word else "attention"),
+                                        label=f"attention: {word} (its own scale: brightest = its most)" if word
+                                        else "attention"),
                     grid: explorer.grid(result, index, res), **draw_step(result, word, index, res, at)}
 
         @_page_errors(message)
@@ -158,7 +159,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     weight: 1.0, effect: None, reweighted: None, files: files_,
                     message: f"{len(result.images)} image(s), {result.request.steps} steps "
                              f"({result.scheduler}), seed {result.request.seed}: {result.seconds:.1f} s"
-                             + (f". Note: {explorer.cut_off(result)}" if explorer.cut_off(result) else "")}
+                             + "".join(f". Note: {note}" for note in (explorer.cut_off(result),
+                                                                        explorer.above_native(result)) if note)}
 
         @_page_errors(message)
         def on_view(result, word, index, res, at):

@@ -70,6 +70,7 @@ def test_the_page_generates_shows_a_words_map_scrubs_steps_and_silences_a_word(s
             assert "4 steps" in page.inner_text("#message")
             assert page.locator("#words label").all_inner_texts() == ["a", "red", "circle"]
             assert "attention: red" in page.inner_text("#overlay")          # the first content word, not "a"
+            assert "its own scale" in page.inner_text("#overlay")           # each map is stretched on its own: said
 
             # 2. click a word: the overlay's pixels change
             for word in ("circle", "red"):

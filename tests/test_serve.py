@@ -228,3 +228,10 @@ def test_the_reweighted_image_is_among_the_downloads(explorer):
     png = Image.open(result.files["reweighted:0"])
     assert json.loads(png.text["word_weights"]) == {"red": 0.0} and png.text["seed"] == "3"
     assert result.files["reweighted:0"].parent == result.files["heatmaps"].parent
+
+
+def test_a_size_above_the_models_own_is_said(explorer):
+    assert explorer.above_native(explorer.generate(Request("a red circle", steps=1))) == ""
+    big = explorer.generate(Request("a red circle", steps=1, size=32))
+    assert explorer.above_native(big) == ("the model was trained at 16 px; at 32 px it tends to repeat or stretch "
+                                          "what it learned")
