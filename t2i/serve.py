@@ -187,8 +187,11 @@ def build_app(explorer: Explorer) -> gr.Blocks:
 
         inputs = [prompt, negative, seed, steps, guidance, scheduler, model, size, count]
         everything = [state, *views, words, resolution, which, step, weight, effect, reweighted, files, message]
-        generate.click(on_generate, inputs, everything, api_name="generate", concurrency_id="sampling")
-        prompt.submit(on_generate, inputs, everything, api_name=False, concurrency_id="sampling")
+        # one progress display, in the message; the earlier result stays in view until the new one replaces it
+        generate.click(on_generate, inputs, everything, api_name="generate", concurrency_id="sampling",
+                       show_progress_on=message)
+        prompt.submit(on_generate, inputs, everything, api_name=False, concurrency_id="sampling",
+                      show_progress_on=message)
         view_in, view_out = [state, words, which, resolution, step], [*views, weight, message]
         for chooser in (words, which, resolution):
             chooser.input(on_view, view_in, view_out, api_name=False, concurrency_limit=4)

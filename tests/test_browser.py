@@ -150,7 +150,17 @@ def test_step_drags_and_bad_values_as_a_user_meets_them(served):
                                        f" && document.querySelector('#x0').innerText.includes('at step {shown}/8')",
                                        timeout=5_000)
 
-            # 2. bad values: t2i's message, the result stays
+            # 2. generating again: one progress display (in the message), the earlier result stays in view
+            _set_number(page, "count", "4")
+            page.click("#generate")
+            page.wait_for_function("(() => { const t = id => document.querySelector(`#${id} [data-testid=status-tracker]`);"
+                                   " return t('message') && !t('message').classList.contains('hide') &&"
+                                   " t('image').classList.contains('hide') && t('grid').classList.contains('hide') })()",
+                                   timeout=30_000, polling=10)
+            page.wait_for_function("document.querySelector('#message').innerText.includes('4 image(s)')", timeout=60_000)
+            _set_number(page, "count", "1")
+
+            # 3. bad values: t2i's message, the result stays
             image = _img(page, "image")
             for element_id, value, said in (("seed", "-1", "the seed must be"), ("weight", "1e9", "weight must be"),
                                             ("step", "99", "the step must be a whole number from 1 to 8")):
