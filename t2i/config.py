@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,13 +59,21 @@ class TextConfig:
         return self.pretrained is None if self.train is None else self.train
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
 @dataclass(frozen=True)
 class NoiseConfig:
     prediction_type: str = "epsilon"     # "epsilon" or "v_prediction"; the noise scheduler carries it from here
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
     min_snr_gamma: float | None = 5.0    # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
+    snr_shift: float = 1.0               # SNR(t) / snr_shift**2 (simple diffusion's shift): > 1 moves every step
+                                         # toward noise; exported as the scheduler's trained_betas
     timestep_bias: float = 1.0           # t = T * u**(1/bias), u ~ U(0, 1): 1 uniform, > 1 favours high noise (layout)
+    uniform_share: float = 0.0           # mixture: this share of timesteps uniform, the rest biased
+    bias_steps: int | None = None        # curriculum: the bias holds for this many training steps, then eases to
+    bias_ramp: int = 0                   # uniform over bias_ramp steps; None: biased for the whole run
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class TrainConfig:
     preview_every: int = 500
     preview_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle in the top left")
     preview_steps: int = 20
+    position_every: int = 500            # shapes world: log the position curve (t2i/probe.py) every N steps; 0: off
     export_dtype: str = "float32"        # "float32" or "float16" for the exported pipeline
     grounding_weight: float = 0.0        # token-grounding loss (TokenCompose-style): object words' maps -> masks
     init_from: str | None = None         # start from a pipeline folder's UNet, tokenizer and text encoder
@@ -130,6 +140,7 @@ class RunConfig:
             (self.train.log_every > 0, "train.log_every must be > 0"),
             (self.train.checkpoint_every > 0, "train.checkpoint_every must be > 0 (=train.max_steps: at the end only)"),
             (self.train.preview_every >= 0, "train.preview_every must be >= 0 (0 turns previews off)"),
+            (self.train.position_every >= 0, "train.position_every must be >= 0 (0 turns the position curve off)"),
             (not self.train.preview_every or self.train.preview_prompts,
              "train.preview_prompts is empty; give prompts or set train.preview_every=0"),
             (self.train.lr > 0, "train.lr must be > 0"),
@@ -142,6 +153,14 @@ class RunConfig:
              "initialisation, so the UNet learns from noise-like text states: drop text.train (it then trains), set "
              "text.pretrained=PATH to a CLIP, or set text.allow_random_frozen=true if that is the experiment"),
             (self.noise.timestep_bias > 0, "noise.timestep_bias must be > 0 (1 is uniform)"),
+            (0 <= self.noise.uniform_share <= 1, "noise.uniform_share must be in [0, 1] (0: every timestep biased)"),
+            (self.noise.bias_steps is None or self.noise.bias_steps >= 0,
+             "noise.bias_steps must be >= 0 (or null: biased for the whole run)"),
+            (self.noise.bias_ramp >= 0, "noise.bias_ramp must be >= 0"),
+            (math.isfinite(self.noise.snr_shift) and self.noise.snr_shift > 0,
+             "noise.snr_shift must be a finite number > 0 (1: the beta schedule as it is)"),
+            (self.noise.beta_schedule in BETA_SCHEDULES,
+             f"noise.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}"),
             (0 <= self.data.position_prob <= 1, "data.position_prob must be in [0, 1]"),
             (self.train.grounding_weight >= 0, "train.grounding_weight must be >= 0 (0 turns it off)"),
         ]
@@ -156,6 +175,7 @@ class RunConfig:
 RESUMABLE = ("data.num_workers", "train.output_dir", "train.max_steps", "train.lr", "train.grad_clip",
              "train.mixed_precision", "train.channels_last", "train.log_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.preview_every", "train.preview_prompts", "train.preview_steps",
+             "train.position_every",
              "train.export_dtype", "train.report_to", "train.gradient_checkpointing")
 
 

@@ -16,7 +16,7 @@ from t2i.unet import build_unet
 
 TINY = ["model.preset=tiny", "text.width=32", "text.layers=1", "text.heads=2", "data.size=16", "data.max_objects=2",
         "train.batch_size=4", "train.preview_every=0", "train.log_every=1", "train.warmup_steps=2",
-        "train.lr=1e-3", "train.keep_checkpoints=5"]
+        "train.lr=1e-3", "train.keep_checkpoints=5", "train.position_every=0"]
 
 
 def tiny_config(tmp_path, *extra):
