@@ -22,6 +22,11 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"   # CLIP's start and end tokens
 END_OF_WORD = "</w>"                             # closes the last sub-token of a word
 
 
+class PromptTruncated(UserWarning):
+    """A prompt was longer than the tokenizer's max length and its last tokens were dropped. A caller that
+    counts cut words itself silences exactly this: warnings.simplefilter("ignore", PromptTruncated)."""
+
+
 @dataclass
 class PromptEncoding:
     """Text states for a batch of prompts, padded to the tokenizer's fixed length T."""
@@ -145,7 +150,7 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], max_length: int | Non
             dropped = tokenizer.decode(ids[T - 1:-1])
             warnings.warn(
                 f"prompt {prompt!r} is {len(ids)} tokens with start/end, the limit is {T}: dropped the last "
-                f"{len(ids) - T} tokens ({dropped!r}). Shorten the prompt to keep them.", stacklevel=4)
+                f"{len(ids) - T} tokens ({dropped!r}). Shorten the prompt to keep them.", PromptTruncated, stacklevel=4)
     return tokenizer(prompts, padding="max_length", truncation=True, max_length=T, return_tensors="pt")
 
 
