@@ -35,7 +35,7 @@ except ImportError:  # Windows: no lock on the run folder
 
 if TYPE_CHECKING:
     from .config import RunConfig
-    from .train import EMA
+    from .ema import EMA
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "previews", "tensorboard")  # a run's files beside its checkpoints

@@ -11,7 +11,8 @@ from t2i.attention import AttentionRecorder, attention_with_probs
 from t2i.attention.effects import effect_map, word_effects, word_weight_matrix
 from t2i.attention.processors import attached, cross_attention_modules
 from t2i.cli import main
-from t2i.pipeline import BatchLayout, T2IPipeline, make_scheduler
+from t2i.layout import BatchLayout
+from t2i.pipeline import T2IPipeline, make_scheduler
 from t2i.text import encode_prompts
 from t2i.settings import SamplingSettings
 

@@ -20,7 +20,7 @@ from .heatmaps import Heatmaps, resolve_word
 from .processors import attached, cross_attention_modules
 
 if TYPE_CHECKING:
-    from ..pipeline import BatchLayout
+    from ..layout import BatchLayout
 
 WordWeights = dict[str, float]
 

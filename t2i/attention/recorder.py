@@ -18,7 +18,7 @@ from .heatmaps import Heatmaps, prompt_text
 from .processors import attached, cross_attention_modules
 
 if TYPE_CHECKING:
-    from ..pipeline import BatchLayout
+    from ..layout import BatchLayout
 
 BRANCHES = ("cond", "uncond")
 
@@ -38,7 +38,7 @@ class AttentionRecorder:
     negative or empty prompts; needs classifier-free guidance). timeline: also keep one coarse map
     per recorded step (memory then grows with the steps).
     Usage: `with rec.record(unet, layout): for i ...: rec.set_step(i); unet(...)`, then `rec.heatmaps()`,
-    where `layout` is the t2i.pipeline.BatchLayout of the UNet's batch (pipe(..., record_attention=rec)
+    where `layout` is the t2i.layout.BatchLayout of the UNet's batch (pipe(..., record_attention=rec)
     does all of this)."""
 
     def __init__(self, layers: str | None = None, resolutions: Iterable[int | tuple[int, int]] | None = None,
