@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -66,6 +67,14 @@ def test_resume_equals_uninterrupted(tmp_path):
             assert torch.allclose(wa[k], wb[k], atol=1e-6), (name, k)
     state = json.loads((tmp_path / "b" / "checkpoint-0000004" / "state.json").read_text())
     assert state["step"] == 4 and state["samples"] == 16 and state["config"]["train"]["max_steps"] == 4
+    # the exported pipeline holds the EMA weights (not the live ones) and the caption dropout it was trained with
+    last = tmp_path / "a" / "checkpoint-0000004"
+    ema, live = load_file(str(last / "ema.safetensors")), load_file(str(last / "unet.safetensors"))
+    exported_unet = load_file(str(exported / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert exported_unet.keys() == ema.keys()
+    assert all(torch.equal(v, ema[k].to(v.dtype)) for k, v in exported_unet.items())
+    assert any(not torch.equal(v, live[k].to(v.dtype)) for k, v in exported_unet.items())
+    assert json.loads((exported / "model_index.json").read_text())["caption_dropout"] == a.train.caption_dropout == 0.1
     assert (tmp_path / "b" / "config.yaml").exists() and list((tmp_path / "b" / "tensorboard").rglob("events*"))
 
 
@@ -154,62 +163,6 @@ def test_make_dataset_then_train_on_the_folder_with_a_frozen_local_clip(tmp_path
     for k, v in enc.state_dict().items():
         if k in exported:
             assert torch.equal(exported[k].float(), v), k
-
-
-def test_training_data_is_deterministic_and_sharded():
-    from t2i.data.stream import CounterSampler
-    one = CounterSampler(n=10, batch=2, rank=0, world=1, seed=3)
-    it = iter(one)
-    single = [next(it) for _ in range(20)]
-    assert sorted(i for i, e in single[:10]) == list(range(10)) and {e for _, e in single[10:]} == {1}
-    r0, r1 = iter(CounterSampler(10, 2, 0, 2, 3)), iter(CounterSampler(10, 2, 1, 2, 3))
-    a, b = [next(r0) for _ in range(4)], [next(r1) for _ in range(4)]
-    assert a[:2] + b[:2] + a[2:] + b[2:] == single[:8]  # two processes split the single-process stream
-    resumed = iter(CounterSampler(10, 2, 0, 1, 3, start=6))
-    assert [next(resumed) for _ in range(6)] == single[6:12]
-
-
-def test_one_ema_step_moves_the_average_by_one_minus_decay():
-    from t2i.train import EMA
-    torch.manual_seed(0)
-    net = torch.nn.Linear(3, 2)
-    ema = EMA(net, decay=0.9)
-    start = {k: v.clone() for k, v in ema.shadow.items()}
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(1.0)
-    ema.update(net, step=1000)                          # past the warm-up: decay_t = decay
-    for k, v in net.state_dict().items():
-        torch.testing.assert_close(ema.shadow[k], start[k] + (1 - 0.9) * (v - start[k]))
-        torch.testing.assert_close(ema.averaged(net).state_dict()[k], ema.shadow[k])
-    before = {k: v.clone() for k, v in ema.shadow.items()}
-    ema.update(net, step=0)                             # warm-up: decay_t = (1 + 0) / (10 + 0)
-    for k, v in net.state_dict().items():
-        torch.testing.assert_close(ema.shadow[k], before[k] + (1 - 0.1) * (v - before[k]))
-
-
-class Numbers(torch.utils.data.Dataset):
-    def __init__(self, n: int, shuffle: bool):
-        self.n, self.shuffle = n, shuffle
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"i": i}
-
-
-def test_a_dataset_declares_whether_the_stream_shuffles_it():
-    from t2i.data.folder import ImageFolderDataset
-    from t2i.data.shapes import ShapesDataset
-    from t2i.data.stream import data_stream
-    assert ShapesDataset.shuffle is False and ImageFolderDataset.shuffle is True
-    cfg = load_config(None, ["train.batch_size=5"])
-    in_order = next(data_stream(Numbers(20_000_000, shuffle=False), cfg))["i"].tolist()
-    shuffled = next(data_stream(Numbers(20, shuffle=True), cfg))["i"].tolist()
-    assert in_order == [0, 1, 2, 3, 4] and shuffled != [0, 1, 2, 3, 4] and len(set(shuffled)) == 5
-    large = next(data_stream(Numbers(10_000_001, shuffle=True), load_config(None, ["train.batch_size=2"])))["i"]
-    assert large.tolist() != [0, 1]                     # a folder of over 10M images is still shuffled
 
 
 def test_the_loop_drops_captions_at_the_configured_rate(tmp_path, monkeypatch):
@@ -380,17 +333,6 @@ def test_ctrl_c_saves_a_checkpoint_at_the_end_of_the_step(tmp_path, monkeypatch)
     assert signal.getsignal(signal.SIGINT) is handler                  # the handler is put back
 
 
-def test_data_workers_leave_signals_to_the_training_process():
-    """Ctrl-C reaches every process of the terminal's group: a data worker must not die of it mid-save."""
-    from t2i.data.stream import data_stream
-    batches = data_stream(Numbers(100, shuffle=True), load_config(None, ["train.batch_size=2", "data.num_workers=1"]))
-    next(batches)
-    for worker in batches._workers:
-        os.kill(worker.pid, signal.SIGINT)
-        os.kill(worker.pid, signal.SIGTERM)
-    assert all(len(next(batches)["i"]) == 2 for _ in range(20))
-
-
 def test_report_to_none_writes_no_logs_and_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
     assert train(tiny_config(tmp_path / "none", "train.max_steps=1", "train.report_to=none")) is not None
     assert not (tmp_path / "none" / "tensorboard").exists()
@@ -499,3 +441,23 @@ def test_init_from_starts_at_the_pipeline_and_refuses_a_unet_that_does_not_fit(t
     assert (tmp_path / "b" / "tokenizer" / "tokenizer.json").read_text() == (first / "tokenizer" / "tokenizer.json").read_text()
     with pytest.raises(ValueError, match="brings its own tokenizer"):
         tiny_config(tmp_path / "c", f"train.init_from={first}", "text.pretrained=some/clip")
+
+
+def test_the_lr_warms_up_linearly_from_the_first_step_then_decays_by_cosine_to_a_tenth():
+    from t2i.train import lr_lambda
+    f = lr_lambda(load_config(None, ["train.warmup_steps=4", "train.max_steps=14"]))
+    cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 10))              # step 5: a tenth of the decay
+    assert [f(s) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, cosine])
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert lr_lambda(load_config(None, ["train.warmup_steps=0", "train.max_steps=4"]))(0) == 1.0
+
+
+def test_gradients_are_clipped_to_train_grad_clip(tmp_path):
+    """After one step AdamW's first moment is (1 - beta1) * the gradient it was given: its norm is the clipped
+    gradient norm, train.grad_clip (far below the tiny model's own gradient norm)."""
+    cfg = tiny_config(tmp_path, "train.max_steps=1", "train.checkpoint_every=1", "train.grad_clip=0.01")
+    train(cfg)
+    moments = load_file(str(ckpt.checkpoints(tmp_path)[-1] / "optimizer.safetensors"))
+    first = [v for k, v in moments.items() if k.endswith(".exp_avg")]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.double()) for v in first])) / (1 - 0.9)
+    assert norm.item() == pytest.approx(0.01, rel=1e-3)
