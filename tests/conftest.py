@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach t
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+TINY_RUN = ["model.preset=tiny", "text.width=32", "text.layers=1", "text.heads=2", "data.size=16",
+            "data.max_objects=2", "train.batch_size=4", "train.preview_every=0", "train.log_every=1",
+            "train.warmup_steps=2", "train.lr=1e-3", "train.keep_checkpoints=5"]  # `t2i train` overrides: seconds
 CORPUS = ["a red circle", "a blue square above a green triangle", "a small yellow circle in the top left",
           "a purple square to the right of an orange triangle"]
 
@@ -38,6 +41,12 @@ def tiny_diffusers_unet(**overrides):
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8, **overrides)
+
+
+def tiny_config(run_dir, *extra):
+    """The RunConfig of a tiny training run (TINY_RUN) into run_dir, with more overrides."""
+    from t2i.config import load_config
+    return load_config(None, TINY_RUN + [f"train.output_dir={run_dir}", *extra])
 
 
 @pytest.fixture(scope="module")
