@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +48,14 @@ def tiny_config(run_dir, *extra):
     """The RunConfig of a tiny training run (TINY_RUN) into run_dir, with more overrides."""
     from t2i.config import load_config
     return load_config(None, TINY_RUN + [f"train.output_dir={run_dir}", *extra])
+
+
+def two_objects(size=32):
+    """Two disjoint square masks (N=1 each) in a size x size image."""
+    a, b = np.zeros((1, size, size), bool), np.zeros((1, size, size), bool)
+    a[0, 2:10, 2:10] = True
+    b[0, 20:28, 18:26] = True
+    return a, b
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ def model_dir(tmp_path_factory):
 
 def test_the_same_seed_and_settings_give_the_same_image_through_every_front_end(model_dir, tmp_path):
     """The CLI, the explorer's Generate handler and evaluate's sampling call, at seed 11, 3 ddim steps,
-    guidance 2.5, a negative prompt-free 16 px image: the same pixels."""
+    guidance 2.5, 16 px: the same pixels."""
     from t2i.cli import main
     from t2i.explorer import Explorer, Request
     from t2i.pipeline import load_pipeline
@@ -31,7 +31,8 @@ def test_the_same_seed_and_settings_give_the_same_image_through_every_front_end(
     cli = np.asarray(Image.open(next(tmp_path.glob("*.png"))).convert("RGB"))
     (tmp_path / "files").mkdir()
     explorer = Explorer([str(model_dir)], files_dir=tmp_path / "files")
-    served = np.asarray(explorer.generate(Request(prompt, seed=seed, steps=3, guidance=2.5, scheduler="ddim")).images[0])
+    request = Request(prompt, seed=seed, steps=3, guidance=2.5, scheduler="ddim")
+    served = np.asarray(explorer.generate(request).images[0])
     config = EvalConfig(steps=3, guidance=2.5, scheduler="ddim")
     evaluated = sample_scenes(load_pipeline(model_dir), [prompt], [seed], config, 16).images[0]
     evaluated = (evaluated * 255).round().astype(np.uint8)
