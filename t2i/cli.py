@@ -1,4 +1,4 @@
-# The `t2i` command: generate | heatmap | effect | serve | info | train | make-dataset | evaluate.
+"""The `t2i` command: generate | heatmap | effect | serve | info | train | make-dataset | evaluate."""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
-# Run configuration: one frozen dataclass per component, nested into RunConfig; YAML files in
-# configs/ with `key=value` overrides on top; unknown keys are errors that suggest the right one.
+"""Run configuration: one frozen dataclass per component, nested into RunConfig; YAML files in
+configs/ with `key=value` overrides on top; unknown keys are errors that suggest the right one.
+"""
 from __future__ import annotations
 
 import dataclasses

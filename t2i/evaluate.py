@@ -1,7 +1,8 @@
-# `t2i evaluate`: prompt fidelity and heatmap localisation of a model on the shapes world, on prompts
-# seen in training against held-out ones (colour-shape pairs and shape-positions never shown together),
-# beside baselines scored with the same code: the training images (the segmenter's ceiling), noise and
-# another prompt's scene (chance), uniform and centre-prior maps, and DAAM's published noun mIoU.
+"""`t2i evaluate`: prompt fidelity and heatmap localisation of a model on the shapes world, on prompts
+seen in training against held-out ones (colour-shape pairs and shape-positions never shown together),
+beside baselines scored with the same code: the training images (the segmenter's ceiling), noise and
+another prompt's scene (chance), uniform and centre-prior maps, and DAAM's published noun mIoU.
+"""
 from __future__ import annotations
 
 import dataclasses

@@ -1,8 +1,9 @@
-# The word explorer behind `t2i serve`, as plain functions of plain values: check a request against the
-# limits, generate images with everything the page shows (cross-attention per resolution and per step, the
-# predicted clean image x0 at each step), and draw from what was kept: a word's overlay, the all-words
-# grid, a step, and a word's effect when its weight changes (regenerated from the same seed).
-# serve.py lays these out in a Gradio page; tests call them directly.
+"""The word explorer behind `t2i serve`, as plain functions of plain values: check a request against the
+limits, generate images with everything the page shows (cross-attention per resolution and per step, the
+predicted clean image x0 at each step), and draw from what was kept: a word's overlay, the all-words
+grid, a step, and a word's effect when its weight changes (regenerated from the same seed).
+serve.py lays these out in a Gradio page; tests call them directly.
+"""
 from __future__ import annotations
 
 import shutil

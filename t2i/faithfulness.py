@@ -1,8 +1,9 @@
-# Faithfulness of heatmaps for `t2i evaluate`: does a word's attention map show what the word does? Each
-# object word of a prompt is silenced in turn (prompt-to-prompt reweighting to 0, same seed and settings)
-# and its effect map, the per-pixel change of the image, is set against the object's mask (pointing,
-# Zhang et al. 2018, and the share of the change inside the mask) and against the word's attention map
-# (Pearson correlation over pixels), beside uniform and centre-prior maps scored with the same code.
+"""Faithfulness of heatmaps for `t2i evaluate`: does a word's attention map show what the word does? Each
+object word of a prompt is silenced in turn (prompt-to-prompt reweighting to 0, same seed and settings)
+and its effect map, the per-pixel change of the image, is set against the object's mask (pointing,
+Zhang et al. 2018, and the share of the change inside the mask) and against the word's attention map
+(Pearson correlation over pixels), beside uniform and centre-prior maps scored with the same code.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,8 +1,9 @@
-# Metrics for the shapes world, pure functions of arrays: prompt fidelity of an image judged by the
-# segmenter, how well a word's heatmap localises its object (IoU of the thresholded map, as in DAAM,
-# Tang et al. 2023, and pointing accuracy, Zhang et al. 2018 "Top-down neural attention by excitation backprop"),
-# and how faithful a heatmap is to what its word does (the word's effect map: where the image changes when
-# the word is silenced).
+"""Metrics for the shapes world, pure functions of arrays: prompt fidelity of an image judged by the
+segmenter, how well a word's heatmap localises its object (IoU of the thresholded map, as in DAAM,
+Tang et al. 2023, and pointing accuracy, Zhang et al. 2018 "Top-down neural attention by excitation backprop"),
+and how faithful a heatmap is to what its word does (the word's effect map: where the image changes when
+the word is silenced).
+"""
 from __future__ import annotations
 
 from collections import Counter

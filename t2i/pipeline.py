@@ -1,5 +1,6 @@
-# The text-to-image pipeline: prompt -> CLIP states -> guided denoising with any diffusers
-# scheduler -> images. Classifier-free guidance (Ho & Salimans 2022) by batching [uncond, cond].
+"""The text-to-image pipeline: prompt -> CLIP states -> guided denoising with any diffusers
+scheduler -> images. Classifier-free guidance (Ho & Salimans 2022) by batching [uncond, cond].
+"""
 from __future__ import annotations
 
 import inspect

@@ -1,5 +1,6 @@
-# What the sampling commands share: options checked, the device, the CPU threads, the pipeline loaded, and the
-# files they write (names from prompts, never replacing a file, PNGs that carry their settings).
+"""What the sampling commands share: options checked, the device, the CPU threads, the pipeline loaded, and the
+files they write (names from prompts, never replacing a file, PNGs that carry their settings).
+"""
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,7 @@
-# `t2i serve`: the word explorer as a Gradio Blocks page (pip install -e ".[web]"). The handlers here only
-# translate between the page and t2i.explorer's plain functions; bad input comes back as a message in the
-# page, never a stack trace. One queue, with bounded size and concurrency, so one visitor cannot stall it.
+"""`t2i serve`: the word explorer as a Gradio Blocks page (pip install -e ".[web]"). The handlers here only
+translate between the page and t2i.explorer's plain functions; bad input comes back as a message in the
+page, never a stack trace. One queue, with bounded size and concurrency, so one visitor cannot stall it.
+"""
 from __future__ import annotations
 
 import functools

@@ -1,7 +1,8 @@
-# CLIP text encoding (Radford et al. 2021) through transformers: a pretrained CLIP by hub name or
-# local path, or an offline CLIP whose BPE vocabulary is learned from a caption corpus and whose
-# text transformer is built from a small CLIPTextConfig and trained with the UNet. One encode path
-# serves sampling (encode_prompts) and training (TextStates, with caption dropout).
+"""CLIP text encoding (Radford et al. 2021) through transformers: a pretrained CLIP by hub name or
+local path, or an offline CLIP whose BPE vocabulary is learned from a caption corpus and whose
+text transformer is built from a small CLIPTextConfig and trained with the UNet. One encode path
+serves sampling (encode_prompts) and training (TextStates, with caption dropout).
+"""
 from __future__ import annotations
 
 import os

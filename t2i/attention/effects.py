@@ -1,9 +1,10 @@
-# Word effects: what a word does, not only where it looks. Prompt-to-prompt's attention reweighting
-# (Hertz et al. 2022, sec. 3.2, "fader control"): a word's cross-attention probabilities are multiplied
-# by its weight, on the conditional branch only, at every cross-attention layer and step, without
-# renormalising (0 silences the word, 2 doubles it; the unconditional branch that guidance subtracts is
-# left alone). A word's effect map is the per-pixel change between the image and the image with that
-# word reweighted, same seed and settings.
+"""Word effects: what a word does, not only where it looks. Prompt-to-prompt's attention reweighting
+(Hertz et al. 2022, sec. 3.2, "fader control"): a word's cross-attention probabilities are multiplied
+by its weight, on the conditional branch only, at every cross-attention layer and step, without
+renormalising (0 silences the word, 2 doubles it; the unconditional branch that guidance subtracts is
+left alone). A word's effect map is the per-pixel change between the image and the image with that
+word reweighted, same seed and settings.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -1,6 +1,7 @@
-# Per-token cross-attention heatmaps of generated images, and their reading by word: sub-tokens of a
-# word merged, repeated words told apart ("circle#2"), normalised and upsampled to the image in torch;
-# and their file format: the maps as safetensors with the metadata as JSON in its header.
+"""Per-token cross-attention heatmaps of generated images, and their reading by word: sub-tokens of a
+word merged, repeated words told apart ("circle#2"), normalised and upsampled to the image in torch;
+and their file format: the maps as safetensors with the metadata as JSON in its header.
+"""
 from __future__ import annotations
 
 import json

@@ -1,8 +1,9 @@
-# Records per-token cross-attention probabilities during sampling, the maps behind DAAM (Tang et al.
-# 2023) and prompt-to-prompt (Hertz et al. 2022): softmax(q k^T / sqrt(d) + mask) of the selected
-# cross-attention layers, reduced on the fly in float32 (summed over heads, layers and steps) so the
-# memory kept does not grow with the number of steps. Works on t2i's T2IUNet and on diffusers'
-# UNet2DConditionModel; hooks are keyed by module name and by the step index the sampler sets.
+"""Records per-token cross-attention probabilities during sampling, the maps behind DAAM (Tang et al.
+2023) and prompt-to-prompt (Hertz et al. 2022): softmax(q k^T / sqrt(d) + mask) of the selected
+cross-attention layers, reduced on the fly in float32 (summed over heads, layers and steps) so the
+memory kept does not grow with the number of steps. Works on t2i's T2IUNet and on diffusers'
+UNet2DConditionModel; hooks are keyed by module name and by the step index the sampler sets.
+"""
 from __future__ import annotations
 
 import math

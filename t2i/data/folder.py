@@ -1,4 +1,4 @@
-# A user's folder of images with captions (metadata.jsonl, .txt sidecars, or a CSV) as a torch Dataset.
+"""A user's folder of images with captions (metadata.jsonl, .txt sidecars, or a CSV) as a torch Dataset."""
 """ImageFolderDataset: images found recursively under a root, each paired with a caption.
 
 Captions come from any of three formats (they can be mixed; an image may have only one):

@@ -1,5 +1,6 @@
-# Sharded input for datasets past one folder walk: Arrow shards written by Hugging Face `datasets`
-# (`t2i make-dataset shards`), or Parquet files, memory-mapped by every process and read by index.
+"""Sharded input for datasets past one folder walk: Arrow shards written by Hugging Face `datasets`
+(`t2i make-dataset shards`), or Parquet files, memory-mapped by every process and read by index.
+"""
 """ShardDataset: captioned images stored in shards, for data.kind=shards.
 
 `t2i make-dataset shards --from FOLDER --out DIR` verifies an image folder once and writes its images (the

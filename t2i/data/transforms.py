@@ -1,4 +1,4 @@
-# Image transforms for training data: load as RGB, resize + square crop, flip, PIL <-> tensor in [-1, 1].
+"""Image transforms for training data: load as RGB, resize + square crop, flip, PIL <-> tensor in [-1, 1]."""
 """Image transforms done with PIL, numpy and torch (no torchvision).
 
     image = load_rgb(path)                                  # any mode -> RGB
