@@ -1,5 +1,6 @@
-"""A user's folder of images with captions (metadata.jsonl, .txt sidecars, or a CSV) as a torch Dataset."""
-"""ImageFolderDataset: images found recursively under a root, each paired with a caption.
+"""A user's folder of images with captions (metadata.jsonl, .txt sidecars, or a CSV) as a torch Dataset.
+
+ImageFolderDataset: images found recursively under a root, each paired with a caption.
 
 Captions come from any of three formats (they can be mixed; an image may have only one):
     1. metadata.jsonl, one JSON object per line: {"file_name": "a.png", "text": "a red cube"}

@@ -1,7 +1,7 @@
 """Sharded input for datasets past one folder walk: Arrow shards written by Hugging Face `datasets`
 (`t2i make-dataset shards`), or Parquet files, memory-mapped by every process and read by index.
-"""
-"""ShardDataset: captioned images stored in shards, for data.kind=shards.
+
+ShardDataset: captioned images stored in shards, for data.kind=shards.
 
 `t2i make-dataset shards --from FOLDER --out DIR` verifies an image folder once and writes its images (the
 encoded file bytes, not pixels) and captions as `DIR/data-0000k-of-0000n.arrow` with `datasets`'

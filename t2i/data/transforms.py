@@ -1,5 +1,5 @@
-"""Image transforms for training data: load as RGB, resize + square crop, flip, PIL <-> tensor in [-1, 1]."""
-"""Image transforms done with PIL, numpy and torch (no torchvision).
+"""Image transforms for training data: load as RGB, resize + square crop, flip, PIL <-> tensor in [-1, 1],
+done with PIL, numpy and torch (no torchvision).
 
     image = load_rgb(path)                                  # any mode -> RGB
     image = resize_and_crop(image, 64, crop="random", rng=rng)
