@@ -181,7 +181,8 @@ def cmd_make_dataset(args) -> None:
               f"data.kind=shards data.root={args.out}")
         return
     from .data.shapes import ShapesConfig, write_image_folder
-    cfg = ShapesConfig(size=args.size, seed=args.seed, max_objects=args.max_objects)
+    given = {"max_objects": args.max_objects} if args.max_objects is not None else {}  # else the world's default
+    cfg = ShapesConfig(size=args.size, seed=args.seed, **given)
     write_image_folder(cfg, args.num, args.out)
     print(f"wrote {args.num} images and metadata.jsonl to {args.out}")
 
@@ -294,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "shards: an image folder (--from) as Arrow shards for data.kind=shards (needs datasets)")
     m.add_argument("--num", type=int, default=1000, help="shapes: images to write")
     m.add_argument("--size", type=int, default=32, help="shapes: image side in px")
-    m.add_argument("--max-objects", type=int, default=3, help="shapes: most objects per image")
+    m.add_argument("--max-objects", type=int, help="shapes: most objects per image (default: ShapesConfig's, all "
+                   "a scene can hold)")
     m.add_argument("--seed", type=int, default=0, help="shapes: seed of the scenes")
     m.add_argument("--from", dest="source", help="shards: the image folder (captions as for data.kind=folder)")
     m.add_argument("--shard-size", type=int, default=1000, help="shards: most images per shard (default: 1000)")

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from .data.paraphrase import paraphrase
 from .data.shapes import ShapesConfig, ShapeScene, render_scene, shapes_world
 from .faithfulness import faithfulness_table, sample_effects, score_faithfulness
-from .metrics import (FIDELITY, FIDELITY_HELP, GENEVAL, GENEVAL_HELP, TAUS, Tally, calibrate_tau, centre_prior_map,
-                      iou_curve, pointing, score_fidelity, to_uint8, uniform_map)
+from .metrics import (DAAM_TAU, FIDELITY, FIDELITY_HELP, GENEVAL, GENEVAL_HELP, TAUS, Tally, calibrate_tau,
+                      centre_prior_map, iou_curve, pointing, score_fidelity, to_uint8, uniform_map)
 from .scoring import (WORD_CLASSES, EvalConfig, MapSet, found_words, image_seed, object_words,  # noqa: F401
                       pct, sample_scenes, table, word_map)
 from .segment import match_objects, segment
@@ -271,14 +271,14 @@ def format_report(report: EvalReport) -> str:
                 tau = "any" if src == "uniform" else f"{report.tau[src]:.1f}"
                 rows.append([split, "noun" if word_class == "noun" else "colour adj.", str(e["scored"]),
                              str(e["not_found"]), src, tau, pct(e[src]["miou"]), pct(e[src]["pointing"])])
-    rows.append(["(published)", "noun", "–", "–", "DAAM, Stable Diffusion †", "0.4",
+    rows.append(["(published)", "noun", "–", "–", "DAAM, Stable Diffusion †", f"{DAAM_TAU:g}",
                  f"{DAAM_NOUN_MIOU[0]}–{DAAM_NOUN_MIOU[1]}", "–"])
     out += table(["split", "word", "scored", "not found", "map", "tau", "mIoU", "pointing"], rows)
     out += ["", "Words of objects the segmenter did not find are not scored (\"not found\"). Pointing: the map's "
                 "maximum lies inside the object's mask (ties: the share inside).",
             "† Tang et al. 2023 (What the DAAM), noun mIoU on COCO-Gen and Unreal-Gen: Stable Diffusion's 512 px "
-            "images of natural scenes with human-annotated masks, tau = 0.4. Here: synthetic flat-colour shapes at "
-            f"{w['size']} px, our own tiny model, masks from the learning-free segmenter, tau calibrated per map; "
+            f"images of natural scenes with human-annotated masks, tau = {DAAM_TAU:g}. Here: synthetic flat-colour "
+            f"shapes at {w['size']} px, our own tiny model, masks from the learning-free segmenter, tau calibrated per map; "
             "a reference point, not a like-for-like comparison."]
     if report.faithfulness:
         out += ["", f"## Faithfulness: attention against what the word does ({c.effect_prompts} prompts per split, "

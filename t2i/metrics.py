@@ -144,7 +144,7 @@ def _same_relation(a: ShapeObject, b: ShapeObject, da: DetectedObject, db: Detec
 # 2. Heatmap localisation: a word's map against its object's mask.
 
 
-def normalise_map(heatmap: np.ndarray) -> np.ndarray:
+def scale_to_peak(heatmap: np.ndarray) -> np.ndarray:
     """A float32 (H, W) map divided by its maximum, so it lies in [0, 1] (negatives clipped to 0).
     A map with no positive value carries no location and becomes uniform (all ones)."""
     m = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, None)
@@ -180,7 +180,7 @@ def pointing(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def calibrate_tau(maps: np.ndarray, masks: np.ndarray, taus: Sequence[float] = TAUS) -> tuple[float, np.ndarray]:
     """The tau in `taus` with the highest mean IoU over the (N, H, W) maps and masks (DAAM's choice of
-    tau, made on a calibration split), and the mean IoU at every tau. With N = 0: DAAM's 0.4 and NaNs."""
+    tau, made on a calibration split), and the mean IoU at every tau. With N = 0: DAAM_TAU and NaNs."""
     if len(taus) == 0:
         raise ValueError("calibrate_tau needs at least one threshold")
     if len(maps) == 0:

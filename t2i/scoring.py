@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from .data.shapes import ShapeScene
-from .metrics import normalise_map
+from .metrics import scale_to_peak
 from .settings import QUICK, SamplingSettings, generators
 from .text import PromptTruncated
 
@@ -106,7 +106,7 @@ def found_words(scene: ShapeScene, pairs: list, heatmaps, row: int,
             if raw is None:
                 skipped.no_token[word_class] += 1
                 continue
-            yield word_class, word, normalise_map(raw), det.mask
+            yield word_class, word, scale_to_peak(raw), det.mask
 
 
 def sample_scenes(pipe, captions: list[str], seeds: list[int], config: EvalConfig, size: int,

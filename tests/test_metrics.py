@@ -5,7 +5,7 @@ import pytest
 from conftest import two_objects
 
 from t2i.data.shapes import ShapesConfig, render_scene
-from t2i.metrics import (DAAM_TAU, TAUS, calibrate_tau, centre_prior_map, iou_curve, normalise_map, pointing,
+from t2i.metrics import (DAAM_TAU, TAUS, calibrate_tau, centre_prior_map, iou_curve, pointing, scale_to_peak,
                          score_fidelity, uniform_map)
 from t2i.segment import segment
 
@@ -28,10 +28,10 @@ def test_uniform_map_scores_area_fraction():
     np.testing.assert_allclose(pointing(flat, a), fraction)             # ties split over the image
 
 
-def test_normalise_and_centre_prior():
+def test_scale_to_peak_and_centre_prior():
     m = np.array([[0.0, 2.0], [1.0, -1.0]])
-    np.testing.assert_allclose(normalise_map(m), [[0, 1], [0.5, 0]])
-    np.testing.assert_array_equal(normalise_map(np.zeros((3, 3))), np.ones((3, 3)))
+    np.testing.assert_allclose(scale_to_peak(m), [[0, 1], [0.5, 0]])
+    np.testing.assert_array_equal(scale_to_peak(np.zeros((3, 3))), np.ones((3, 3)))
     c = centre_prior_map(32, 32)
     assert c.max() == pytest.approx(1.0, abs=0.01) and c[15:17, 15:17].min() == c.max()
     assert c[0, 0] < 0.05
