@@ -23,7 +23,7 @@ from .attention.effects import effect_map
 from .attention.overlay import effect_heat, grid_image, overlay, upscale
 from .pipeline import load_pipeline, scheduler_name
 from .sampling import png_metadata, slug
-from .settings import (QUICK, SCHEDULERS, SERVER_LIMITS, SamplingLimits, SamplingSettings, check_word_weight,
+from .settings import (QUICK, SERVER_LIMITS, SamplingLimits, SamplingSettings, check_word_weight,
                        generators, is_whole)
 
 ALL = "all"                    # the resolution filter that keeps every recorded grid
@@ -142,9 +142,6 @@ class Explorer:
                 raise ValueError(f"the {name} has {len(text)} characters; at most {lim.max_prompt_chars}")
         model = r.model or self.default_model
         pipe = self.pipeline(model)
-        if r.scheduler != MODEL_DEFAULT and r.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {r.scheduler!r}; choose one of {MODEL_DEFAULT}, "
-                             f"{', '.join(SCHEDULERS)}")
         size = pipe.unet.config.sample_size if r.size is None else r.size
         s = replace(r, size=size).sampling.check(lim.sampling, pipe, names=REQUEST_NAMES)
         return replace(r, prompt=r.prompt.strip(), negative=(r.negative or "").strip(), size=s.height, model=model,
