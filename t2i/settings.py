@@ -62,6 +62,7 @@ class SamplingSettings:
         calls it (`names`, e.g. {"steps": "--steps"}) and what to pass. Without `pipe`, only what needs no
         model; with it, also its scheduler's step limit and its UNet's size rules."""
         name = {f.name: f.name for f in fields(self)} | (names or {})
+        # 1. the counts: steps (within the limit and the model's scheduler), images, seed
         most_steps = limits.max_steps
         if pipe is not None:
             model_most = max_inference_steps(pipe.scheduler)
@@ -69,30 +70,17 @@ class SamplingSettings:
         steps = _whole(name["steps"], self.steps, 1, most_steps)
         num_images = _whole(name["num_images"], self.num_images, 1, limits.max_images)
         seed = _whole(name["seed"], self.seed, 0, 2**63 - 1 - (limits.max_images or 0))
+        # 2. guidance and the scheduler's name
         low, high = limits.guidance
-        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) \
-                or not math.isfinite(self.guidance) or not low <= self.guidance <= high:
+        if not _number(self.guidance) or not low <= self.guidance <= high:
             span = ("a finite number" if math.isinf(low) and math.isinf(high)
                     else f"a number from {low:g} (none) to {high:g}")
             raise ValueError(f"{name['guidance']} must be {span}, got {self.guidance}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        sides = {}
-        for side in ("height", "width"):
-            value = getattr(self, side)
-            if value is None:
-                sides[side] = None
-            elif pipe is None:
-                sides[side] = _whole(name[side], value, 1, limits.max_side)
-            else:
-                f = downsample_factor(pipe.unet)
-                sample_size = pipe.unet.config.sample_size
-                most = MAX_SIZE_FACTOR * sample_size if limits.max_side is None else limits.max_side
-                if not is_whole(value) or not f <= value <= most or value % f:
-                    why = f" ({MAX_SIZE_FACTOR}x the model's sample size {sample_size})" if limits.max_side is None \
-                        else ""
-                    raise ValueError(f"{name[side]} must be a multiple of {f} from {f} to {most} px{why}, got {value}")
-                sides[side] = int(value)
+        # 3. the image's sides (None: the model's sample size)
+        sides = {side: None if getattr(self, side) is None else _side(name[side], getattr(self, side), limits, pipe)
+                 for side in ("height", "width")}
         return replace(self, steps=steps, num_images=num_images, seed=seed, guidance=float(self.guidance), **sides)
 
     def seeds(self, count: int, first: int = 0) -> list[int]:
@@ -120,8 +108,7 @@ def generators(seeds: Iterable[int]) -> list:
 def check_word_weight(word: str, weight, limits: SamplingLimits = SamplingLimits(), name: str | None = None) -> float:
     """A word's attention weight as a float, or a ValueError saying the bounds."""
     low, high = limits.word_weight
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-            or not low <= weight <= high:
+    if not _number(weight) or not low <= weight <= high:
         span = f">= {low:g}" if math.isinf(high) else f"from {low:g} to {high:g}"
         raise ValueError(f"{name or f'the weight of {word!r}'} must be a finite number {span} (0 silences the word), "
                          f"got {weight!r}")
@@ -142,9 +129,26 @@ def downsample_factor(unet) -> int:
     return 2 ** (len(unet.config.block_out_channels) - 1)  # diffusers UNet2DConditionModel
 
 
+def _side(name: str, value, limits: SamplingLimits, pipe) -> int:
+    """A height or width in px: whole and within the limit; with a model, a multiple of its UNet's downsampling
+    up to limits.max_side or, without one, MAX_SIZE_FACTOR x its sample size."""
+    if pipe is None:
+        return _whole(name, value, 1, limits.max_side)
+    f, sample_size = downsample_factor(pipe.unet), pipe.unet.config.sample_size
+    most = MAX_SIZE_FACTOR * sample_size if limits.max_side is None else limits.max_side
+    if not is_whole(value) or not f <= value <= most or value % f:
+        why = f" ({MAX_SIZE_FACTOR}x the model's sample size {sample_size})" if limits.max_side is None else ""
+        raise ValueError(f"{name} must be a multiple of {f} from {f} to {most} px{why}, got {value}")
+    return int(value)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def is_whole(x) -> bool:
     """A finite int or float with no fraction (a page's number inputs send floats), not a bool."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and float(x) == int(x)
+    return _number(x) and float(x) == int(x)
 
 
 def _whole(name: str, value, least: int, most: int | None) -> int:
