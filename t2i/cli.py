@@ -51,14 +51,6 @@ def _word_list(text: str | None) -> list[str] | None:
     return words or None
 
 
-def _check_words(pipe, prompt: str, words: list[str]) -> None:
-    """Fail before sampling when a word is not in the prompt as the pipeline tokenises it, or was cut off."""
-    from .attention.heatmaps import check_words
-    tok = pipe.tokenizer
-    full = tok.convert_ids_to_tokens(tok(prompt, truncation=False, verbose=False)["input_ids"])
-    check_words(pipe.prompt_tokens(prompt)[0], words, all_tokens=full)
-
-
 def cmd_heatmap(args) -> None:
     from .attention import AttentionRecorder
     from .attention.export import write_heatmap_outputs
@@ -66,7 +58,7 @@ def cmd_heatmap(args) -> None:
     out = new_out_folder(args.out, "heatmaps", args.prompt, args.seed)
     pipe, settings = sampling_pipeline(args, progress=True)
     if words:
-        _check_words(pipe, args.prompt, words)
+        pipe.word_labels(args.prompt, words)  # fails before sampling
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
     result = pipe(args.prompt, **settings.pipeline_kwargs(), generator=generators(settings.seeds(1)),
                   record_attention=recorder)
@@ -84,7 +76,6 @@ def cmd_effect(args) -> None:
     weight = check_word_weight(words[0], args.weight, name="--weight")
     out = new_out_folder(args.out, "effects", args.prompt, args.seed)
     pipe, settings = sampling_pipeline(args, progress=True)
-    _check_words(pipe, args.prompt, words)
     effects = word_effects(pipe, args.prompt, words, weight, settings)
     for path in write_effect_outputs(effects, out, size=args.size).values():
         print(path)

@@ -173,6 +173,13 @@ class T2IPipeline(DiffusionPipeline):
             batch = tokenize(self.tokenizer, prompt)
         return token_strings(self.tokenizer, batch["input_ids"], batch["attention_mask"])
 
+    def word_labels(self, prompt: str, words: list[str]) -> list[str]:
+        """The label of each word ('circle', 'circle#2') in `prompt` as `__call__` encodes it, or a ValueError
+        before any sampling that names a word not in the prompt, or one the tokenizer's length limit cuts off."""
+        from .attention.heatmaps import check_words
+        uncut = self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"]
+        return check_words(self.prompt_tokens(prompt)[0], words, all_tokens=self.tokenizer.convert_ids_to_tokens(uncut))
+
     def run_step_end(self, callback, names, i, t, latents, prompt_embeds):
         """diffusers' callback_on_step_end: the named tensors in, replacements for any of them out."""
         tensors = {"latents": latents, "prompt_embeds": prompt_embeds}

@@ -150,6 +150,8 @@ def test_word_effects_batch_the_variants_from_one_seed(pipe):
     assert silenced.attention.num_images == 1 and silenced.attention.words(0) == ["a", "red", "circle"]
     with pytest.raises(ValueError, match="not a word"):
         word_effects(pipe, "a red circle", ["blue"])
+    with pytest.raises(ValueError, match="'triangle' was cut off by the text encoder's 12-token limit"):
+        word_effects(pipe, "a red circle above a blue square to the right of a green triangle", ["triangle"])
 
 
 def test_effect_map_is_the_mean_absolute_rgb_change():

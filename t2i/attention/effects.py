@@ -96,7 +96,7 @@ def word_effects(pipe, prompt: str, words: list[str], weight: float = 0.0,
     """Sample `prompt` with `settings` and, in the same batch from the same seed (settings.seed, one image
     per row), once more per word with that word's weight set to `weight`; return the images, the unweighted
     image's heatmaps and each word's effect map."""
-    labels = [resolve_word(pipe.prompt_tokens(prompt)[0], w)[0] for w in words]  # fail before sampling
+    labels = pipe.word_labels(prompt, words)  # fails before sampling
     if len(set(labels)) != len(labels):
         raise ValueError(f"words {words} name the same word twice")
     rows = len(labels) + 1
