@@ -1,9 +1,8 @@
-# The `t2i` command: generate | heatmap | effect | serve | info | train | make-dataset | evaluate.
+"""The `t2i` command: generate | heatmap | effect | serve | info | train | make-dataset | evaluate."""
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import signal
@@ -13,31 +12,30 @@ from pathlib import Path
 
 from .sampling import (new_out_folder, png_metadata, sampling_device, sampling_pipeline, save_new_png, slug,
                        use_idle_cores)
+from .settings import DEFAULTS, QUICK, SCHEDULERS, SERVER_LIMITS, SamplingSettings, check_word_weight, generators
 
 SAMPLING_COMMANDS = ("generate", "heatmap", "effect", "evaluate", "serve")
 
 
 def cmd_generate(args) -> None:
-    import torch
     from PIL import Image
     if len(args.prompt) > 1 and all(len(p.split()) == 1 for p in args.prompt):
         print(f"t2i generate: warning: {len(args.prompt)} one-word prompts make one image each; for one image of "
               f"\"{' '.join(args.prompt)}\", quote it", file=sys.stderr)
-    pipe = sampling_pipeline(args, progress=True)
+    pipe, settings = sampling_pipeline(args, progress=True)
     model = args.model or "default"
     from .pipeline import scheduler_name
-    scheduler = scheduler_name(pipe.scheduler)
+    scheduler = settings.scheduler or scheduler_name(pipe.scheduler)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n = args.num_images
-    seeds = [args.seed + i for i in range(len(args.prompt) * n)]
-    result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, height=args.height, width=args.width, num_images_per_prompt=n,
-                  generator=[torch.Generator().manual_seed(s) for s in seeds], record_attention=args.heatmaps)
+    n = settings.num_images
+    seeds = settings.seeds(len(args.prompt) * n)
+    result = pipe(args.prompt, **settings.pipeline_kwargs(), generator=generators(seeds),
+                  record_attention=args.heatmaps)
     for i, (image, seed) in enumerate(zip(result.images, seeds)):
         prompt = args.prompt[i // n]
-        meta = dict(prompt=prompt, negative_prompt=args.negative or "", seed=seed, steps=args.steps,
-                    guidance=args.guidance, scheduler=scheduler, model=model, height=image.height,
+        meta = dict(prompt=prompt, negative_prompt=settings.negative or "", seed=seed, steps=settings.steps,
+                    guidance=settings.guidance, scheduler=scheduler, model=model, height=image.height,
                     width=image.width, upscale=args.upscale, precision=args.precision)
         big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
         path = save_new_png(big, out, f"{slug(prompt)}-{seed}", pnginfo=png_metadata(**meta))
@@ -53,27 +51,17 @@ def _word_list(text: str | None) -> list[str] | None:
     return words or None
 
 
-def _check_words(pipe, prompt: str, words: list[str]) -> None:
-    """Fail before sampling when a word is not in the prompt as the pipeline tokenises it, or was cut off."""
-    from .attention.heatmaps import check_words
-    tok = pipe.tokenizer
-    full = tok.convert_ids_to_tokens(tok(prompt, truncation=False, verbose=False)["input_ids"])
-    check_words(pipe.prompt_tokens(prompt)[0], words, all_tokens=full)
-
-
 def cmd_heatmap(args) -> None:
-    import torch
-
     from .attention import AttentionRecorder
     from .attention.export import write_heatmap_outputs
     words = _word_list(args.words)
     out = new_out_folder(args.out, "heatmaps", args.prompt, args.seed)
-    pipe = sampling_pipeline(args, progress=True)
+    pipe, settings = sampling_pipeline(args, progress=True)
     if words:
-        _check_words(pipe, args.prompt, words)
+        pipe.word_labels(args.prompt, words)  # fails before sampling
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
-    result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                  width=args.width, generator=torch.Generator().manual_seed(args.seed), record_attention=recorder)
+    result = pipe(args.prompt, **settings.pipeline_kwargs(), generator=generators(settings.seeds(1)),
+                  record_attention=recorder)
     paths = write_heatmap_outputs(result.attention, 0, result.images[0], out, words=words, size=args.size)
     for path in paths.values():
         print(path)
@@ -85,14 +73,10 @@ def cmd_effect(args) -> None:
     words = _word_list(args.words)
     if not words:
         raise ValueError("--words needs at least one word of the prompt, e.g. --words red,circle")
-    if not (math.isfinite(args.weight) and args.weight >= 0):
-        raise ValueError(f"--weight must be a finite number >= 0 (0 silences the word), got {args.weight}")
+    weight = check_word_weight(words[0], args.weight, name="--weight")
     out = new_out_folder(args.out, "effects", args.prompt, args.seed)
-    pipe = sampling_pipeline(args, progress=True)
-    _check_words(pipe, args.prompt, words)
-    effects = word_effects(pipe, args.prompt, words, weight=args.weight, seed=args.seed,
-                           num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                           width=args.width, negative_prompt=args.negative)
+    pipe, settings = sampling_pipeline(args, progress=True)
+    effects = word_effects(pipe, args.prompt, words, weight, settings)
     for path in write_effect_outputs(effects, out, size=args.size).values():
         print(path)
 
@@ -188,7 +172,8 @@ def cmd_make_dataset(args) -> None:
               f"data.kind=shards data.root={args.out}")
         return
     from .data.shapes import ShapesConfig, write_image_folder
-    cfg = ShapesConfig(size=args.size, seed=args.seed, max_objects=args.max_objects)
+    given = {"max_objects": args.max_objects} if args.max_objects is not None else {}  # else the world's default
+    cfg = ShapesConfig(size=args.size, seed=args.seed, **given)
     write_image_folder(cfg, args.num, args.out)
     print(f"wrote {args.num} images and metadata.jsonl to {args.out}")
 
@@ -201,7 +186,7 @@ def cmd_evaluate(args) -> None:
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
     if args.json and Path(args.json).exists():
         raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
-    report = evaluate(sampling_pipeline(args), config)
+    report = evaluate(sampling_pipeline(args, base=config.sampling)[0], config)
     print(report.format_table())
     if args.model and add_evaluation(args.model, report.format_table()):
         print(f"added the table to {Path(args.model) / 'README.md'}")
@@ -212,15 +197,12 @@ def cmd_evaluate(args) -> None:
         print(f"wrote {args.json}")
 
 
-def _sampling_options(p: argparse.ArgumentParser, steps: int | None = 30, guidance: float | None = 3.0,
-                      size: bool = True) -> None:
-    """The options of every command that samples from a pipeline."""
+def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAULTS, size: bool = True) -> None:
+    """The options of every command that samples from a pipeline; unset, they take `base`'s settings."""
     p.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
-    shown = "%(default)s" if steps is not None else "the evaluation's"
-    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {shown})")
-    p.add_argument("--guidance", type=float, default=guidance,
-                   help=f"classifier-free guidance scale; 1: none (default: {shown})")
-    p.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
+    p.add_argument("--steps", type=int, help=f"denoising steps (default: {base.steps})")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale; 1: none (default: {base.guidance})")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), help="the sampler (default: the model's)")
     if size:
         for side in ("--height", "--width"):
             p.add_argument(side, type=int, help="in pixels, a multiple of the UNet's downsampling "
@@ -276,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=7860, help="port; 0: a free one (default: 7860)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    for name, default, what in [("max-steps", 50, "sampling steps of one request"),
-                                ("max-images", 4, "images of one request"),
-                                ("max-side", 128, "height and width in px"),
+    for name, default, what in [("max-steps", SERVER_LIMITS.max_steps, "sampling steps of one request"),
+                                ("max-images", SERVER_LIMITS.max_images, "images of one request"),
+                                ("max-side", SERVER_LIMITS.max_side, "height and width in px"),
                                 ("max-prompt-chars", 300, "characters of a prompt"),
                                 ("concurrency", 1, "requests that sample at once"),
                                 ("max-queue", 64, "requests waiting; more are turned away")]:
@@ -304,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "shards: an image folder (--from) as Arrow shards for data.kind=shards (needs datasets)")
     m.add_argument("--num", type=int, default=1000, help="shapes: images to write")
     m.add_argument("--size", type=int, default=32, help="shapes: image side in px")
-    m.add_argument("--max-objects", type=int, default=3, help="shapes: most objects per image")
+    m.add_argument("--max-objects", type=int, help="shapes: most objects per image (default: ShapesConfig's, all "
+                   "a scene can hold)")
     m.add_argument("--seed", type=int, default=0, help="shapes: seed of the scenes")
     m.add_argument("--from", dest="source", help="shards: the image folder (captions as for data.kind=folder)")
     m.add_argument("--shard-size", type=int, default=1000, help="shards: most images per shard (default: 1000)")
@@ -313,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score prompt fidelity and heatmap localisation on seen and held-out "
                        "prompts (unset sizes: t2i.evaluate.EvalConfig's defaults, printed in the report)")
-    _sampling_options(e, steps=None, guidance=None, size=False)
+    _sampling_options(e, QUICK, size=False)
     e.add_argument("--num-prompts", type=int, help="prompts per split (seen, held-out)")
     e.add_argument("--images-per-prompt", type=int, help="images per prompt, each with its own seed")
     e.add_argument("--seed", type=int, help="draws the prompts and the noise (keep it apart from the training seed)")

@@ -1,5 +1,6 @@
-# Run configuration: one frozen dataclass per component, nested into RunConfig; YAML files in
-# configs/ with `key=value` overrides on top; unknown keys are errors that suggest the right one.
+"""Run configuration: one frozen dataclass per component, nested into RunConfig; YAML files in
+configs/ with `key=value` overrides on top; unknown keys are errors that suggest the right one.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ class DataConfig:
     num_workers: int = 0
     # shapes world
     min_objects: int = 1
-    max_objects: int = 2
+    max_objects: int = 2                 # the recipe's (configs/shapes32.yaml); the world holds up to 3
     holdout_pairs: tuple[str, ...] = ()      # "colour shape" never shown together in training
     holdout_positions: tuple[str, ...] = ()  # "shape@position" never shown together in training
     position_prob: float = 0.5               # share of captions that state positions or a relation
