@@ -78,10 +78,10 @@ def in_cell_share(pipe, steps: int = 20, guidance: float = 3.0, seed: int = 0) -
     one image per prompt, seeds seed, seed + 1, ..."""
     from .metrics import to_uint8
     from .segment import segment
+    from .settings import generators
     prompts = cell_prompts()
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     images = pipe([p for p, _, _ in prompts], num_inference_steps=steps, guidance_scale=guidance,
-                  generator=generators, output_type="np").images
+                  generator=generators(range(seed, seed + len(prompts))), output_type="np").images
     in_cell = found = 0
     for image, (_, colour, position) in zip(images, prompts):
         same_colour = [d for d in segment(to_uint8(image)) if d.colour == colour]

@@ -1,5 +1,6 @@
 """t2i.checkpoint: atomic, fsynced checkpoints and what a resume accepts; damaged ones skipped; the run folder
 (one training at a time, a fresh run never over an old one) and a last checkpoint on SIGINT/SIGTERM."""
+import errno
 import json
 import os
 import signal
@@ -93,15 +94,40 @@ def test_resume_latest_skips_a_damaged_newest_checkpoint(tmp_path, damage):
     assert (tmp_path / "checkpoint-0000004.damaged").is_dir()           # the damaged one, moved aside
 
 
+class FullDiskFile:
+    """A file whose writes fail as on a full disk (ENOSPC). Not /dev/full: in containers it may be a plain file."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def full_disk_open(marker: str):
+    """`open` for monkeypatching: files whose path contains `marker` are on a full disk."""
+    real_open = open
+
+    def opener(path, *a, **kw):
+        f = real_open(path, *a, **kw)
+        return FullDiskFile(f) if marker in str(path) else f
+    return opener
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     from t2i.cli import main
     args = ["train", *TINY_RUN, f"train.output_dir={tmp_path}", "train.max_steps=4", "train.checkpoint_every=2"]
     assert main([*args, "--stop-at", "2"]) == 0
-    real_open = open
-
-    def full(path, *a, **kw):  # the disk fills up while checkpoint 4 is written
-        return real_open("/dev/full" if "checkpoint-0000004" in str(path) else path, *a, **kw)
-    monkeypatch.setattr(ckpt, "open", full, raising=False)
+    monkeypatch.setattr(ckpt, "open", full_disk_open("checkpoint-0000004"), raising=False)
     capsys.readouterr()
     assert main([*args, "--resume", "latest"]) == 2
     err = capsys.readouterr().err
