@@ -57,12 +57,3 @@ def random_pipeline(preset: str, text_width: int, scheduler: str = "dpm", sample
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def red_centroid(images: torch.Tensor) -> torch.Tensor:
-    """(B, 2) centroid (x, y) in [0, 1] of the redness of images (B, 3, H, W): red above the mean of green
-    and blue, weighted by how much (the position probes' measure of where "a red circle" went)."""
-    H, W = images.shape[-2:]
-    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
-    red = (images[:, 0] - 0.5 * (images[:, 1] + images[:, 2])).clamp(min=0) + 1e-8      # (B, H, W)
-    mass = red.sum(dim=(1, 2))
-    return torch.stack([(red * xs).sum(dim=(1, 2)) / mass / W, (red * ys).sum(dim=(1, 2)) / mass / H], 1)

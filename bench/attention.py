@@ -1,13 +1,14 @@
-# Benchmark of cross-attention recording: sampling time with recording off, with t2i's
-# AttentionRecorder (float32 running sums), and with a naive store-every-map reference that keeps each
-# step's per-head maps of every cross-attention layer, so its memory grows with the number of steps. It is
-# not prompt-to-prompt's AttentionStore (Hertz et al. 2022), which sums maps over steps but holds the
-# current step's store and the running sum for self- as well as cross-attention layers, about 4x the
-# maps it counts. All three run in one process.
-#
-#   python bench/attention.py                      # small preset, 32x32, 4 prompts, 10 and 20 steps
-#   python bench/attention.py --preset tiny --size 16 --steps 4 8 --repeats 2
-#   python bench/attention.py --preset base --size 64 --prompts 8 --threads 8
+"""Benchmark of cross-attention recording: sampling time with recording off, with t2i's
+AttentionRecorder (float32 running sums), and with a naive store-every-map reference that keeps each
+step's per-head maps of every cross-attention layer, so its memory grows with the number of steps. It is
+not prompt-to-prompt's AttentionStore (Hertz et al. 2022), which sums maps over steps but holds the
+current step's store and the running sum for self- as well as cross-attention layers, about 4x the
+maps it counts. All three run in one process.
+
+  python bench/attention.py                      # small preset, 32x32, 4 prompts, 10 and 20 steps
+  python bench/attention.py --preset tiny --size 16 --steps 4 8 --repeats 2
+  python bench/attention.py --preset base --size 64 --prompts 8 --threads 8
+"""
 from __future__ import annotations
 
 import argparse
@@ -106,7 +107,7 @@ def bench(device: str, args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="UNet preset: tiny, small, base")
     p.add_argument("--text-width", type=int, default=128, help="offline text encoder width")
     p.add_argument("--size", type=int, default=32, help="image height and width")

@@ -1,11 +1,12 @@
-# Word effects of a model on its shapes world: silence each object word of a prompt in turn (prompt-to-
-# prompt reweighting to 0, same seed) and measure where the image changed: the share of the change inside
-# the object's mask (1 = only the object's pixels changed), per word class, and how the word's attention
-# map agrees with its effect map. The issue-11 target: silencing a colour word changes mostly pixels
-# inside its object's mask.
-#
-#   python bench/effects.py                          # the shipped model, 64 seen prompts, 20 steps
-#   python bench/effects.py --model runs/my-run/pipeline --prompts 128 --split holdout
+"""Word effects of a model on its shapes world: silence each object word of a prompt in turn (prompt-to-
+prompt reweighting to 0, same seed) and measure where the image changed: the share of the change inside
+the object's mask (1 = only the object's pixels changed), per word class, and how the word's attention
+map agrees with its effect map. The issue-11 target: silencing a colour word changes mostly pixels
+inside its object's mask.
+
+  python bench/effects.py                          # the shipped model, 64 seen prompts, 20 steps
+  python bench/effects.py --model runs/my-run/pipeline --prompts 128 --split holdout
+"""
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ from _common import machine
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="pipeline folder (default: the shipped model)")
     p.add_argument("--prompts", type=int, default=64, help="prompts, one image each")
     p.add_argument("--split", default="train", choices=["train", "holdout"], help="seen or held-out prompts")

@@ -14,9 +14,8 @@ from typing import Iterator
 
 import torch
 
-from _common import red_centroid
-
 from t2i.data.shapes import ShapesConfig, ShapesDataset, caption_corpus
+from t2i.probe import red_centroid
 from t2i.text import build_offline_text_encoder, build_offline_tokenizer, encode_prompts
 from t2i.unet import build_unet
 

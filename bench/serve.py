@@ -1,11 +1,12 @@
-# Timing of `t2i serve` against the CLI, on loopback: how long the server takes to start (model loaded),
-# and one Generate in the page (all maps: every resolution, a map per step, x0 previews, overlays, the
-# grid and the downloads, through the queue and HTTP) against `t2i heatmap` with the same settings, both
-# as the command's in-process work (sampling with recording, writing its files) and as a whole command.
-# The issue-11 targets: page generate within 2x the CLI's time; server start under 30 s on 2 cores.
-#
-#   python bench/serve.py                       # the shipped model, 20 steps, 5 repeats
-#   python bench/serve.py --model runs/my-run/pipeline --steps 30
+"""Timing of `t2i serve` against the CLI, on loopback: how long the server takes to start (model loaded),
+and one Generate in the page (all maps: every resolution, a map per step, x0 previews, overlays, the
+grid and the downloads, through the queue and HTTP) against `t2i heatmap` with the same settings, both
+as the command's in-process work (sampling with recording, writing its files) and as a whole command.
+The issue-11 targets: page generate within 2x the CLI's time; server start under 30 s on 2 cores.
+
+  python bench/serve.py                       # the shipped model, 20 steps, 5 repeats
+  python bench/serve.py --model runs/my-run/pipeline --steps 30
+"""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ def start_server(model: str | None) -> tuple[subprocess.Popen, str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="pipeline folder (default: the shipped model)")
     p.add_argument("--prompt", default="a red circle above a blue square")
     p.add_argument("--steps", type=int, default=20)

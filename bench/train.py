@@ -22,8 +22,8 @@ from dataclasses import asdict
 from t2i.config import load_config
 from t2i.data.stream import build_dataset, data_stream
 from t2i.diffusion import diffusion_loss, make_noise_scheduler
+from t2i.ema import EMA
 from t2i.text import TextStates, build_text
-from t2i.train import EMA
 from t2i.unet import build_unet
 
 from _common import machine, sync

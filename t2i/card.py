@@ -1,6 +1,7 @@
-# The model card written beside an exported pipeline: README.md with YAML front matter (library, tags,
-# the recipe it was trained from, the resolved training config, the data) as the Hugging Face Hub reads
-# it, and the evaluation table once `t2i evaluate` has scored the folder.
+"""The model card written beside an exported pipeline: README.md with YAML front matter (library, tags,
+the recipe it was trained from, the resolved training config, the data) as the Hugging Face Hub reads
+it, and the evaluation table once `t2i evaluate` has scored the folder.
+"""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,9 +1,10 @@
-# Training checkpoints as folders of safetensors plus JSON, written atomically: everything goes
-# into a temporary folder, fsynced, that is renamed into place only when complete, so an interrupted
-# save or a power cut leaves the previous checkpoint untouched. Nothing here unpickles anything.
-# TrainingState is what a run saves and resumes from; every process stages its own RNG, the main
-# process the rest. The run folder around them: one training at a time (a lock), a fresh run never
-# over an old one, and SIGINT/SIGTERM turned into a last checkpoint.
+"""Training checkpoints as folders of safetensors plus JSON, written atomically: everything goes
+into a temporary folder, fsynced, that is renamed into place only when complete, so an interrupted
+save or a power cut leaves the previous checkpoint untouched. Nothing here unpickles anything.
+TrainingState is what a run saves and resumes from; every process stages its own RNG, the main
+process the rest. The run folder around them: one training at a time (a lock), a fresh run never
+over an old one, and SIGINT/SIGTERM turned into a last checkpoint.
+"""
 from __future__ import annotations
 
 import errno
@@ -35,7 +36,7 @@ except ImportError:  # Windows: no lock on the run folder
 
 if TYPE_CHECKING:
     from .config import RunConfig
-    from .train import EMA
+    from .ema import EMA
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_KEYS = {"step": int, "samples": int, "world_size": int, "optimizer": dict, "lr_schedule": dict, "config": dict}

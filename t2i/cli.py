@@ -1,51 +1,52 @@
-# The `t2i` command: generate | heatmap | effect | serve | info | train | make-dataset | evaluate.
+"""The `t2i` command: generate | heatmap | effect | serve | info | train | make-dataset | evaluate."""
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import signal
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
-from .sampling import (new_out_folder, png_metadata, sampling_device, sampling_pipeline, save_new_png, slug,
+from .sampling import (LIMITS, new_out_folder, png_metadata, sampling_device, sampling_pipeline, save_new_png, slug,
                        use_idle_cores)
+from .settings import DEFAULTS, QUICK, SCHEDULERS, SERVER_LIMITS, SamplingSettings, check_word_weight, generators
 
 SAMPLING_COMMANDS = ("generate", "heatmap", "effect", "evaluate", "serve")
 GENERATE_BATCH = 16  # images per pipeline call of `t2i generate`
 
 
 def cmd_generate(args) -> None:
-    import torch
     if len(args.prompt) > 1 and all(len(p.split()) == 1 for p in args.prompt):
         print(f"t2i generate: warning: {len(args.prompt)} one-word prompts make one image each; for one image of "
               f"\"{' '.join(args.prompt)}\", quote it", file=sys.stderr)
-    pipe = sampling_pipeline(args, progress=True)
+    pipe, settings = sampling_pipeline(args, progress=True)
     model = args.model or "default"
     from .pipeline import scheduler_name
-    scheduler = scheduler_name(pipe.scheduler)
+    scheduler = settings.scheduler or scheduler_name(pipe.scheduler)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n = args.num_images
-    jobs = [(args.prompt[i // n], args.seed + i) for i in range(len(args.prompt) * n)]  # image i: seed + i
+    n = settings.num_images
+    jobs = list(zip([p for p in args.prompt for _ in range(n)], settings.seeds(len(args.prompt) * n)))
     for start in range(0, len(jobs), GENERATE_BATCH):  # memory stays flat in the number of images
         batch = jobs[start:start + GENERATE_BATCH]
-        result = pipe([prompt for prompt, _ in batch], negative_prompt=args.negative, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, height=args.height, width=args.width,
-                      generator=[torch.Generator().manual_seed(s) for _, s in batch], record_attention=args.heatmaps)
-        _save_generated(args, result, batch, out, model, scheduler)
+        one_each = replace(settings, num_images=1)  # the batch lists each image's prompt
+        result = pipe([prompt for prompt, _ in batch], **one_each.pipeline_kwargs(),
+                      generator=generators(seed for _, seed in batch), record_attention=args.heatmaps)
+        _save_generated(args, settings, result, batch, out, model, scheduler)
 
 
-def _save_generated(args, result, batch: list[tuple[str, int]], out: Path, model: str, scheduler: str) -> None:
+def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[str, int]], out: Path, model: str,
+                    scheduler: str) -> None:
     """Each image of one batch of `t2i generate` as a PNG with its settings (and its heatmaps)."""
     from PIL import Image
     for i, (image, (prompt, seed)) in enumerate(zip(result.images, batch)):
-        meta = dict(prompt=prompt, negative_prompt=args.negative or "", seed=seed, steps=args.steps,
-                    guidance=args.guidance, scheduler=scheduler, model=model, height=image.height,
+        meta = dict(prompt=prompt, negative_prompt=settings.negative or "", seed=seed, steps=settings.steps,
+                    guidance=settings.guidance, scheduler=scheduler, model=model, height=image.height,
                     width=image.width, upscale=args.upscale, precision=args.precision)
         big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
         path = save_new_png(big, out, f"{slug(prompt)}-{seed}", pnginfo=png_metadata(**meta))
@@ -61,27 +62,17 @@ def _word_list(text: str | None) -> list[str] | None:
     return words or None
 
 
-def _check_words(pipe, prompt: str, words: list[str]) -> None:
-    """Fail before sampling when a word is not in the prompt as the pipeline tokenises it, or was cut off."""
-    from .attention.heatmaps import check_words
-    tok = pipe.tokenizer
-    full = tok.convert_ids_to_tokens(tok(prompt, truncation=False, verbose=False)["input_ids"])
-    check_words(pipe.prompt_tokens(prompt)[0], words, all_tokens=full)
-
-
 def cmd_heatmap(args) -> None:
-    import torch
-
     from .attention import AttentionRecorder
     from .attention.export import write_heatmap_outputs
     words = _word_list(args.words)
     out = new_out_folder(args.out, "heatmaps", args.prompt, args.seed)
-    pipe = sampling_pipeline(args, progress=True)
+    pipe, settings = sampling_pipeline(args, progress=True)
     if words:
-        _check_words(pipe, args.prompt, words)
+        pipe.word_labels(args.prompt, words)  # fails before sampling
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
-    result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                  width=args.width, generator=torch.Generator().manual_seed(args.seed), record_attention=recorder)
+    result = pipe(args.prompt, **settings.pipeline_kwargs(), generator=generators(settings.seeds(1)),
+                  record_attention=recorder)
     paths = write_heatmap_outputs(result.attention, 0, result.images[0], out, words=words, size=args.size)
     for path in paths.values():
         print(path)
@@ -93,14 +84,10 @@ def cmd_effect(args) -> None:
     words = _word_list(args.words)
     if not words:
         raise ValueError("--words needs at least one word of the prompt, e.g. --words red,circle")
-    if not (math.isfinite(args.weight) and args.weight >= 0):
-        raise ValueError(f"--weight must be a finite number >= 0 (0 silences the word), got {args.weight}")
+    weight = check_word_weight(words[0], args.weight, name="--weight")
     out = new_out_folder(args.out, "effects", args.prompt, args.seed)
-    pipe = sampling_pipeline(args, progress=True)
-    _check_words(pipe, args.prompt, words)
-    effects = word_effects(pipe, args.prompt, words, weight=args.weight, seed=args.seed,
-                           num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                           width=args.width, negative_prompt=args.negative)
+    pipe, settings = sampling_pipeline(args, progress=True)
+    effects = word_effects(pipe, args.prompt, words, weight, settings)
     for path in write_effect_outputs(effects, out, size=args.size).values():
         print(path)
 
@@ -206,7 +193,8 @@ def cmd_make_dataset(args) -> int | None:
               f"data.kind=shards data.root={args.out}")
         return
     from .data.shapes import ShapesConfig, write_image_folder
-    cfg = ShapesConfig(size=args.size, seed=args.seed, max_objects=args.max_objects)
+    given = {"max_objects": args.max_objects} if args.max_objects is not None else {}  # else the world's default
+    cfg = ShapesConfig(size=args.size, seed=args.seed, **given)
     write_image_folder(cfg, args.num, args.out)
     print(f"wrote {args.num} images and metadata.jsonl to {args.out}")
 
@@ -219,7 +207,7 @@ def cmd_evaluate(args) -> None:
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
     if args.json and Path(args.json).exists():
         raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
-    report = evaluate(sampling_pipeline(args), config)
+    report = evaluate(sampling_pipeline(args, base=config.sampling)[0], config)
     print(report.format_table())
     if args.model and add_evaluation(args.model, report.format_table()):
         print(f"added the table to {Path(args.model) / 'README.md'}")
@@ -230,15 +218,12 @@ def cmd_evaluate(args) -> None:
         print(f"wrote {args.json}")
 
 
-def _sampling_options(p: argparse.ArgumentParser, steps: int | None = 30, guidance: float | None = 3.0,
-                      size: bool = True) -> None:
-    """The options of every command that samples from a pipeline."""
+def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAULTS, size: bool = True) -> None:
+    """The options of every command that samples from a pipeline; unset, they take `base`'s settings."""
     p.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
-    shown = "%(default)s" if steps is not None else "the evaluation's"
-    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {shown})")
-    p.add_argument("--guidance", type=float, default=guidance,
-                   help=f"classifier-free guidance scale; 1: none (default: {shown})")
-    p.add_argument("--scheduler", help="ddpm, ddim, dpm, euler, euler-a, heun, unipc (default: the model's)")
+    p.add_argument("--steps", type=int, help=f"denoising steps (default: {base.steps})")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale; 1: none (default: {base.guidance})")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), help="the sampler (default: the model's)")
     if size:
         for side in ("--height", "--width"):
             p.add_argument(side, type=int, help="in pixels, a multiple of the UNet's downsampling "
@@ -259,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image, from 0 to 2**64 - 1; image i uses "
                    "seed+i (default: 0)")
-    g.add_argument("--num-images", type=int, default=1, help=f"images per prompt, at most 1000, sampled "
+    g.add_argument("--num-images", type=int, default=1, help=f"images per prompt, at most {LIMITS.max_images}, sampled "
                    f"{GENERATE_BATCH} at a time (default: 1)")
     g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG (default: 4)")
     g.add_argument("--heatmaps", action="store_true", help="also write per-word attention heatmaps")
@@ -297,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=7860, help="port; 0: a free one (default: 7860)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    for name, default, what in [("max-steps", 50, "sampling steps of one request"),
-                                ("max-images", 4, "images of one request"),
-                                ("max-side", 128, "height and width in px"),
+    for name, default, what in [("max-steps", SERVER_LIMITS.max_steps, "sampling steps of one request"),
+                                ("max-images", SERVER_LIMITS.max_images, "images of one request"),
+                                ("max-side", SERVER_LIMITS.max_side, "height and width in px"),
                                 ("max-prompt-chars", 300, "characters of a prompt"),
                                 ("concurrency", 1, "requests that sample at once"),
                                 ("max-queue", 64, "requests waiting; more are turned away")]:
@@ -325,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "shards: an image folder (--from) as Arrow shards for data.kind=shards (needs datasets)")
     m.add_argument("--num", type=int, default=1000, help="shapes: images to write")
     m.add_argument("--size", type=int, default=32, help="shapes: image side in px")
-    m.add_argument("--max-objects", type=int, default=3, help="shapes: most objects per image")
+    m.add_argument("--max-objects", type=int, help="shapes: most objects per image (default: ShapesConfig's, all "
+                   "a scene can hold)")
     m.add_argument("--seed", type=int, default=0, help="shapes: seed of the scenes")
     m.add_argument("--from", dest="source", help="shards: the image folder (captions as for data.kind=folder)")
     m.add_argument("--shard-size", type=int, default=1000, help="shards: most images per shard (default: 1000)")
@@ -334,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score prompt fidelity and heatmap localisation on seen and held-out "
                        "prompts (unset sizes: t2i.evaluate.EvalConfig's defaults, printed in the report)")
-    _sampling_options(e, steps=None, guidance=None, size=False)
+    _sampling_options(e, QUICK, size=False)
     e.add_argument("--num-prompts", type=int, help="prompts per split (seen, held-out)")
     e.add_argument("--images-per-prompt", type=int, help="images per prompt, each with its own seed")
     e.add_argument("--seed", type=int, help="draws the prompts and the noise (keep it apart from the training seed)")

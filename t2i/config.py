@@ -1,5 +1,6 @@
-# Run configuration: one frozen dataclass per component, nested into RunConfig; YAML files in
-# configs/ with `key=value` overrides on top; unknown keys are errors that suggest the right one.
+"""Run configuration: one frozen dataclass per component, nested into RunConfig; YAML files in
+configs/ with `key=value` overrides on top; unknown keys are errors that suggest the right one.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ class DataConfig:
     num_workers: int = 0
     # shapes world
     min_objects: int = 1
-    max_objects: int = 2
+    max_objects: int = 2                 # the recipe's (configs/shapes32.yaml); the world holds up to 3
     holdout_pairs: tuple[str, ...] = ()      # "colour shape" never shown together in training
     holdout_positions: tuple[str, ...] = ()  # "shape@position" never shown together in training
     position_prob: float = 0.5               # share of captions that state positions or a relation
@@ -59,13 +60,21 @@ class TextConfig:
         return self.pretrained is None if self.train is None else self.train
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # the noise schedules diffusers offers
+
+
 @dataclass(frozen=True)
 class NoiseConfig:
     prediction_type: str = "epsilon"     # "epsilon" or "v_prediction"; the noise scheduler carries it from here
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
     min_snr_gamma: float | None = 5.0    # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
+    snr_shift: float = 1.0               # SNR(t) / snr_shift**2 (simple diffusion's shift): > 1 moves every step
+                                         # toward noise; exported as the scheduler's trained_betas
     timestep_bias: float = 1.0           # t = T * u**(1/bias), u ~ U(0, 1): 1 uniform, > 1 favours high noise (layout)
+    uniform_share: float = 0.0           # mixture: this share of timesteps uniform, the rest biased
+    bias_steps: int | None = None        # curriculum: the bias holds for this many training steps, then eases to
+    bias_ramp: int = 0                   # uniform over bias_ramp steps; None: biased for the whole run
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ class TrainConfig:
     preview_every: int = 500
     preview_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle in the top left")
     preview_steps: int = 20
+    position_every: int = 500            # shapes world: log the position curve (t2i/probe.py) every N steps; 0: off
     export_dtype: str = "float32"        # "float32" or "float16" for the exported pipeline
     grounding_weight: float = 0.0        # token-grounding loss (TokenCompose-style): object words' maps -> masks
     init_from: str | None = None         # start from a pipeline folder's UNet, tokenizer and text encoder
@@ -131,6 +141,7 @@ class RunConfig:
             (self.train.log_every > 0, "train.log_every must be > 0"),
             (self.train.checkpoint_every > 0, "train.checkpoint_every must be > 0 (=train.max_steps: at the end only)"),
             (self.train.preview_every >= 0, "train.preview_every must be >= 0 (0 turns previews off)"),
+            (self.train.position_every >= 0, "train.position_every must be >= 0 (0 turns the position curve off)"),
             (not self.train.preview_every or self.train.preview_prompts,
              "train.preview_prompts is empty; give prompts or set train.preview_every=0"),
             (self.train.lr > 0, "train.lr must be > 0"),
@@ -143,6 +154,12 @@ class RunConfig:
              "initialisation, so the UNet learns from noise-like text states: drop text.train (it then trains), set "
              "text.pretrained=PATH to a CLIP, or set text.allow_random_frozen=true if that is the experiment"),
             (self.noise.timestep_bias > 0, "noise.timestep_bias must be > 0 (1 is uniform)"),
+            (0 <= self.noise.uniform_share <= 1, "noise.uniform_share must be in [0, 1] (0: every timestep biased)"),
+            (self.noise.bias_steps is None or self.noise.bias_steps >= 0,
+             "noise.bias_steps must be >= 0 (or null: biased for the whole run)"),
+            (self.noise.bias_ramp >= 0, "noise.bias_ramp must be >= 0"),
+            (math.isfinite(self.noise.snr_shift) and self.noise.snr_shift > 0,
+             "noise.snr_shift must be a finite number > 0 (1: the beta schedule as it is)"),
             (0 <= self.data.position_prob <= 1, "data.position_prob must be in [0, 1]"),
             (self.train.grounding_weight >= 0, "train.grounding_weight must be >= 0 (0 turns it off)"),
             (not _infinite(self), f"{' and '.join(_infinite(self))} must be a finite number"),
@@ -159,9 +176,6 @@ class RunConfig:
         return self
 
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # the noise schedules diffusers' DDPM offers
-
-
 def _infinite(config: RunConfig) -> list[str]:
     """The keys of `config` whose number is inf or nan (YAML reads `.inf` and `.nan`)."""
     return [k for k, v in flatten(config_to_dict(config)).items() if isinstance(v, float) and not math.isfinite(v)]
@@ -172,6 +186,7 @@ def _infinite(config: RunConfig) -> list[str]:
 RESUMABLE = ("data.num_workers", "train.output_dir", "train.max_steps", "train.lr", "train.grad_clip",
              "train.mixed_precision", "train.channels_last", "train.log_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.preview_every", "train.preview_prompts", "train.preview_steps",
+             "train.position_every",
              "train.export_dtype", "train.report_to", "train.gradient_checkpointing")
 
 

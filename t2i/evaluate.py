@@ -1,60 +1,35 @@
-# `t2i evaluate`: prompt fidelity and heatmap localisation of a model on the shapes world, on prompts
-# seen in training against held-out ones (colour-shape pairs and shape-positions never shown together),
-# beside baselines scored with the same code: the training images (the segmenter's ceiling), noise and
-# another prompt's scene (chance), uniform and centre-prior maps, and DAAM's published noun mIoU.
+"""`t2i evaluate`: prompt fidelity and heatmap localisation of a model on the shapes world, on prompts
+seen in training against held-out ones (colour-shape pairs and shape-positions never shown together),
+beside baselines scored with the same code: the training images (the segmenter's ceiling), noise and
+another prompt's scene (chance), uniform and centre-prior maps, and DAAM's published noun mIoU.
+"""
 from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .data.paraphrase import paraphrase
 from .data.shapes import ShapesConfig, ShapeScene, render_scene, shapes_world
-from .metrics import (FIDELITY, FIDELITY_HELP, GENEVAL, GENEVAL_HELP, TAUS, Tally, calibrate_tau, centre_prior_map, iou_curve,
-                      normalise_map, pointing, score_fidelity, to_uint8, uniform_map)
+from .faithfulness import faithfulness_table, sample_effects, score_faithfulness
+from .metrics import (DAAM_TAU, FIDELITY, FIDELITY_HELP, GENEVAL, GENEVAL_HELP, TAUS, Tally, calibrate_tau,
+                      centre_prior_map, iou_curve, pointing, score_fidelity, to_uint8, uniform_map)
+from .scoring import (WORD_CLASSES, EvalConfig, MapSet, found_words, image_seed, object_words,  # noqa: F401
+                      pct, sample_scenes, table, word_map)
 from .segment import match_objects, segment
 
 SPLITS = {"seen": "train", "held-out": "holdout"}  # report name -> ShapesConfig.split
 PARAPHRASE = "paraphrase"  # seen-split scenes (another seed) re-worded as the training templates never do
 BENCHMARK_POSITION_PROB = 0.5  # prompts state positions as often for every model, whatever its training used
-WORD_CLASSES = ("noun", "colour")
 IMAGE_SOURCES = ("model", "training images", "noise", "another prompt's scene")
 MAP_SOURCES = ("ours", "uniform", "centre prior")
 # The hold-out of configs/shapes32.yaml, assumed for a model folder without train_config.yaml.
 ASSUMED_HOLDOUT = {"holdout_pairs": ("green triangle", "purple circle"), "holdout_positions": ("square@bottom right",)}
 DAAM_NOUN_MIOU = (58.8, 64.8)  # Tang et al. 2023, noun segmentation on COCO-Gen and Unreal-Gen
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What `evaluate` generates. The defaults run in a few minutes on a 2-core CPU with the 32 px model."""
-
-    num_prompts: int = 48            # per split (seen, held-out)
-    images_per_prompt: int = 4       # K samples per prompt, each with its own seed
-    steps: int = 20
-    guidance: float = 3.0
-    scheduler: str | None = None     # t2i.pipeline.SCHEDULERS name; None: the model's own
-    seed: int = 12345                # draws the prompts and the sampling noise; not the training seed
-    calibration_prompts: int = 32    # one image each, to choose tau; 0: DAAM's tau = 0.4
-    batch_size: int = 64             # images per pipeline call
-    effect_prompts: int = 16         # per split: one image each, its object words silenced in turn; 0: none
-
-    def __post_init__(self):
-        from .pipeline import SCHEDULERS
-        for name in ("num_prompts", "images_per_prompt", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.calibration_prompts < 0 or self.seed < 0 or self.effect_prompts < 0:
-            raise ValueError("EvalConfig.calibration_prompts, effect_prompts and seed must be >= 0")
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass
@@ -116,72 +91,8 @@ def paraphrase_scenes(world: ShapesConfig, num: int, seed: int) -> list[ShapeSce
     return [paraphrase(s, rng) for s in prompt_scenes(world, "train", num, seed + 2)]
 
 
-def object_words(scene: ShapeScene) -> list[dict[str, str]]:
-    """For each of scene.objects, the labels of its words in the caption: {"noun": "circle" or "circle#2"
-    (a repeated noun, counted in caption order), "colour": "red"} (colours are unique within a scene)."""
-    words = scene.caption.split()
-    order = sorted(range(len(scene.objects)), key=lambda k: words.index(scene.objects[k].colour))
-    labels: list[dict[str, str]] = [{} for _ in scene.objects]
-    seen: dict[str, int] = {}
-    for k in order:
-        shape = scene.objects[k].shape
-        seen[shape] = seen.get(shape, 0) + 1
-        labels[k] = {"noun": shape if seen[shape] == 1 else f"{shape}#{seen[shape]}", "colour": scene.objects[k].colour}
-    return labels
-
-
-def word_map(heatmaps, image_index: int, word: str) -> np.ndarray | None:
-    """The word's raw attention map (H, W) for image `image_index`, upsampled to the image size; None when
-    the word is not among the image's tokens (cut by the tokenizer's max length). The one place that reads
-    the attention package."""
-    try:
-        maps = heatmaps.word_maps(image_index, [word], normalize=None, size="image")
-    except ValueError:
-        return None
-    return next(iter(maps.values())).float().cpu().numpy()
-
-
-def image_seed(seed: int, split: int, prompt: int, sample: int) -> int:
-    """The noise seed of one image: fixed by (seed, split, prompt, sample), whatever the batching."""
-    return int(np.random.SeedSequence([seed, split, prompt, sample]).generate_state(1)[0])
-
-
 # ----------------------------------------------------------------------------------------------
 # Sampling and scoring one prompt set.
-
-
-@dataclass
-class MapSet:
-    """Normalised word maps of found objects with their detected masks, per word class, and the skips."""
-
-    maps: dict = field(default_factory=lambda: {c: [] for c in WORD_CLASSES})
-    masks: dict = field(default_factory=lambda: {c: [] for c in WORD_CLASSES})
-    not_found: dict = field(default_factory=lambda: {c: 0 for c in WORD_CLASSES})
-    no_token: dict = field(default_factory=lambda: {c: 0 for c in WORD_CLASSES})
-
-    def arrays(self, word_class: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H, W) float maps and bool masks."""
-        maps, masks = self.maps[word_class], self.masks[word_class]
-        if not maps:
-            return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), bool)
-        return np.stack(maps), np.stack(masks)
-
-
-def found_words(scene: ShapeScene, pairs: list, heatmaps, row: int,
-                skipped: MapSet) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
-    """(word class, word, normalised attention map, detected mask) for each word of each object of `scene`
-    found in image `row` (`pairs`: segment.match_objects); the words of objects not found, and words the
-    tokenizer cut off, are counted in `skipped.not_found` and `skipped.no_token`."""
-    for (_, det), labels in zip(pairs, object_words(scene)):
-        for word_class, word in labels.items():
-            if det is None:
-                skipped.not_found[word_class] += 1
-                continue
-            raw = word_map(heatmaps, row, word)
-            if raw is None:
-                skipped.no_token[word_class] += 1
-                continue
-            yield word_class, word, normalise_map(raw), det.mask
 
 
 def sample_and_score(pipe, scenes: list[ShapeScene], config: EvalConfig, split_id: int, images_per_prompt: int,
@@ -195,11 +106,7 @@ def sample_and_score(pipe, scenes: list[ShapeScene], config: EvalConfig, split_i
         batch = jobs[start:start + config.batch_size]
         # 1. sample, recording cross-attention (words cut by the tokenizer are counted as no_token, not warned)
         seeds = [image_seed(config.seed, split_id, p, k) for p, k in batch]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"prompt .* tokens", category=UserWarning)
-            out = pipe([scenes[p].caption for p, _ in batch], num_inference_steps=config.steps,
-                       guidance_scale=config.guidance, height=size, width=size, output_type="np",
-                       record_attention=True, generator=[torch.Generator().manual_seed(s) for s in seeds])
+        out = sample_scenes(pipe, [scenes[p].caption for p, _ in batch], seeds, config, size)
         # 2. segment each image; score it; keep the maps of the objects found
         for row, (p, _) in enumerate(batch):
             scene = scenes[p]
@@ -269,30 +176,23 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
     calibration = prompt_scenes(world, "train", config.calibration_prompts, config.seed + 1)
     size = world.size
 
-    # 2. sample with the requested scheduler, restoring the model's afterwards
-    from .pipeline import make_scheduler, scheduler_name
-    original = pipe.scheduler
-    if config.scheduler is not None:
-        pipe.scheduler = make_scheduler(config.scheduler, original.config)
-    used_scheduler = scheduler_name(pipe.scheduler)
-    from .faithfulness import sample_effects, score_faithfulness  # it builds on this module's helpers
+    # 2. sample with the requested scheduler (each pipeline call builds it; the model's own is untouched)
+    from .pipeline import scheduler_name
+    used_scheduler = config.scheduler or scheduler_name(pipe.scheduler)
     total = len(calibration) + sum(len(s) for s in splits.values()) * config.images_per_prompt
     total += sum(min(len(s), config.effect_prompts) for s in splits.values())  # a scene with its variants counts one
     results, effects = {}, {}
-    try:
-        with tqdm(total=total, desc="evaluate", unit="img", disable=not progress) as bar:
-            cal_maps = MapSet()
-            if calibration:
-                bar.set_postfix_str("calibration")
-                _, cal_maps, _ = sample_and_score(pipe, calibration, config, 0, 1, bar)
-            for split_id, (name, scenes) in enumerate(splits.items(), start=1):
-                bar.set_postfix_str(name)
-                results[name] = sample_and_score(pipe, scenes, config, split_id, config.images_per_prompt, bar)
-                if config.effect_prompts:
-                    bar.set_postfix_str(f"{name}: word effects")
-                    effects[name] = sample_effects(pipe, scenes[:config.effect_prompts], config, split_id, bar)
-    finally:
-        pipe.scheduler = original
+    with tqdm(total=total, desc="evaluate", unit="img", disable=not progress) as bar:
+        cal_maps = MapSet()
+        if calibration:
+            bar.set_postfix_str("calibration")
+            _, cal_maps, _ = sample_and_score(pipe, calibration, config, 0, 1, bar)
+        for split_id, (name, scenes) in enumerate(splits.items(), start=1):
+            bar.set_postfix_str(name)
+            results[name] = sample_and_score(pipe, scenes, config, split_id, config.images_per_prompt, bar)
+            if config.effect_prompts:
+                bar.set_postfix_str(f"{name}: word effects")
+                effects[name] = sample_effects(pipe, scenes[:config.effect_prompts], config, split_id, bar)
     sampled = time.perf_counter() - t0
 
     # 3. tau per map source on the calibration maps (nouns and colour words together)
@@ -335,17 +235,6 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
 # The printed report.
 
 
-def pct(rate: float | None) -> str:
-    """A rate in [0, 1] as a percentage with one decimal, "–" for None (the report tables' cells)."""
-    return "–" if rate is None else f"{100 * rate:.1f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
-
-
 def format_report(report: EvalReport) -> str:
     """The report as markdown tables: prompt fidelity, then heatmap localisation, with footnotes."""
     c, w = report.config, report.world
@@ -363,14 +252,14 @@ def format_report(report: EvalReport) -> str:
         known = [r for r in rates if r is not None]
         rows.append([split, str(sources["model"]["images"])] + [pct(r) for r in rates]
                     + [pct(sum(known) / len(known) if known else None)])
-    out += _table(["split", "n"] + list(GENEVAL) + ["overall"], rows)
+    out += table(["split", "n"] + list(GENEVAL) + ["overall"], rows)
     out += [""] + [f"- {m}: {GENEVAL_HELP[m]}" for m in GENEVAL]
     out += ["", "## Prompt fidelity (% of trials, judged by the segmenter)"]
     labels = {"model": "model", "training images": "training images (ceiling)", "noise": "uniform noise (chance)",
               "another prompt's scene": "another prompt's scene (chance)"}
     rows = [[split, labels[src], str(r["images"])] + [pct(r[m]["rate"]) for m in FIDELITY]
             for split, sources in report.fidelity.items() for src, r in sources.items()]
-    out += _table(["split", "images", "n"] + list(FIDELITY), rows)
+    out += table(["split", "images", "n"] + list(FIDELITY), rows)
     out += [""] + [f"- {m}: {FIDELITY_HELP[m]}" for m in FIDELITY]
 
     out += ["", f"## Heatmap localisation (maps of the model's images vs. the segmented object; tau calibrated on "
@@ -382,20 +271,19 @@ def format_report(report: EvalReport) -> str:
                 tau = "any" if src == "uniform" else f"{report.tau[src]:.1f}"
                 rows.append([split, "noun" if word_class == "noun" else "colour adj.", str(e["scored"]),
                              str(e["not_found"]), src, tau, pct(e[src]["miou"]), pct(e[src]["pointing"])])
-    rows.append(["(published)", "noun", "–", "–", "DAAM, Stable Diffusion †", "0.4",
+    rows.append(["(published)", "noun", "–", "–", "DAAM, Stable Diffusion †", f"{DAAM_TAU:g}",
                  f"{DAAM_NOUN_MIOU[0]}–{DAAM_NOUN_MIOU[1]}", "–"])
-    out += _table(["split", "word", "scored", "not found", "map", "tau", "mIoU", "pointing"], rows)
+    out += table(["split", "word", "scored", "not found", "map", "tau", "mIoU", "pointing"], rows)
     out += ["", "Words of objects the segmenter did not find are not scored (\"not found\"). Pointing: the map's "
                 "maximum lies inside the object's mask (ties: the share inside).",
             "† Tang et al. 2023 (What the DAAM), noun mIoU on COCO-Gen and Unreal-Gen: Stable Diffusion's 512 px "
-            "images of natural scenes with human-annotated masks, tau = 0.4. Here: synthetic flat-colour shapes at "
-            f"{w['size']} px, our own tiny model, masks from the learning-free segmenter, tau calibrated per map; "
+            f"images of natural scenes with human-annotated masks, tau = {DAAM_TAU:g}. Here: synthetic flat-colour "
+            f"shapes at {w['size']} px, our own tiny model, masks from the learning-free segmenter, tau calibrated per map; "
             "a reference point, not a like-for-like comparison."]
     if report.faithfulness:
-        from .faithfulness import faithfulness_table
         out += ["", f"## Faithfulness: attention against what the word does ({c.effect_prompts} prompts per split, "
                     "each object word silenced in turn, same seed)"]
-        out += faithfulness_table(report.faithfulness, _table, pct)
+        out += faithfulness_table(report.faithfulness)
         out += ["", "Effect of silencing: the per-pixel change of the image when the word's attention is set to 0 "
                     "(prompt-to-prompt reweighting, conditional branch). Pointing: the map's maximum lies inside "
                     "the object's mask; share in mask: the share of the map's mass inside it (for the effect map: "

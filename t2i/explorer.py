@@ -1,20 +1,19 @@
-# The word explorer behind `t2i serve`, as plain functions of plain values: check a request against the
-# limits, generate images with everything the page shows (cross-attention per resolution and per step, the
-# predicted clean image x0 at each step), and draw from what was kept: a word's overlay, the all-words
-# grid, a step, and a word's effect when its weight changes (regenerated from the same seed).
-# serve.py lays these out in a Gradio page; tests call them directly.
+"""The word explorer behind `t2i serve`, as plain functions of plain values: check a request against the
+limits, generate images with everything the page shows (cross-attention per resolution and per step, the
+predicted clean image x0 at each step), and draw from what was kept: a word's overlay, the all-words
+grid, a step, and a word's effect when its weight changes (regenerated from the same seed).
+serve.py lays these out in a Gradio page; tests call them directly.
+"""
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -22,9 +21,10 @@ from PIL import Image
 from .attention import AttentionRecorder, Heatmaps
 from .attention.effects import effect_map
 from .attention.overlay import effect_heat, grid_image, overlay, upscale
+from .pipeline import check_pipeline_folder, load_pipeline, scheduler_name
 from .sampling import png_metadata, slug
-from .pipeline import (SCHEDULERS, check_pipeline_folder, downsample_factor, load_pipeline, make_scheduler,
-                       max_inference_steps, scheduler_name)
+from .settings import (QUICK, SERVER_LIMITS, SamplingLimits, SamplingSettings, check_word_weight,
+                       generators, is_whole)
 
 ALL = "all"                    # the resolution filter that keeps every recorded grid
 MODEL_DEFAULT = "default"      # the scheduler choice that keeps the model's own
@@ -32,20 +32,26 @@ SHIPPED = "shipped model"      # the model choice of the model inside the packag
 DISPLAY = 256                  # px of the longer side of every image the page shows
 FUNCTION_WORDS = {"a", "an", "the", "of", "in", "on", "at", "to", "and", "with", "above", "below", "left", "right",
                   "top", "bottom", "next", "is", "there"}  # never the word the page shows first
+REQUEST_NAMES = {"num_images": "images", "height": "size", "width": "size", "seed": "the seed"}  # in messages
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for, so that one visitor cannot stall the server."""
 
-    max_steps: int = 50
-    max_images: int = 4          # images per Generate
-    max_side: int = 128          # px, height and width
+    max_steps: int = SERVER_LIMITS.max_steps
+    max_images: int = SERVER_LIMITS.max_images   # images per Generate
+    max_side: int = SERVER_LIMITS.max_side       # px, height and width
     max_prompt_chars: int = 300
     concurrency: int = 1         # requests that sample at once (the others wait in the queue)
     max_queue: int = 64          # requests waiting; more are turned away with a message
     kept_results: int = 256      # result folders (downloads) kept on disk; the oldest go first
     sessions: int = 64           # pages whose last result is kept in memory; the oldest are dropped
+
+    @property
+    def sampling(self) -> SamplingLimits:
+        """The bounds of one request's sampling settings (guidance and word weights: the server's)."""
+        return replace(SERVER_LIMITS, max_steps=self.max_steps, max_images=self.max_images, max_side=self.max_side)
 
 
 @dataclass(frozen=True)
@@ -54,13 +60,20 @@ class Request:
 
     prompt: str
     negative: str = ""
-    seed: int = 0
-    steps: int = 20
-    guidance: float = 3.0
+    seed: int = QUICK.seed
+    steps: int = QUICK.steps
+    guidance: float = QUICK.guidance
     scheduler: str = MODEL_DEFAULT
     model: str | None = None     # one of the server's models; None: the first
     size: int | None = None      # square side in px; None: the model's sample size
-    num_images: int = 1
+    num_images: int = QUICK.num_images
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        """The request's sampling settings (a square image; image i from seed + i)."""
+        return SamplingSettings(steps=self.steps, guidance=self.guidance, negative=self.negative or None,
+                                scheduler=None if self.scheduler == MODEL_DEFAULT else self.scheduler,
+                                height=self.size, width=self.size, num_images=self.num_images, seed=self.seed)
 
 
 @dataclass
@@ -139,22 +152,10 @@ class Explorer:
                 raise ValueError(f"the {name} has {len(text)} characters; at most {lim.max_prompt_chars}")
         model = r.model or self.default_model
         pipe = self.pipeline(model)
-        scheduler = pipe.scheduler if r.scheduler == MODEL_DEFAULT else _scheduler(r.scheduler, pipe)
-        most = min(lim.max_steps, max_inference_steps(scheduler))
-        if not _whole(r.steps) or not 1 <= r.steps <= most:
-            raise ValueError(f"steps must be a whole number from 1 to {most}, got {r.steps}")
-        if not _whole(r.num_images) or not 1 <= r.num_images <= lim.max_images:
-            raise ValueError(f"images must be a whole number from 1 to {lim.max_images}, got {r.num_images}")
-        if not _whole(r.seed) or not 0 <= r.seed < 2**63 - lim.max_images:
-            raise ValueError(f"the seed must be a whole number from 0 to 2^63, got {r.seed}")
-        if r.guidance is None or not math.isfinite(r.guidance) or not 1 <= r.guidance <= 30:
-            raise ValueError(f"guidance must be a number from 1 (none) to 30, got {r.guidance}")
         size = pipe.unet.config.sample_size if r.size is None else r.size
-        f = downsample_factor(pipe.unet)
-        if not _whole(size) or not f <= size <= lim.max_side or size % f:
-            raise ValueError(f"size must be a multiple of {f} from {f} to {lim.max_side} px, got {size}")
-        return replace(r, prompt=r.prompt.strip(), negative=(r.negative or "").strip(), size=int(size), model=model,
-                       steps=int(r.steps), num_images=int(r.num_images), seed=int(r.seed), guidance=float(r.guidance))
+        s = replace(r, size=size).sampling.check(lim.sampling, pipe, names=REQUEST_NAMES)
+        return replace(r, prompt=r.prompt.strip(), negative=(r.negative or "").strip(), size=s.height, model=model,
+                       steps=s.steps, num_images=s.num_images, seed=s.seed, guidance=s.guidance)
 
     # -- 2. generating ---------------------------------------------------------------------------
     def generate(self, request: Request, progress: Callable[[int, int], None] | None = None) -> Result:
@@ -164,13 +165,12 @@ class Explorer:
         pipe = self.pipeline(r.model)
         t0 = time.perf_counter()
         recorder = AttentionRecorder(timeline=True)
-        with self._lock, _using_scheduler(pipe, r.scheduler):
-            out = pipe(r.prompt, negative_prompt=r.negative or None, num_inference_steps=r.steps,
-                       guidance_scale=r.guidance, height=r.size, width=r.size, num_images_per_prompt=r.num_images,
-                       generator=[torch.Generator().manual_seed(r.seed + i) for i in range(r.num_images)],
+        settings = r.sampling
+        with self._lock:
+            out = pipe(r.prompt, **settings.pipeline_kwargs(), generator=generators(settings.seeds(r.num_images)),
                        record_attention=recorder, previews=True,
                        callback=None if progress is None else lambda i, t, x: progress(i + 1, r.steps))
-            used = scheduler_name(pipe.scheduler)
+        used = settings.scheduler or scheduler_name(pipe.scheduler)
         heatmaps = {ALL: out.attention}
         if len(recorder.grids) > 1:
             heatmaps.update({f"{h}x{w}": recorder.heatmaps(resolutions=[(h, w)]) for h, w in recorder.grids})
@@ -228,7 +228,7 @@ class Explorer:
                   resolution: str = ALL) -> tuple[Image.Image, Image.Image | None]:
         """The predicted clean image x0 after `step` (0-based), and `word`'s map at that step on it."""
         i, steps = _index(result, index), result.previews.shape[0]
-        if not _whole(step) or not 0 <= step < steps:
+        if not is_whole(step) or not 0 <= step < steps:
             raise ValueError(f"step must be from 0 to {steps - 1}, got {step}")
         x0 = Image.fromarray((result.previews[int(step), i].permute(1, 2, 0) * 255).round().byte().numpy())
         if not word:
@@ -257,33 +257,28 @@ class Explorer:
                  ) -> tuple[Image.Image, Image.Image, dict[str, float]]:
         """Set `word`'s weight (0 to 3; the other words keep theirs) and regenerate image `index` from its
         seed: the reweighted image, its effect map drawn on the image, and the weights used."""
-        if weight is None or not math.isfinite(weight) or not 0 <= weight <= 3:
-            raise ValueError(f"a word's weight must be from 0 to 3, got {weight}")
+        weight = check_word_weight(word, weight, self.limits.sampling, name="a word's weight")
         i = _index(result, index)
         if word not in result.words:
             raise ValueError(f"{word!r} is not a word of the prompt; its words are: {', '.join(result.words)}")
-        weights = {w: v for w, v in {**result.weights, word: float(weight)}.items() if v != 1.0}
+        weights = {w: v for w, v in {**result.weights, word: weight}.items() if v != 1.0}
         result.weights = weights
         if not weights:                                   # all at 1: the image itself, no change
             changed = result.images[i]
         else:
-            r, pipe = result.request, self.pipeline(result.request.model)
-            with self._lock, _using_scheduler(pipe, r.scheduler):
-                changed = pipe(r.prompt, negative_prompt=r.negative or None, num_inference_steps=r.steps,
-                               guidance_scale=r.guidance, height=r.size, width=r.size, word_weights=weights,
-                               generator=[torch.Generator().manual_seed(r.seed + i)],
+            one = replace(result.request.sampling, num_images=1)
+            pipe = self.pipeline(result.request.model)
+            with self._lock:
+                changed = pipe(result.request.prompt, **one.pipeline_kwargs(), word_weights=weights,
+                               generator=generators(one.seeds(1, first=i)),
                                record_attention=True).images[0]   # recorded as the original was: same arithmetic
             self._write_reweighted(result, changed, i, weights)
         effect = effect_map(result.images[i], changed)
         return upscale(changed, DISPLAY), overlay(result.images[i], effect_heat(effect), size=DISPLAY), weights
 
 
-def _whole(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and float(x) == int(x)
-
-
 def _index(result: Result, index: int) -> int:
-    if not _whole(index) or not 0 <= index < len(result.images):
+    if not is_whole(index) or not 0 <= index < len(result.images):
         raise ValueError(f"image {index} is not one of the {len(result.images)} generated")
     return int(index)
 
@@ -292,21 +287,3 @@ def _heatmaps(result: Result, resolution: str) -> Heatmaps:
     if resolution not in result.heatmaps:
         raise ValueError(f"unknown resolution {resolution!r}; choose one of {', '.join(result.heatmaps)}")
     return result.heatmaps[resolution]
-
-
-def _scheduler(name: str, pipe):
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {MODEL_DEFAULT}, {', '.join(SCHEDULERS)}")
-    return make_scheduler(name, pipe.scheduler.config)
-
-
-@contextmanager
-def _using_scheduler(pipe, name: str) -> Iterator[None]:
-    """Within the block, `pipe` samples with the named scheduler (MODEL_DEFAULT: its own); restored after."""
-    original = pipe.scheduler
-    if name != MODEL_DEFAULT:
-        pipe.scheduler = _scheduler(name, pipe)
-    try:
-        yield
-    finally:
-        pipe.scheduler = original

@@ -1,21 +1,20 @@
-# Faithfulness of heatmaps for `t2i evaluate`: does a word's attention map show what the word does? Each
-# object word of a prompt is silenced in turn (prompt-to-prompt reweighting to 0, same seed and settings)
-# and its effect map, the per-pixel change of the image, is set against the object's mask (pointing,
-# Zhang et al. 2018, and the share of the change inside the mask) and against the word's attention map
-# (Pearson correlation over pixels), beside uniform and centre-prior maps scored with the same code.
+"""Faithfulness of heatmaps for `t2i evaluate`: does a word's attention map show what the word does? Each
+object word of a prompt is silenced in turn (prompt-to-prompt reweighting to 0, same seed and settings)
+and its effect map, the per-pixel change of the image, is set against the object's mask (pointing,
+Zhang et al. 2018, and the share of the change inside the mask) and against the word's attention map
+(Pearson correlation over pixels), beside uniform and centre-prior maps scored with the same code.
+"""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .attention.effects import effect_map
 from .attention.heatmaps import has_word
 from .data.shapes import ShapeScene
-from .evaluate import WORD_CLASSES, EvalConfig, MapSet, found_words, image_seed, object_words
 from .metrics import centre_prior_map, correlation, mass_share, pointing, to_uint8, uniform_map
+from .scoring import WORD_CLASSES, EvalConfig, MapSet, found_words, image_seed, object_words, pct, sample_scenes, table
 from .segment import match_objects, segment
 
 FAITH_SOURCES = ("effect", "attention", "uniform", "centre prior")
@@ -66,12 +65,7 @@ def _score_batch(pipe, scenes: list[ShapeScene], batch: list[tuple[int, list[str
         prompts += [scenes[p].caption] * len(variants)
         weights += variants
         seeds += [image_seed(config.seed, split_id, p, 0)] * len(variants)
-    size = scenes[0].image.shape[0]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"prompt .* tokens", category=UserWarning)
-        out = pipe(prompts, num_inference_steps=config.steps, guidance_scale=config.guidance, height=size,
-                   width=size, output_type="np", record_attention=True, word_weights=weights,
-                   generator=[torch.Generator().manual_seed(s) for s in seeds])
+    out = sample_scenes(pipe, prompts, seeds, config, scenes[0].image.shape[0], word_weights=weights)
     base = 0
     for p, words in batch:
         scene, image = scenes[p], out.images[base]
@@ -106,7 +100,7 @@ def score_faithfulness(found: EffectSet, size: int) -> dict:
     return result
 
 
-def faithfulness_table(faithfulness: dict, table, pct) -> list[str]:
+def faithfulness_table(faithfulness: dict) -> list[str]:
     """The report's section: one row per split, word class and map source."""
     rows = []
     for split, classes in faithfulness.items():

@@ -1,7 +1,8 @@
-# Token grounding during training, in the spirit of TokenCompose (Wang et al. CVPR 2024, eq. 3, L_token):
-# each object word's cross-attention map, normalised over pixels, should put its mass inside the object's
-# mask: L = mean over words and layers of (1 - sum_{p in mask} A_p / sum_p A_p)^2. A model trained with it
-# localises partly by construction; the model card and docs/results.md say which kind a model is.
+"""Token grounding during training, in the spirit of TokenCompose (Wang et al. CVPR 2024, eq. 3, L_token):
+each object word's cross-attention map, normalised over pixels, should put its mass inside the object's
+mask: L = mean over words and layers of (1 - sum_{p in mask} A_p / sum_p A_p)^2. A model trained with it
+localises partly by construction; the model card and docs/results.md say which kind a model is.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager

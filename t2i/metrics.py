@@ -1,8 +1,9 @@
-# Metrics for the shapes world, pure functions of arrays: prompt fidelity of an image judged by the
-# segmenter, how well a word's heatmap localises its object (IoU of the thresholded map, as in DAAM,
-# Tang et al. 2023, and pointing accuracy, Zhang et al. 2018 "Top-down neural attention by excitation backprop"),
-# and how faithful a heatmap is to what its word does (the word's effect map: where the image changes when
-# the word is silenced).
+"""Metrics for the shapes world, pure functions of arrays: prompt fidelity of an image judged by the
+segmenter, how well a word's heatmap localises its object (IoU of the thresholded map, as in DAAM,
+Tang et al. 2023, and pointing accuracy, Zhang et al. 2018 "Top-down neural attention by excitation backprop"),
+and how faithful a heatmap is to what its word does (the word's effect map: where the image changes when
+the word is silenced).
+"""
 from __future__ import annotations
 
 from collections import Counter
@@ -143,7 +144,7 @@ def _same_relation(a: ShapeObject, b: ShapeObject, da: DetectedObject, db: Detec
 # 2. Heatmap localisation: a word's map against its object's mask.
 
 
-def normalise_map(heatmap: np.ndarray) -> np.ndarray:
+def scale_to_peak(heatmap: np.ndarray) -> np.ndarray:
     """A float32 (H, W) map divided by its maximum, so it lies in [0, 1] (negatives clipped to 0).
     A map with no positive value carries no location and becomes uniform (all ones)."""
     m = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, None)
@@ -179,7 +180,7 @@ def pointing(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def calibrate_tau(maps: np.ndarray, masks: np.ndarray, taus: Sequence[float] = TAUS) -> tuple[float, np.ndarray]:
     """The tau in `taus` with the highest mean IoU over the (N, H, W) maps and masks (DAAM's choice of
-    tau, made on a calibration split), and the mean IoU at every tau. With N = 0: DAAM's 0.4 and NaNs."""
+    tau, made on a calibration split), and the mean IoU at every tau. With N = 0: DAAM_TAU and NaNs."""
     if len(taus) == 0:
         raise ValueError("calibrate_tau needs at least one threshold")
     if len(maps) == 0:

@@ -1,5 +1,6 @@
-# The text-to-image pipeline: prompt -> CLIP states -> guided denoising with any diffusers
-# scheduler -> images. Classifier-free guidance (Ho & Salimans 2022) by batching [uncond, cond].
+"""The text-to-image pipeline: prompt -> CLIP states -> guided denoising with any diffusers
+scheduler -> images. Classifier-free guidance (Ho & Salimans 2022) by batching [uncond, cond].
+"""
 from __future__ import annotations
 
 import inspect
@@ -13,9 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       UniPCMultistepScheduler)
+import diffusers
+from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 from safetensors import SafetensorError
@@ -23,23 +23,15 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .checkpoint import safetensors_damage
 from .diffusion import alpha_bar_at, predict_x0
-from .text import PromptEncoding, encode_prompts, token_strings, tokenize
+from .layout import BatchLayout
+from .settings import DEFAULTS, SCHEDULERS, downsample_factor, max_inference_steps
+from .text import PromptEncoding, PromptTruncated, encode_prompts, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
 
 if TYPE_CHECKING:
     from .attention import AttentionRecorder
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
-SCHEDULERS: dict[str, tuple[type, dict]] = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    # pixel space: thresholding at sample_max_value=1 clips the x0 estimate to [-1, 1]
-    "dpm": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "thresholding": True}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 # DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) finds T2IPipeline through this
 # file, named with the class in model_index.json's `_class_name` (diffusers' custom-pipeline convention)
@@ -52,20 +44,13 @@ def make_scheduler(name: str, config: dict):
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls, extra = SCHEDULERS[name]
-    return cls.from_config(config, **extra)
-
-
-def max_inference_steps(scheduler) -> int:
-    """The most sampling steps `scheduler` runs soundly: fewer than its training timesteps (at that
-    many, DPM-Solver++ and UniPC repeat a timestep and return NaN; beyond, DDPM and DDIM refuse and
-    DPM-Solver++ fails with an IndexError)."""
-    return scheduler.config.num_train_timesteps - 1
+    return getattr(diffusers, cls).from_config(config, **extra)
 
 
 def scheduler_name(scheduler) -> str:
     """The short name of a scheduler instance (the inverse of make_scheduler), else its class name."""
     for name, (cls, extra) in SCHEDULERS.items():
-        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in extra.items()):
+        if type(scheduler) is getattr(diffusers, cls) and all(scheduler.config.get(k) == v for k, v in extra.items()):
             return name
     return type(scheduler).__name__
 
@@ -75,42 +60,6 @@ class T2IPipelineOutput(BaseOutput):
     images: list[Image.Image] | np.ndarray | torch.Tensor
     attention: Any = None  # the recorder's Heatmaps when record_attention is set
     previews: torch.Tensor | None = None  # (steps, images, 3, H, W) in [0, 1]: the predicted x0 at each step
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """The rows of the UNet's batch while sampling: [uncond x B*n, cond x B*n] when guided, else
-    [cond x B*n], each text's n images in a row. The pipeline makes it; the attention recorder reads it."""
-
-    encoding: PromptEncoding              # the encoded texts: [uncond (B), cond (B)] when guided, else [cond (B)]
-    image_size: tuple[int, int]           # (H, W) the UNet samples at
-    images_per_prompt: int = 1            # n
-    guided: bool = False
-    num_inference_steps: int | None = None
-
-    def __post_init__(self):
-        if self.guided and len(self.encoding.tokens) % 2:
-            raise ValueError(f"a guided batch needs [uncond, cond] texts, got an odd number ({len(self.encoding.tokens)})")
-
-    @property
-    def num_prompts(self) -> int:
-        """B, the number of prompts."""
-        return len(self.encoding.tokens) // (2 if self.guided else 1)
-
-    @property
-    def rows(self) -> int:
-        """Rows of the UNet's batch: B * n, twice that when guided."""
-        return len(self.encoding.tokens) * self.images_per_prompt
-
-    def texts(self, branch: str = "cond") -> range:
-        """Indices into `encoding` of the branch's texts: 'cond' (the prompts) or 'uncond' (guided only)."""
-        first = self.num_prompts if self.guided and branch == "cond" else 0
-        return range(first, first + self.num_prompts)
-
-    def branch_rows(self, branch: str = "cond") -> slice:
-        """The UNet batch rows of a branch."""
-        texts, n = self.texts(branch), self.images_per_prompt
-        return slice(texts.start * n, texts.stop * n)
 
 
 class T2IPipeline(DiffusionPipeline):
@@ -171,7 +120,8 @@ class T2IPipeline(DiffusionPipeline):
             weights.chmod(mode)
 
     # -- the steps of __call__ -------------------------------------------------------------------
-    def check_inputs(self, prompt, height, width, guidance_scale, num_images_per_prompt, num_inference_steps):
+    def check_inputs(self, prompt, height, width, guidance_scale, num_images_per_prompt, num_inference_steps,
+                     scheduler=None):
         if not prompt:
             raise ValueError("the prompt list is empty: pass at least one prompt")
         if not all(isinstance(p, str) for p in prompt):
@@ -182,9 +132,10 @@ class T2IPipeline(DiffusionPipeline):
                              f"got {height}x{width}; try {max(f, round(height / f) * f)}x{max(f, round(width / f) * f)}")
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
-        most = max_inference_steps(self.scheduler)
+        scheduler = scheduler or self.scheduler
+        most = max_inference_steps(scheduler)
         if not 1 <= num_inference_steps <= most:
-            raise ValueError(f"num_inference_steps must be between 1 and {most} for {type(self.scheduler).__name__} "
+            raise ValueError(f"num_inference_steps must be between 1 and {most} for {type(scheduler).__name__} "
                              f"(fewer than its training timesteps), got {num_inference_steps}")
         if guidance_scale > 1.0 and self.config.caption_dropout == 0:
             warnings.warn("this model was trained without caption dropout, so it has no unconditional "
@@ -220,9 +171,16 @@ class T2IPipeline(DiffusionPipeline):
         tokenizer's max length), without running the text encoder. Too-long prompts warn in `__call__`."""
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"prompt .* tokens", category=UserWarning)
+            warnings.simplefilter("ignore", PromptTruncated)
             batch = tokenize(self.tokenizer, prompt)
         return token_strings(self.tokenizer, batch["input_ids"], batch["attention_mask"])
+
+    def word_labels(self, prompt: str, words: list[str]) -> list[str]:
+        """The label of each word ('circle', 'circle#2') in `prompt` as `__call__` encodes it, or a ValueError
+        before any sampling that names a word not in the prompt, or one the tokenizer's length limit cuts off."""
+        from .attention.heatmaps import check_words
+        uncut = self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"]
+        return check_words(self.prompt_tokens(prompt)[0], words, all_tokens=self.tokenizer.convert_ids_to_tokens(uncut))
 
     def run_step_end(self, callback, names, i, t, latents, prompt_embeds):
         """diffusers' callback_on_step_end: the named tensors in, replacements for any of them out."""
@@ -235,8 +193,8 @@ class T2IPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 3.0,
+        num_inference_steps: int = DEFAULTS.steps,
+        guidance_scale: float = DEFAULTS.guidance,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -254,6 +212,7 @@ class T2IPipeline(DiffusionPipeline):
         negative_prompt_attention_mask: torch.Tensor | None = None,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        scheduler: str | None = None,
     ):
         """Generate images. `callback(i, t, x_t)` runs after each step. Images come back as a list of
         PIL images, a float array (B, H, W, 3) in [0, 1] ('np') or a tensor (B, 3, H, W) in [0, 1] ('pt').
@@ -263,6 +222,8 @@ class T2IPipeline(DiffusionPipeline):
         cross-attention probabilities on the conditional branch at every layer and step (prompt-to-prompt's
         reweighting; 0 silences a word, 2 doubles it; see t2i.attention.effects). `previews`: also return
         the predicted clean image x0 after each step as `.previews` (steps, B, 3, H, W) in [0, 1].
+        `scheduler`: a t2i.settings.SCHEDULERS name to sample with in this call only (a fresh one built
+        from the pipeline's scheduler config; None: the pipeline's own).
 
         As in diffusers: `latents` (B*n, C, H, W) is the initial noise before the scheduler's
         init_noise_sigma; `prompt_embeds` (B, T, width) with `prompt_attention_mask` (B, T) replaces
@@ -286,7 +247,8 @@ class T2IPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         sample_size = self.unet.config.sample_size
         height, width = (sample_size if s is None else s for s in (height, width))
-        self.check_inputs(prompt, height, width, guidance_scale, num_images_per_prompt, num_inference_steps)
+        scheduler = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
+        self.check_inputs(prompt, height, width, guidance_scale, num_images_per_prompt, num_inference_steps, scheduler)
         guided = guidance_scale != 1.0
         device, dtype = self.unet.device, self.unet.dtype
 
@@ -299,20 +261,20 @@ class T2IPipeline(DiffusionPipeline):
         B = len(prompt) * n
 
         # 3. prepare the initial noise
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler.set_timesteps(num_inference_steps, device=device)
         shape = (B, self.unet.config.in_channels, height, width)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} (images, channels, height, width), got {tuple(latents.shape)}")
         x = (randn(shape, generator, device, dtype) if latents is None else latents.to(device, dtype)) \
-            * self.scheduler.init_noise_sigma
+            * scheduler.init_noise_sigma
 
         # 4. denoise, optionally reweighting words' cross-attention and recording it
         recorder = record_attention or None
         if recorder is True:
             from .attention import AttentionRecorder
             recorder = AttentionRecorder()
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        timesteps = self.scheduler.timesteps
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        timesteps = scheduler.timesteps
         autocast = torch.autocast(device.type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
         layout = BatchLayout(enc, (height, width), n, guided, len(timesteps))
         weighting = nullcontext()
@@ -325,7 +287,7 @@ class T2IPipeline(DiffusionPipeline):
             for i, t in enumerate(self.progress_bar(timesteps)):
                 if recorder is not None:
                     recorder.set_step(i)
-                x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+                x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
                 with autocast:
                     pred = self.unet(x_in, t, encoder_hidden_states=ctx, encoder_attention_mask=mask,
                                      return_dict=False)[0].to(x.dtype)
@@ -333,10 +295,10 @@ class T2IPipeline(DiffusionPipeline):
                     uncond, cond = pred.chunk(2)
                     pred = uncond + guidance_scale * (cond - uncond)
                 if x0_previews is not None:
-                    x0 = predict_x0(x_in[:B].float(), pred.float(), alpha_bar_at(self.scheduler, t),
-                                    self.scheduler.config.prediction_type)
+                    x0 = predict_x0(x_in[:B].float(), pred.float(), alpha_bar_at(scheduler, t),
+                                    scheduler.config.prediction_type)
                     x0_previews.append((x0 / 2 + 0.5).clamp(0, 1).cpu())
-                x = self.scheduler.step(pred, t, x, **step_kwargs).prev_sample
+                x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
                 if callback is not None:
                     callback(i, t, x)
                 if callback_on_step_end is not None:
@@ -376,12 +338,6 @@ def given_encoding(embeds: torch.Tensor, mask: torch.Tensor | None) -> PromptEnc
         raise ValueError(f"an attention mask must be (batch, tokens) = {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}")
     mask = mask.long()
     return PromptEncoding(embeds, mask, torch.zeros_like(mask), [["?"] * int(m.sum()) for m in mask])
-
-
-def downsample_factor(unet) -> int:
-    if hasattr(unet, "downsample_factor"):
-        return unet.downsample_factor
-    return 2 ** (len(unet.config.block_out_channels) - 1)  # diffusers UNet2DConditionModel
 
 
 def check_unet(unet) -> None:

@@ -1,57 +1,43 @@
-# What the sampling commands share: options checked, the device, the CPU threads, the pipeline loaded, and the
-# files they write (names from prompts, never replacing a file, PNGs that carry their settings).
+"""What the sampling commands share: options checked, the device, the CPU threads, the pipeline loaded, and the
+files they write (names from prompts, never replacing a file, PNGs that carry their settings).
+"""
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import unicodedata
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
-MAX_SIZE_FACTOR = 8  # --height/--width: at most 8x the model's sample size (pixel space: memory grows with the area)
-BOUNDS = {"upscale": (1, 16), "size": (32, 2048), "steps": (1, None), "height": (1, None), "width": (1, None),
-          "num_images": (1, 1000)}  # option: (least, most); None: no fixed bound
-SEEDS = 2**64  # a torch generator's seed is from 0 to 2**64 - 1
+from .settings import DEFAULTS, SamplingLimits, SamplingSettings
+
+BOUNDS = {"upscale": (1, 16), "size": (32, 2048)}  # the drawings' options: (least, most)
+OPTIONS = {"steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler", "negative": "--negative",
+           "height": "--height", "width": "--width", "num_images": "--num-images", "seed": "--seed"}  # setting: option
+LIMITS = SamplingLimits(max_images=1000)  # the command line may ask for whatever the model can do, in batches
 
 
-def check_options(args) -> None:
+def sampling_settings(args, base: SamplingSettings = DEFAULTS) -> SamplingSettings:
+    """A command's sampling options as settings; the options it lacks or leaves unset come from `base`."""
+    given = {name: getattr(args, flag[2:].replace("-", "_"), None) for name, flag in OPTIONS.items()}
+    return replace(base, **{name: value for name, value in given.items() if value is not None})
+
+
+def check_options(args, base: SamplingSettings = DEFAULTS) -> SamplingSettings:
     """Bad options of a sampling command, one line each, before anything is loaded or sampled."""
     for name, (least, most) in BOUNDS.items():
         value, flag = getattr(args, name, None), "--" + name.replace("_", "-")
         if value is not None and value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
-        if value is not None and most is not None and value > most:
+        if value is not None and value > most:
             raise ValueError(f"{flag} must be at most {most}, got {value}")
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
-    images = len(args.prompt) * args.num_images if getattr(args, "num_images", None) else 1  # generate: per prompt
-    check_seed(getattr(args, "seed", None), images)
-
-
-def check_seed(seed: int | None, images: int = 1) -> None:
-    """--seed: image i of a command uses seed + i, and each must be a torch generator's seed."""
-    if seed is not None and not 0 <= seed <= SEEDS - images:
-        many = f" for {images} images (image i uses seed + i)" if images > 1 else ""
-        raise ValueError(f"--seed must be a whole number from 0 to {SEEDS - images}{many}, got {seed}")
-
-
-def check_against_model(args, pipe) -> None:
-    """Options bounded by the loaded model: steps by its scheduler, image size by its sample size."""
-    from .pipeline import max_inference_steps
-    most = max_inference_steps(pipe.scheduler)
-    if args.steps is not None and args.steps > most:
-        raise ValueError(f"--steps must be at most {most} (fewer than the scheduler's training timesteps), "
-                         f"got {args.steps}")
-    sample_size = pipe.unet.config.sample_size
-    for name in ("height", "width"):
-        value = getattr(args, name, None)
-        if value is not None and value > MAX_SIZE_FACTOR * sample_size:
-            raise ValueError(f"--{name} must be at most {MAX_SIZE_FACTOR * sample_size} ({MAX_SIZE_FACTOR}x the "
-                             f"model's sample size {sample_size}), got {value}")
+    settings = sampling_settings(args, base)
+    prompts = len(args.prompt) if isinstance(getattr(args, "prompt", None), list) else 1  # generate: several
+    return settings.check(LIMITS, names=OPTIONS, images=prompts * settings.num_images)
 
 
 def sampling_device(name: str | None):
@@ -91,24 +77,23 @@ def use_idle_cores() -> None:
     torch.set_num_threads(sampling_threads(torch.get_num_threads(), load))
 
 
-def sampling_pipeline(args, progress: bool = False):
-    """The pipeline of --model on --device with --precision and --scheduler, options checked against it."""
+def sampling_pipeline(args, progress: bool = False, base: SamplingSettings = DEFAULTS):
+    """(the pipeline of --model on --device with --precision, the command's sampling settings checked
+    against it; unset ones from `base`)."""
     import torch
 
-    from .pipeline import load_pipeline, make_scheduler
-    check_options(args)
+    from .pipeline import load_pipeline
+    check_options(args, base)
     device = sampling_device(args.device)
     pipe = load_pipeline(args.model, device)
     if getattr(args, "precision", "fp32") == "bf16":
         pipe.autocast_dtype = torch.bfloat16
-    if getattr(args, "scheduler", None):
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    check_against_model(args, pipe)
+    settings = sampling_settings(args, base).check(LIMITS, pipe, names=OPTIONS)
     if device.type == "cpu":
         use_idle_cores()
     if progress:
         pipe.set_progress_bar_config(desc="sampling", unit="step", leave=False)
-    return pipe
+    return pipe, settings
 
 
 def slug(text: str, n: int = 40) -> str:

@@ -1,6 +1,7 @@
-# `t2i serve`: the word explorer as a Gradio Blocks page (pip install -e ".[web]"). The handlers here only
-# translate between the page and t2i.explorer's plain functions; bad input comes back as a message in the
-# page, never a stack trace. One queue, with bounded size and concurrency, so one visitor cannot stall it.
+"""`t2i serve`: the word explorer as a Gradio Blocks page (pip install -e ".[web]"). The handlers here only
+translate between the page and t2i.explorer's plain functions; bad input comes back as a message in the
+page, never a stack trace. One queue, with bounded size and concurrency, so one visitor cannot stall it.
+"""
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,7 @@ except ImportError as e:  # an optional extra
     raise ImportError("t2i serve needs the web extra: pip install -e \".[web]\"") from e
 
 from .explorer import ALL, MODEL_DEFAULT, Explorer, Request
-from .pipeline import SCHEDULERS
+from .settings import SCHEDULERS
 
 CSS = """
 .pixelated img { image-rendering: pixelated; }
@@ -26,6 +27,7 @@ CSS = """
 """
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 FAILED = "**Something went wrong on the server** (the details are in its log)."
+GUIDANCE_SLIDER_MAX = 10  # the page's slider stops here; the API takes guidance up to the server's limit
 
 
 def _page_errors(message_box):
@@ -73,8 +75,9 @@ def _image(i: str | None) -> int:
 def build_app(explorer: Explorer) -> gr.Blocks:
     """The page: inputs and Generate on the left; the image, the word chips, the maps, the step scrubber,
     the weight slider with the effect, and the downloads on the right."""
-    lim = explorer.limits
+    lim, first = explorer.limits, Request("")                # the page starts at a request's defaults
     pipe = explorer.pipeline(explorer.default_model)
+    least_guidance, most_guidance = lim.sampling.guidance
     with gr.Blocks(title="t2i explorer", fill_width=True) as app:
         state = gr.State(None, time_to_live=3600)
         gr.Markdown("## t2i explorer: where each word looks, and what it does")
@@ -84,12 +87,15 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 prompt = gr.Textbox(label="prompt", value="a red circle above a blue square", elem_id="prompt")
                 negative = gr.Textbox(label="negative prompt", elem_id="negative")
                 with gr.Row():
-                    seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")  # checked by the explorer
+                    # no minimum: the explorer checks the seed, in its own words
+                    seed = gr.Number(label="seed", value=first.seed, precision=0, elem_id="seed")
                     size = gr.Number(label="size (px)", value=pipe.unet.config.sample_size, precision=0,
                                      elem_id="size")
-                steps = Slider(1, lim.max_steps, value=min(20, lim.max_steps), step=1, label="steps", elem_id="steps")
-                guidance = Slider(1, 10, value=3, step=0.5, label="guidance", elem_id="guidance")
-                count = Slider(1, lim.max_images, value=1, step=1, label="images", elem_id="count")
+                steps = Slider(1, lim.max_steps, value=min(first.steps, lim.max_steps), step=1, label="steps",
+                               elem_id="steps")
+                guidance = Slider(least_guidance, min(GUIDANCE_SLIDER_MAX, most_guidance), value=first.guidance,
+                                  step=0.5, label="guidance", elem_id="guidance")
+                count = Slider(1, lim.max_images, value=first.num_images, step=1, label="images", elem_id="count")
                 with gr.Row():
                     scheduler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT, label="scheduler",
                                             elem_id="scheduler")
@@ -110,8 +116,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     reweighted = gr.Image(label="reweighted", type="pil", interactive=False, elem_id="reweighted",
                                           elem_classes="pixelated")
                 words = gr.Radio([], label="words: click one", elem_id="words")
-                weight = Slider(0, 3, value=1, step=0.1, label="weight of the word (regenerates, same seed)",
-                                elem_id="weight")
+                weight = Slider(*lim.sampling.word_weight, value=1, step=0.1,
+                                label="weight of the word (regenerates, same seed)", elem_id="weight")
                 with gr.Row():
                     resolution = gr.Radio([ALL], value=ALL, label="maps from the layers at", elem_id="resolution")
                     which = gr.Radio(["1"], value="1", label="image", elem_id="which")

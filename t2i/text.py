@@ -1,7 +1,8 @@
-# CLIP text encoding (Radford et al. 2021) through transformers: a pretrained CLIP by hub name or
-# local path, or an offline CLIP whose BPE vocabulary is learned from a caption corpus and whose
-# text transformer is built from a small CLIPTextConfig and trained with the UNet. One encode path
-# serves sampling (encode_prompts) and training (TextStates, with caption dropout).
+"""CLIP text encoding (Radford et al. 2021) through transformers: a pretrained CLIP by hub name or
+local path, or an offline CLIP whose BPE vocabulary is learned from a caption corpus and whose
+text transformer is built from a small CLIPTextConfig and trained with the UNet. One encode path
+serves sampling (encode_prompts) and training (TextStates, with caption dropout).
+"""
 from __future__ import annotations
 
 import os
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"   # CLIP's start and end tokens
 END_OF_WORD = "</w>"                             # closes the last sub-token of a word
+
+
+class PromptTruncated(UserWarning):
+    """A prompt was longer than the tokenizer's max length and its last tokens were dropped. A caller that
+    counts cut words itself silences exactly this: warnings.simplefilter("ignore", PromptTruncated)."""
 
 
 @dataclass
@@ -145,7 +151,8 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], max_length: int | Non
             dropped = tokenizer.decode(ids[T - 1:-1]).lstrip("\ufffd")  # a character split across the limit
             warnings.warn(
                 f"prompt {_shortened(prompt)!r} is {len(ids)} tokens with start/end, the limit is {T}: dropped the "
-                f"last {len(ids) - T} tokens ({_shortened(dropped)!r}). Shorten the prompt to keep them.", stacklevel=4)
+                f"last {len(ids) - T} tokens ({_shortened(dropped)!r}). Shorten the prompt to keep them.",
+                PromptTruncated, stacklevel=4)
     return tokenizer(prompts, padding="max_length", truncation=True, max_length=T, return_tensors="pt")
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import json
 import math
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from .card import write_model_card
 from .config import RunConfig, config_to_dict, flatten, save_config
 from .data.stream import build_dataset, data_stream
 from .diffusion import diffusion_loss, make_noise_scheduler
+from .ema import EMA
 from .grounding import capture_cross_attention, grounding_loss, token_indices
 from .pipeline import load_pipeline
 from .text import TextStates, build_text, drop_captions, load_pretrained_clip
@@ -118,6 +120,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     n_running, t0, seen0, interrupted = 0, time.perf_counter(), state.samples, False
     unet.train(), text_encoder.train(cfg.text.trainable)
     end, grounded = min(tc.max_steps, stop_at or tc.max_steps), tc.grounding_weight > 0
+    curve = tc.position_every > 0 and cfg.data.kind == "shapes"
     g_noise, g_drop = state.generators["noise"], state.generators["drop"]
     while state.step < end:
         for _ in range(tc.grad_accum):
@@ -127,7 +130,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
                 states, mask = text(captions, device)
                 x0 = batch["pixel_values"].to(device).contiguous(memory_format=layout)
                 with capture_cross_attention(state.unet) if grounded else nullcontext() as probs:
-                    loss = diffusion_loss(unet, noise_scheduler, x0, states, mask, cfg.noise, g_noise)
+                    loss = diffusion_loss(unet, noise_scheduler, x0, states, mask, cfg.noise, g_noise, state.step)
                 if grounded:  # token grounding: object words' cross-attention onto their masks
                     words = token_indices(tokenizer, captions, batch["ground_spans"]).to(device)
                     ground = grounding_loss(probs, batch["ground_masks"].to(device), words)
@@ -168,6 +171,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
             state.save(accelerator, out, config_to_dict(cfg), tc.keep_checkpoints)
         if accelerator.is_main_process and tc.preview_every and (step % tc.preview_every == 0 or step == tc.max_steps):
             preview(accelerator, cfg, state, accelerator.unwrap_model(text_encoder), tokenizer, noise_scheduler)
+        if accelerator.is_main_process and curve and (step % tc.position_every == 0 or step == tc.max_steps):
+            position_curve(accelerator, cfg, state, accelerator.unwrap_model(text_encoder), tokenizer, noise_scheduler)
     bar.close()
     if state.step < tc.max_steps:
         accelerator.end_training()
@@ -194,32 +199,6 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-class EMA:
-    """Exponential moving average of parameters, with the usual warm-up: decay_t = min(decay, (1+t)/(10+t))."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.float(), 1 - d)
-            else:
-                self.shadow[k].copy_(v)
-
-    def copy_to(self, model: torch.nn.Module) -> None:
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
-
-    def averaged(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A copy of `model` holding the averaged weights; `model` is left as it is."""
-        average = copy.deepcopy(model)
-        self.copy_to(average)
-        return average
 
 
 def lr_lambda(cfg: RunConfig):
@@ -256,18 +235,27 @@ def ema_pipeline(cfg: RunConfig, state: ckpt.TrainingState, text_encoder, tokeni
                        make_scheduler("dpm", noise_scheduler.config), caption_dropout=cfg.train.caption_dropout)
 
 
+@contextmanager
+def eval_pipeline(cfg: RunConfig, state: ckpt.TrainingState, text_encoder, tokenizer, noise_scheduler):
+    """The EMA pipeline in eval mode, for previews and the position curve; `text_encoder` trains again after."""
+    was_training = text_encoder.training
+    pipe = ema_pipeline(cfg, state, text_encoder.eval(), tokenizer, noise_scheduler)
+    pipe.unet.eval()
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        yield pipe
+    finally:
+        text_encoder.train(was_training)
+
+
 @torch.no_grad()
 def preview(accelerator, cfg: RunConfig, state: ckpt.TrainingState, text_encoder, tokenizer, noise_scheduler) -> None:
     """Images for the fixed preview prompts with the EMA weights, saved and logged to TensorBoard."""
     import numpy as np
     from PIL import Image
-    was_training = text_encoder.training
-    pipe = ema_pipeline(cfg, state, text_encoder.eval(), tokenizer, noise_scheduler)
-    pipe.unet.eval()
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(list(cfg.train.preview_prompts), num_inference_steps=cfg.train.preview_steps,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
-    text_encoder.train(was_training)
+    with eval_pipeline(cfg, state, text_encoder, tokenizer, noise_scheduler) as pipe:
+        images = pipe(list(cfg.train.preview_prompts), num_inference_steps=cfg.train.preview_steps,
+                      generator=torch.Generator().manual_seed(0), output_type="np").images
     grid = np.concatenate(list(images), axis=1)
     folder = Path(cfg.train.output_dir) / "previews"
     folder.mkdir(exist_ok=True)
@@ -278,6 +266,25 @@ def preview(accelerator, cfg: RunConfig, state: ckpt.TrainingState, text_encoder
     elif cfg.train.report_to == "wandb":
         import wandb
         accelerator.get_tracker("wandb", unwrap=True).log({"previews": wandb.Image(grid)}, step=state.step)
+
+
+@torch.no_grad()
+def position_curve(accelerator, cfg: RunConfig, state: ckpt.TrainingState, text_encoder, tokenizer,
+                   noise_scheduler) -> dict:
+    """One point of the position curve with the EMA weights (t2i/probe.py): the probe ratio at t = T - 1 and
+    the in-cell share of 18 fixed one-object prompts; logged to TensorBoard, appended to position.jsonl in the
+    run folder and printed."""
+    from .probe import in_cell_share, probe_table
+    with eval_pipeline(cfg, state, text_encoder, tokenizer, noise_scheduler) as pipe:
+        _, ratio = probe_table(pipe, t=noise_scheduler.config.num_train_timesteps - 1)
+        in_cell, found = in_cell_share(pipe, steps=cfg.train.preview_steps)
+    point = {"step": state.step, "probe_ratio": round(ratio, 4), "in_cell": round(in_cell, 4), "found": round(found, 4)}
+    accelerator.log({f"position/{k}": v for k, v in point.items() if k != "step"}, step=state.step)
+    with open(Path(cfg.train.output_dir) / "position.jsonl", "a") as f:
+        f.write(json.dumps(point) + "\n")
+    tqdm.write(f"step {state.step}: position probe ratio {ratio:.2f} (1.00: the words move nothing), "
+               f"{in_cell:.0%} of one-object prompts in their cell, {found:.0%} found")
+    return point
 
 
 def tracker(report_to: str) -> str | None:

@@ -1,6 +1,7 @@
-# A small text-conditioned UNet (Ho et al. 2020; Rombach et al. 2022, sec. 3.3) with
-# cross-attention from image features (queries) to per-token text states (keys, values).
-# It knows nothing of noise schedules or tokenisation: (x_t, t, text states) -> prediction.
+"""A small text-conditioned UNet (Ho et al. 2020; Rombach et al. 2022, sec. 3.3) with
+cross-attention from image features (queries) to per-token text states (keys, values).
+It knows nothing of noise schedules or tokenisation: (x_t, t, text states) -> prediction.
+"""
 from __future__ import annotations
 
 import math

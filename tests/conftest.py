@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach t
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+TINY_RUN = ["model.preset=tiny", "text.width=32", "text.layers=1", "text.heads=2", "data.size=16",
+            "data.max_objects=2", "train.batch_size=4", "train.preview_every=0", "train.log_every=1",
+            "train.warmup_steps=2", "train.lr=1e-3", "train.keep_checkpoints=5", "train.position_every=0"]  # `t2i train` overrides: seconds
 CORPUS = ["a red circle", "a blue square above a green triangle", "a small yellow circle in the top left",
           "a purple square to the right of an orange triangle"]
 
@@ -38,6 +42,20 @@ def tiny_diffusers_unet(**overrides):
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8, **overrides)
+
+
+def tiny_config(run_dir, *extra):
+    """The RunConfig of a tiny training run (TINY_RUN) into run_dir, with more overrides."""
+    from t2i.config import load_config
+    return load_config(None, TINY_RUN + [f"train.output_dir={run_dir}", *extra])
+
+
+def two_objects(size=32):
+    """Two disjoint square masks (N=1 each) in a size x size image."""
+    a, b = np.zeros((1, size, size), bool), np.zeros((1, size, size), bool)
+    a[0, 2:10, 2:10] = True
+    b[0, 20:28, 18:26] = True
+    return a, b
 
 
 @pytest.fixture(scope="module")

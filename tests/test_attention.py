@@ -7,7 +7,7 @@ from conftest import tiny_diffusers_unet, tiny_pipeline
 from torch import nn
 
 from t2i.attention import AttentionRecorder, attention_with_probs
-from t2i.pipeline import BatchLayout
+from t2i.layout import BatchLayout
 from t2i.text import BOS, EOS, PromptEncoding
 from t2i.unet import Attention, SDPAProcessor, build_unet
 

@@ -11,8 +11,10 @@ from t2i.attention import AttentionRecorder, attention_with_probs
 from t2i.attention.effects import effect_map, word_effects, word_weight_matrix
 from t2i.attention.processors import attached, cross_attention_modules
 from t2i.cli import main
-from t2i.pipeline import BatchLayout, T2IPipeline, make_scheduler
+from t2i.layout import BatchLayout
+from t2i.pipeline import T2IPipeline, make_scheduler
 from t2i.text import encode_prompts
+from t2i.settings import SamplingSettings
 
 PROMPTS = ["a red circle", "a blue square above a green triangle"]
 
@@ -140,14 +142,16 @@ def test_diffusers_unet_reweights_and_composes_with_recording():
 
 
 def test_word_effects_batch_the_variants_from_one_seed(pipe):
-    same = word_effects(pipe, "a red circle", ["red", "circle"], weight=1.0, num_inference_steps=2)
+    same = word_effects(pipe, "a red circle", ["red", "circle"], weight=1.0, settings=SamplingSettings(steps=2))
     assert all(e.abs().max() == 0 for e in same.effects.values())         # identical rows: no change at all
-    silenced = word_effects(pipe, "a red circle", ["red"], weight=0.0, num_inference_steps=2)
+    silenced = word_effects(pipe, "a red circle", ["red"], weight=0.0, settings=SamplingSettings(steps=2))
     assert silenced.effects["red"].shape == (16, 16) and silenced.effects["red"].max() > 1e-3
     assert np.array_equal(np.asarray(silenced.image), np.asarray(same.image))
     assert silenced.attention.num_images == 1 and silenced.attention.words(0) == ["a", "red", "circle"]
     with pytest.raises(ValueError, match="not a word"):
         word_effects(pipe, "a red circle", ["blue"])
+    with pytest.raises(ValueError, match="'triangle' was cut off by the text encoder's 12-token limit"):
+        word_effects(pipe, "a red circle above a blue square to the right of a green triangle", ["triangle"])
 
 
 def test_effect_map_is_the_mean_absolute_rgb_change():
@@ -165,7 +169,7 @@ def test_silencing_a_colour_word_of_the_shipped_model_changes_mostly_its_objects
     from t2i.pipeline import load_pipeline
     from t2i.segment import segment
     pipe = load_pipeline()
-    effects = word_effects(pipe, "a red circle", ["red"], weight=0.0, num_inference_steps=10)
+    effects = word_effects(pipe, "a red circle", ["red"], weight=0.0, settings=SamplingSettings(steps=10))
     red = [d for d in segment(np.asarray(effects.image)) if d.colour == "red"]
     assert len(red) == 1
     assert effect_share(effects.effects["red"].numpy(), red[0].mask) > 0.5

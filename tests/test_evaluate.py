@@ -1,3 +1,4 @@
+"""t2i.evaluate: the report on prompt fidelity, localisation and faithfulness, its baselines, and `t2i evaluate`."""
 import dataclasses
 import json
 
@@ -9,10 +10,7 @@ from conftest import tiny_pipeline
 from t2i.attention import Heatmaps
 from t2i.cli import main
 from t2i.data.shapes import BACKGROUND, ShapesConfig, caption_corpus, render_scene
-from t2i.evaluate import EvalConfig, evaluate, object_words, score_baseline_images, training_world, word_map
-from t2i.metrics import (DAAM_TAU, TAUS, calibrate_tau, centre_prior_map, iou_curve, normalise_map, pointing,
-                         score_fidelity, uniform_map)
-from t2i.segment import segment
+from t2i.evaluate import EvalConfig, evaluate, object_words, score_baseline_images, training_world
 
 WORLD = ShapesConfig(size=16, max_objects=2, holdout_pairs=("green triangle", "purple circle"),
                      holdout_positions=("square@bottom right",))
@@ -28,62 +26,7 @@ def shapes_pipeline():
     return pipe
 
 
-def two_objects(size=32):
-    """Two disjoint square masks (N=1 each) in a size x size image."""
-    a, b = np.zeros((1, size, size), bool), np.zeros((1, size, size), bool)
-    a[0, 2:10, 2:10] = True
-    b[0, 20:28, 18:26] = True
-    return a, b
-
-
-# -- heatmap metrics on hand-made cases ----------------------------------------------------------
-
-def test_perfect_and_wrong_maps():
-    a, b = two_objects()
-    perfect = a.astype(np.float32)
-    np.testing.assert_allclose(iou_curve(perfect, a), 1.0)
-    assert pointing(perfect, a)[0] == 1.0
-    wrong = b.astype(np.float32)
-    np.testing.assert_allclose(iou_curve(wrong, a), 0.0)
-    assert pointing(wrong, a)[0] == 0.0
-
-
-def test_uniform_map_scores_area_fraction():
-    a, _ = two_objects()
-    fraction = a.sum() / a.size
-    flat = uniform_map(32, 32)[None]
-    np.testing.assert_allclose(iou_curve(flat, a), fraction)            # every tau
-    np.testing.assert_allclose(pointing(flat, a), fraction)             # ties split over the image
-
-
-def test_normalise_and_centre_prior():
-    m = np.array([[0.0, 2.0], [1.0, -1.0]])
-    np.testing.assert_allclose(normalise_map(m), [[0, 1], [0.5, 0]])
-    np.testing.assert_array_equal(normalise_map(np.zeros((3, 3))), np.ones((3, 3)))
-    c = centre_prior_map(32, 32)
-    assert c.max() == pytest.approx(1.0, abs=0.01) and c[15:17, 15:17].min() == c.max()
-    assert c[0, 0] < 0.05
-    with pytest.raises(ValueError, match="both be"):
-        iou_curve(np.zeros((1, 4, 4)), np.zeros((1, 5, 5), bool))
-
-
-def test_calibration_picks_the_threshold_between_object_and_halo():
-    masks = np.zeros((5, 16, 16), bool)
-    maps = np.full((5, 16, 16), 0.2, np.float32)
-    for i in range(5):
-        y, x = 2 + i, 3 + i
-        maps[i, y - 2:y + 8, x - 2:x + 8] = 0.55                       # a halo around the object
-        maps[i, y:y + 6, x:x + 6] = 0.65                               # the object itself
-        masks[i, y:y + 6, x:x + 6] = True
-    tau, mean = calibrate_tau(maps / 0.65, masks)                      # normalised: object 1, halo 0.85, rest 0.31
-    assert tau == 0.9 and mean.max() == pytest.approx(1.0)
-    tau, mean = calibrate_tau(maps, masks)                             # raw values: only 0.6 separates them
-    assert tau == 0.6 and mean[TAUS.index(0.6)] == pytest.approx(1.0)
-    tau, mean = calibrate_tau(np.zeros((0, 16, 16)), np.zeros((0, 16, 16), bool))
-    assert tau == DAAM_TAU and np.isnan(mean).all()
-
-
-# -- fidelity ------------------------------------------------------------------------------------
+# -- fidelity of the baseline images -------------------------------------------------------------
 
 def test_rendered_images_score_perfectly_and_noise_and_other_scenes_do_not():
     world = ShapesConfig(size=32, max_objects=2, seed=12345)
@@ -96,62 +39,6 @@ def test_rendered_images_score_perfectly_and_noise_and_other_scenes_do_not():
     noise, other = scores["noise"][0], scores["another prompt's scene"][0]
     assert noise.rate("recall") < 0.2 and noise.rate("exact") == 0.0
     assert other.rate("recall") < 0.6 and other.rate("exact") < 0.2
-
-
-def test_fidelity_counts_only_stated_attributes():
-    scene = next(s for s in (render_scene(ShapesConfig(max_objects=1), i) for i in range(50))
-                 if s.stated == ("colour", "shape"))
-    tally = score_fidelity(scene, segment(scene.image))
-    assert tally.trials["size"] == tally.trials["position"] == tally.trials["relation"] == 0
-    assert tally.rate("exact") == 1.0
-    blank = np.full_like(scene.image, 235)
-    tally = score_fidelity(scene, segment(blank))
-    assert tally.rate("recall") == 0.0 and tally.rate("colour") is None and tally.rate("exact") == 0.0
-
-
-def test_object_words_number_repeated_nouns():
-    scene = next(s for s in (render_scene(ShapesConfig(min_objects=2, max_objects=2), i) for i in range(200))
-                 if s.objects[0].shape == s.objects[1].shape)
-    labels = object_words(scene)
-    words = scene.caption.split()
-    first = min(range(2), key=lambda k: words.index(scene.objects[k].colour))
-    assert labels[first]["noun"] == scene.objects[0].shape
-    assert labels[1 - first]["noun"] == scene.objects[0].shape + "#2"
-    assert {lab["colour"] for lab in labels} == {o.colour for o in scene.objects}
-
-
-def test_word_map_reads_heatmaps_at_image_size():
-    tokens = ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "<|endoftext|>"]
-    maps = torch.rand(1, 5, 4, 4)
-    h = Heatmaps(maps=maps, tokens=[tokens], prompts=["a red circle"], image_size=(16, 16), layers=["x"], steps=[0])
-    m = word_map(h, 0, "circle")
-    assert m.shape == (16, 16) and m.dtype == np.float32
-    assert m.mean() == pytest.approx(maps[0, 3].mean().item(), rel=1e-4)
-    assert word_map(h, 0, "square") is None                             # not in the tokens: skipped
-
-
-def test_mass_share_and_correlation():
-    from t2i.metrics import correlation, effect_share, mass_share
-    a, b = two_objects()
-    both = (a | b).astype(np.float32)
-    assert mass_share(both, a)[0] == pytest.approx(0.5) and effect_share(a[0] * 3.0, a[0]) == 1.0
-    assert mass_share(np.zeros_like(both), a)[0] == pytest.approx(a.mean())    # no change: counts as uniform
-    assert correlation(a, a)[0] == pytest.approx(1.0) and correlation(a, b)[0] < 0
-    assert correlation(np.ones_like(both), a)[0] == 0                            # a constant map says nothing
-
-
-def test_faithfulness_sets_attention_against_the_effect_and_the_effect_against_the_mask():
-    from t2i.faithfulness import EffectSet, score_faithfulness
-    a, b = two_objects()
-    found = EffectSet()
-    found.effects["colour"].append(b[0].astype(np.float32))   # the word changed object b ...
-    found.maps["colour"].append(b[0].astype(np.float32))      # ... where its attention was ...
-    found.masks["colour"].append(a[0])                        # ... but its object is a
-    score = score_faithfulness(found, 32)["colour"]
-    assert score["scored"] == 1 and score["attention"]["correlation"] == pytest.approx(1.0)
-    assert score["effect"]["pointing"] == 0 and score["effect"]["share"] == 0 and score["effect"]["correlation"] is None
-    assert score["uniform"]["share"] == pytest.approx(a.mean()) and score["uniform"]["correlation"] == 0
-    assert score_faithfulness(EffectSet(), 32)["noun"]["attention"]["pointing"] is None
 
 
 # -- evaluate and the CLI on a tiny model ---------------------------------------------------------

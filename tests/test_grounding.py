@@ -10,7 +10,7 @@ from PIL import Image
 
 from t2i.config import load_config
 from t2i.data.folder import ImageFolderDataset
-from t2i.data.shapes import ShapesConfig, ShapesDataset, render_scene, word_spans
+from t2i.data.shapes import ShapesConfig, ShapesDataset, object_word_spans, render_scene
 from t2i.diffusion import diffusion_loss, make_noise_scheduler
 from t2i.grounding import capture_cross_attention, grounding_loss, token_indices
 from t2i.text import build_offline_tokenizer
@@ -71,14 +71,14 @@ def test_context_refiner_lets_a_token_see_later_words_and_ignores_padding():
 
 # -- grounding: targets, token indices and the loss -----------------------------------------------
 
-def test_word_spans_name_each_objects_own_words():
+def test_object_word_spans_name_each_objects_own_words():
     for i in range(20):
         scene = render_scene(ShapesConfig(max_objects=3), i)
-        for start, end, k in word_spans(scene):
+        for start, end, k in object_word_spans(scene):
             word = scene.caption[start:end]
             obj = scene.objects[k]
             assert word in (obj.colour, obj.shape, obj.size)
-        assert len(word_spans(scene)) == len(scene.objects) * (3 if "size" in scene.stated else 2)
+        assert len(object_word_spans(scene)) == len(scene.objects) * (3 if "size" in scene.stated else 2)
 
 
 def test_grounded_items_carry_masks_of_their_objects():
@@ -89,7 +89,7 @@ def test_grounded_items_carry_masks_of_their_objects():
         if a < 0:
             assert mask.sum() == 0
             continue
-        k = next(k for s, e, k in word_spans(scene) if s == a)
+        k = next(k for s, e, k in object_word_spans(scene) if s == a)
         assert torch.equal(mask.bool(), torch.from_numpy(np.array(scene.masks[k])))
     assert "ground_masks" not in ShapesDataset(ShapesConfig(), length=2)[0]
 

@@ -154,11 +154,14 @@ def test_guidance_is_uncond_plus_scale_times_cond_minus_uncond(pipe, monkeypatch
     monkeypatch.setattr(pipe.unet, "forward", count_tokens)
     monkeypatch.setattr(pipe.scheduler, "step", spy)
     prompts = ["a red circle", "a blue square above a green triangle"]
-    pipe(prompts, num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2, generator=gen())
     cond, uncond = torch.tensor([5.0, 5.0, 9.0, 9.0]), 2.0
-    assert len(seen) == 2
-    for pred in seen:
-        assert torch.equal(pred, (uncond + 3.0 * (cond - uncond))[:, None, None, None].expand(4, 3, 16, 16))
+    for scale in (3.0, 0.5, 0.0):                 # every scale but 1 guides, those below 1 too
+        seen.clear()
+        pipe(prompts, num_inference_steps=2, guidance_scale=scale, num_images_per_prompt=2, generator=gen())
+        assert len(seen) == 2
+        for pred in seen:
+            want = (uncond + scale * (cond - uncond))[:, None, None, None].expand(4, 3, 16, 16)
+            assert torch.equal(pred, want), scale
     seen.clear()
     pipe(prompts, num_inference_steps=1, guidance_scale=1.0, generator=gen())  # unguided: cond alone
     assert torch.equal(seen[0], torch.tensor([5.0, 9.0])[:, None, None, None].expand(2, 3, 16, 16))

@@ -18,7 +18,7 @@ from t2i.cli import main  # noqa: E402
 from t2i.data.folder import ImageFolderDataset  # noqa: E402
 from t2i.data.shards import ShardDataset  # noqa: E402
 
-from test_train import TINY  # noqa: E402
+from conftest import TINY_RUN  # noqa: E402
 
 
 def image_folder(path, n, side=20):
@@ -116,7 +116,7 @@ def test_two_processes_get_equal_samples_from_uneven_shards(tmp_path):
            "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "traced.py"), "train",
-           *TINY, "data.kind=shards", f"data.root={tmp_path / 's'}", "train.batch_size=2",
+           *TINY_RUN, "data.kind=shards", f"data.root={tmp_path / 's'}", "train.batch_size=2",
            f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.checkpoint_every=3"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

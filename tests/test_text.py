@@ -1,8 +1,10 @@
+import warnings
+
 import pytest
 import torch
 
-from t2i.text import (build_offline_text_encoder, build_offline_tokenizer, encode_prompts, learn_bpe,
-                      load_pretrained_clip)
+from t2i.text import (PromptTruncated, build_offline_text_encoder, build_offline_tokenizer, encode_prompts,
+                      learn_bpe, load_pretrained_clip)
 
 from conftest import CORPUS
 
@@ -39,9 +41,13 @@ def test_encode_prompts_shapes_mask_and_tokens():
 def test_too_long_prompt_truncates_with_count():
     tok = build_offline_tokenizer(CORPUS, 6)
     enc = build_offline_text_encoder(tok, width=32, layers=1, heads=2, seed=0)
-    with pytest.warns(UserWarning, match="dropped the last 3 tokens"):
+    with pytest.warns(PromptTruncated, match="dropped the last 3 tokens"):  # a category its readers can silence
         out = encode_prompts(tok, enc, ["a red circle above a blue square"])  # 7 words + 2 specials = 9
     assert out.tokens[0][-1] == "<|endoftext|>" and len(out.tokens[0]) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", PromptTruncated)
+        encode_prompts(tok, enc, ["a red circle above a blue square"])
 
 
 @pytest.mark.parametrize("layout", ["flat", "stable-diffusion"])

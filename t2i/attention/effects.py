@@ -1,14 +1,14 @@
-# Word effects: what a word does, not only where it looks. Prompt-to-prompt's attention reweighting
-# (Hertz et al. 2022, sec. 3.2, "fader control"): a word's cross-attention probabilities are multiplied
-# by its weight, on the conditional branch only, at every cross-attention layer and step, without
-# renormalising (0 silences the word, 2 doubles it; the unconditional branch that guidance subtracts is
-# left alone). A word's effect map is the per-pixel change between the image and the image with that
-# word reweighted, same seed and settings.
+"""Word effects: what a word does, not only where it looks. Prompt-to-prompt's attention reweighting
+(Hertz et al. 2022, sec. 3.2, "fader control"): a word's cross-attention probabilities are multiplied
+by its weight, on the conditional branch only, at every cross-attention layer and step, without
+renormalising (0 silences the word, 2 doubles it; the unconditional branch that guidance subtracts is
+left alone). A word's effect map is the per-pixel change between the image and the image with that
+word reweighted, same seed and settings.
+"""
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..settings import DEFAULTS, SamplingSettings, check_word_weight, generators
 from .heatmaps import Heatmaps, resolve_word
 from .processors import attached, cross_attention_modules
 
 if TYPE_CHECKING:
-    from ..pipeline import BatchLayout
+    from ..layout import BatchLayout
 
 WordWeights = dict[str, float]
 
@@ -39,11 +40,9 @@ def word_weight_matrix(layout: BatchLayout, word_weights: WordWeights | list[Wor
     for b, (text, chosen) in enumerate(zip(layout.texts("cond"), per_prompt)):
         positions = enc.attention_mask[text].bool().nonzero().squeeze(1).cpu()  # real token j sits at positions[j]
         for word, weight in (chosen or {}).items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                    or weight < 0:
-                raise ValueError(f"the weight of {word!r} must be a finite number >= 0 (0 silences it), got {weight!r}")
+            weight = check_word_weight(word, weight)
             _, idx = resolve_word(enc.tokens[text], word)
-            weights[first + b * n: first + (b + 1) * n, positions[idx]] = float(weight)
+            weights[first + b * n: first + (b + 1) * n, positions[idx]] = weight
     return None if bool((weights == 1).all()) else weights
 
 
@@ -92,17 +91,18 @@ class WordEffects:
     effects: dict[str, torch.Tensor]         # word label -> (H, W) effect map in [0, 1]
 
 
-def word_effects(pipe, prompt: str, words: list[str], weight: float = 0.0, seed: int = 0,
-                 **sampling) -> WordEffects:
-    """Sample `prompt` and, in the same batch from the same seed, once more per word with that word's
-    weight set to `weight`; return the images, the unweighted image's heatmaps and each word's effect map.
-    `sampling`: the pipeline's other arguments (num_inference_steps, guidance_scale, negative_prompt, ...)."""
-    labels = [resolve_word(pipe.prompt_tokens(prompt)[0], w)[0] for w in words]  # fail before sampling
+def word_effects(pipe, prompt: str, words: list[str], weight: float = 0.0,
+                 settings: SamplingSettings = DEFAULTS) -> WordEffects:
+    """Sample `prompt` with `settings` and, in the same batch from the same seed (settings.seed, one image
+    per row), once more per word with that word's weight set to `weight`; return the images, the unweighted
+    image's heatmaps and each word's effect map."""
+    labels = pipe.word_labels(prompt, words)  # fails before sampling
     if len(set(labels)) != len(labels):
         raise ValueError(f"words {words} name the same word twice")
     rows = len(labels) + 1
-    out = pipe([prompt] * rows, word_weights=[{}] + [{w: weight} for w in labels], record_attention=True,
-               generator=[torch.Generator().manual_seed(seed) for _ in range(rows)], **sampling)
+    one = replace(settings, num_images=1)
+    out = pipe([prompt] * rows, **one.pipeline_kwargs(), word_weights=[{}] + [{w: weight} for w in labels],
+               record_attention=True, generator=generators(one.seeds(1) * rows))
     image, others = out.images[0], out.images[1:]
     return WordEffects(image=image, attention=out.attention.select(0), weight=weight,
                        images=dict(zip(labels, others)),

@@ -1,5 +1,6 @@
-# One image's heatmaps on disk for people: the image, a grid and an overlay (and GIF) per word, beside
-# its raw maps (Heatmaps.save) and their metadata as JSON; and one image's word effects.
+"""One image's heatmaps on disk for people: the image, a grid and an overlay (and GIF) per word, beside
+its raw maps (Heatmaps.save) and their metadata as JSON; and one image's word effects.
+"""
 from __future__ import annotations
 
 import json

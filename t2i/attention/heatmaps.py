@@ -1,6 +1,7 @@
-# Per-token cross-attention heatmaps of generated images, and their reading by word: sub-tokens of a
-# word merged, repeated words told apart ("circle#2"), normalised and upsampled to the image in torch;
-# and their file format: the maps as safetensors with the metadata as JSON in its header.
+"""Per-token cross-attention heatmaps of generated images, and their reading by word: sub-tokens of a
+word merged, repeated words told apart ("circle#2"), normalised and upsampled to the image in torch;
+and their file format: the maps as safetensors with the metadata as JSON in its header.
+"""
 from __future__ import annotations
 
 import json
@@ -74,17 +75,20 @@ def resolve_word(tokens: list[str], word: str) -> tuple[str, list[int]]:
     return (name if k == 1 else f"{name}#{k}"), spans[k - 1]
 
 
-def check_words(tokens: list[str], words: list[str], all_tokens: list[str] | None = None) -> None:
-    """Fail fast (before sampling) when a word is not in the tokenised prompt. `all_tokens`, the prompt
-    tokenised without the length limit, tells a word the limit cut off from one that was never there."""
+def check_words(tokens: list[str], words: list[str], all_tokens: list[str] | None = None) -> list[str]:
+    """The label of each word (resolve_word's), or a ValueError, before sampling, when a word is not in the
+    tokenised prompt. `all_tokens`, the prompt tokenised without the length limit, tells a word the limit cut
+    off from one that was never there."""
+    labels = []
     for w in words:
         try:
-            resolve_word(tokens, w)
+            labels.append(resolve_word(tokens, w)[0])
         except ValueError:
             if all_tokens is None or not has_word(all_tokens, w):
                 raise
             raise ValueError(f"{w!r} was cut off by the text encoder's {len(tokens)}-token limit: the model sees "
                              f"only {prompt_text(tokens)!r}; shorten the prompt to keep it") from None
+    return labels
 
 
 def has_word(tokens: list[str], word: str) -> bool:

@@ -1,7 +1,8 @@
-# Drawing heatmaps: an inferno-like colormap (no matplotlib), a map alpha-blended on its image, a
-# labelled grid (the image, then one overlay per word), an animated GIF of a word over the steps, and a
-# word's effect beside its attention.
-# Small images are upscaled (nearest, to keep their pixels crisp) to `size` px before drawing.
+"""Drawing heatmaps: an inferno-like colormap (no matplotlib), a map alpha-blended on its image, a
+labelled grid (the image, then one overlay per word), an animated GIF of a word over the steps, and a
+word's effect beside its attention.
+Small images are upscaled (nearest, to keep their pixels crisp) to `size` px before drawing.
+"""
 from __future__ import annotations
 
 import os

@@ -1,10 +1,11 @@
-# Explicit cross-attention: softmax(q k^T / sqrt(d) + mask) computed in the open, so that it can be read
-# (the recorder sums it into heatmaps; training captures it, with its graph, for the grounding loss) and
-# edited (word weights scale a token's column: prompt-to-prompt's reweighting, Hertz et al. 2022, sec. 3.2).
-# One processor per module holds all roles, so a recorder and a reweighting can be on the same module at
-# once, in either order, and neither undoes the other. The processors are swapped in by module name through
-# the UNet's own `set_attn_processor`, for t2i's T2IUNet and diffusers' UNet2DConditionModel, and each falls
-# back to the module's original (fused SDPA) processor whenever it has nothing to read or edit.
+"""Explicit cross-attention: softmax(q k^T / sqrt(d) + mask) computed in the open, so that it can be read
+(the recorder sums it into heatmaps; training captures it, with its graph, for the grounding loss) and
+edited (word weights scale a token's column: prompt-to-prompt's reweighting, Hertz et al. 2022, sec. 3.2).
+One processor per module holds all roles, so a recorder and a reweighting can be on the same module at
+once, in either order, and neither undoes the other. The processors are swapped in by module name through
+the UNet's own `set_attn_processor`, for t2i's T2IUNet and diffusers' UNet2DConditionModel, and each falls
+back to the module's original (fused SDPA) processor whenever it has nothing to read or edit.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager

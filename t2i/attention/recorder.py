@@ -1,8 +1,9 @@
-# Records per-token cross-attention probabilities during sampling, the maps behind DAAM (Tang et al.
-# 2023) and prompt-to-prompt (Hertz et al. 2022): softmax(q k^T / sqrt(d) + mask) of the selected
-# cross-attention layers, reduced on the fly in float32 (summed over heads, layers and steps) so the
-# memory kept does not grow with the number of steps. Works on t2i's T2IUNet and on diffusers'
-# UNet2DConditionModel; hooks are keyed by module name and by the step index the sampler sets.
+"""Records per-token cross-attention probabilities during sampling, the maps behind DAAM (Tang et al.
+2023) and prompt-to-prompt (Hertz et al. 2022): softmax(q k^T / sqrt(d) + mask) of the selected
+cross-attention layers, reduced on the fly in float32 (summed over heads, layers and steps) so the
+memory kept does not grow with the number of steps. Works on t2i's T2IUNet and on diffusers'
+UNet2DConditionModel; hooks are keyed by module name and by the step index the sampler sets.
+"""
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ from .heatmaps import Heatmaps, prompt_text
 from .processors import attached, cross_attention_modules
 
 if TYPE_CHECKING:
-    from ..pipeline import BatchLayout
+    from ..layout import BatchLayout
 
 BRANCHES = ("cond", "uncond")
 
@@ -38,7 +39,7 @@ class AttentionRecorder:
     negative or empty prompts; needs classifier-free guidance). timeline: also keep one coarse map
     per recorded step (memory then grows with the steps).
     Usage: `with rec.record(unet, layout): for i ...: rec.set_step(i); unet(...)`, then `rec.heatmaps()`,
-    where `layout` is the t2i.pipeline.BatchLayout of the UNet's batch (pipe(..., record_attention=rec)
+    where `layout` is the t2i.layout.BatchLayout of the UNet's batch (pipe(..., record_attention=rec)
     does all of this)."""
 
     def __init__(self, layers: str | None = None, resolutions: Iterable[int | tuple[int, int]] | None = None,

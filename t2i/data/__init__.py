@@ -1,6 +1,6 @@
 """Datasets: the procedural shapes world (`t2i.data.shapes`)."""
 
-from t2i.data.shapes import (
+from .shapes import (
     BACKGROUND,
     PALETTE,
     POSITIONS,

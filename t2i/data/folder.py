@@ -1,5 +1,6 @@
-# A user's folder of images with captions (metadata.jsonl, .txt sidecars, or a CSV) as a torch Dataset.
-"""ImageFolderDataset: images found recursively under a root, each paired with a caption.
+"""A user's folder of images with captions (metadata.jsonl, .txt sidecars, or a CSV) as a torch Dataset.
+
+ImageFolderDataset: images found recursively under a root, each paired with a caption.
 
 Captions come from any of three formats (they can be mixed; an image may have only one):
     1. metadata.jsonl, one JSON object per line: {"file_name": "a.png", "text": "a red cube"}
@@ -25,15 +26,15 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from t2i.data.index import FolderIndex
-from t2i.data.transforms import CROP_MODES, CropMode, horizontal_flip, load_rgb, resize_and_crop, to_tensor
+from .index import FolderIndex
+from .transforms import CROP_MODES, CropMode, horizontal_flip, load_rgb, resize_and_crop, to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 JSONL_NAMES = ("metadata.jsonl",)
@@ -126,7 +127,7 @@ class CaptionedImages(Dataset):
     captions: list[str]
     grounding = False
 
-    def _set_root(self, root: Union[str, os.PathLike], name: str, fix: str) -> None:
+    def _set_root(self, root: str | os.PathLike, name: str, fix: str) -> None:
         """self.root, an existing folder, or a ValueError: '<name> <root> does not exist; <fix>'."""
         self.root = Path(root).expanduser().absolute()
         if not self.root.is_dir():
@@ -153,7 +154,7 @@ class CaptionedImages(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, index: int) -> dict[str, Union[torch.Tensor, str]]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         """{"pixel_values": float32 (3, size, size) in [-1, 1], "text": caption}. An image that fails to decode
         although it passed the up-front check (a truncated JPEG) is skipped, named in a warning and counted in
         `unreadable`; the next image that decodes stands in for it, the same one every time."""
@@ -210,7 +211,7 @@ class ImageFolderDataset(CaptionedImages):
 
     def __init__(
         self,
-        root: Union[str, os.PathLike],
+        root: str | os.PathLike,
         size: int = 32,
         crop: CropMode = "center",
         flip: bool = False,
@@ -332,7 +333,7 @@ class ImageFolderDataset(CaptionedImages):
 
     def _grounding_targets(self, index: int) -> dict[str, torch.Tensor]:
         """Spans (K, 2) and masks (K, size, size) of the image's grounded words, cropped like the image."""
-        from t2i.data.shapes import MAX_GROUNDED_WORDS
+        from .shapes import MAX_GROUNDED_WORDS
         spans = torch.full((MAX_GROUNDED_WORDS, 2), -1, dtype=torch.long)
         masks = torch.zeros((MAX_GROUNDED_WORDS, self.size, self.size))
         for k, (start, end, path) in enumerate(self.masks.get(self.paths[index], [])[:MAX_GROUNDED_WORDS]):

@@ -1,5 +1,6 @@
-# The image-folder index: each image's size, modification time, PIL verdict and caption, cached beside the
-# data in `.t2i-index.json`, so a large folder is verified once, not by every process of every run.
+"""The image-folder index: each image's size, modification time, PIL verdict and caption, cached beside the
+data in `.t2i-index.json`, so a large folder is verified once, not by every process of every run.
+"""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
-# Paraphrases of shapes-world captions in wordings that the training templates never use (other
-# prepositions, word orders, joiners, sentence frames), stating exactly what the original states, so
-# `t2i evaluate` can score a model on what a person would type rather than on its training templates.
+"""Paraphrases of shapes-world captions in wordings that the training templates never use (other
+prepositions, word orders, joiners, sentence frames), stating exactly what the original states, so
+`t2i evaluate` can score a model on what a person would type rather than on its training templates.
+"""
 from __future__ import annotations
 
 import dataclasses

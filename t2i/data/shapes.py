@@ -50,6 +50,7 @@ POSITION_PHRASES = {
 }
 SPLITS = ("train", "holdout", "all")
 _MAX_ATTEMPTS = 1000
+MAX_OBJECTS = 3  # the most objects a scene holds (the layout grid and the grounding targets are sized for it)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class ShapesConfig:
 
     size: int = 32
     min_objects: int = 1
-    max_objects: int = 3
+    max_objects: int = MAX_OBJECTS
     seed: int = 0
     background: RGB = BACKGROUND
     colours: tuple[str, ...] = tuple(PALETTE)
@@ -77,9 +78,9 @@ class ShapesConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))  # YAML gives lists
         if self.size < 16:
             raise ValueError(f"ShapesConfig.size must be >= 16 pixels, got {self.size}")
-        if not 1 <= self.min_objects <= self.max_objects <= 3:
+        if not 1 <= self.min_objects <= self.max_objects <= MAX_OBJECTS:
             raise ValueError(
-                f"need 1 <= min_objects <= max_objects <= 3, got {self.min_objects} and {self.max_objects}"
+                f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {self.min_objects} and {self.max_objects}"
             )
         if self.seed < 0:
             raise ValueError(f"ShapesConfig.seed must be >= 0, got {self.seed}")
@@ -320,7 +321,7 @@ def render_scene(config: ShapesConfig, index: int) -> ShapeScene:
     return ShapeScene(image, caption, tuple(objects), masks, stated)
 
 
-def word_spans(scene: ShapeScene) -> list[tuple[int, int, int]]:
+def object_word_spans(scene: ShapeScene) -> list[tuple[int, int, int]]:
     """(start, end, object index) character spans of each object's own words in `scene.caption`: its size
     (when stated), colour and shape noun. Colours are unique in a scene, and a noun phrase is always
     "[size] colour shape", so the words are found from the colour's place."""
@@ -337,13 +338,13 @@ def word_spans(scene: ShapeScene) -> list[tuple[int, int, int]]:
     return spans
 
 
-MAX_GROUNDED_WORDS = 9  # 3 objects x (size, colour, shape)
+MAX_GROUNDED_WORDS = 3 * MAX_OBJECTS  # (size, colour, shape) of each object
 
 
 def grounding_targets(scene: ShapeScene) -> dict[str, torch.Tensor]:
     """Padded grounding targets of a scene: "ground_spans" long (K, 2) character spans of object words
     (-1 where unused) and "ground_masks" float (K, H, W), the mask of each word's object."""
-    spans = word_spans(scene)
+    spans = object_word_spans(scene)
     n = scene.image.shape[0]
     out_spans = torch.full((MAX_GROUNDED_WORDS, 2), -1, dtype=torch.long)
     out_masks = torch.zeros((MAX_GROUNDED_WORDS, n, n), dtype=torch.float32)

@@ -1,6 +1,7 @@
-# Sharded input for datasets past one folder walk: Arrow shards written by Hugging Face `datasets`
-# (`t2i make-dataset shards`), or Parquet files, memory-mapped by every process and read by index.
-"""ShardDataset: captioned images stored in shards, for data.kind=shards.
+"""Sharded input for datasets past one folder walk: Arrow shards written by Hugging Face `datasets`
+(`t2i make-dataset shards`), or Parquet files, memory-mapped by every process and read by index.
+
+ShardDataset: captioned images stored in shards, for data.kind=shards.
 
 `t2i make-dataset shards --from FOLDER --out DIR` verifies an image folder once and writes its images (the
 encoded file bytes, not pixels) and captions as `DIR/data-0000k-of-0000n.arrow` with `datasets`'
@@ -21,12 +22,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
 
 from PIL import Image
 
-from t2i.data.folder import CaptionedImages, ImageFolderDataset
-from t2i.data.transforms import CropMode, load_rgb
+from .folder import CaptionedImages, ImageFolderDataset
+from .transforms import CropMode, load_rgb
 
 NEEDS_DATASETS = "data.kind=shards needs the Hugging Face datasets library: pip install datasets"
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")
@@ -40,7 +40,7 @@ def _datasets():
     return datasets
 
 
-def write_shards(folder: Union[str, os.PathLike], out: Union[str, os.PathLike], shard_size: int = 1000
+def write_shards(folder: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000
                  ) -> tuple[int, int]:
     """Verify the image folder (captions, readable images; see ImageFolderDataset) and write its images and
     captions as Arrow shards of at most `shard_size` rows in the new folder `out`. Returns (rows, shards)."""
@@ -92,7 +92,7 @@ class ShardDataset(CaptionedImages):
     """Rows of Arrow shards (save_to_disk) or Parquet files under `root`, as {"pixel_values": (3, size, size)
     in [-1, 1], "text": str}, with the crops and flips of ImageFolderDataset (same seed, same pixels)."""
 
-    def __init__(self, root: Union[str, os.PathLike], size: int = 32, crop: CropMode = "center", flip: bool = False,
+    def __init__(self, root: str | os.PathLike, size: int = 32, crop: CropMode = "center", flip: bool = False,
                  seed: int = 0, caption_column: str = "text") -> None:
         # 1. Check arguments and open the shards.
         datasets = _datasets()

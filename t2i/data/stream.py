@@ -1,5 +1,6 @@
-# The training stream: the dataset a run config names, and the order of its samples as one global
-# counter k -> (index, epoch), so the data position of a run is one integer and resumes exactly.
+"""The training stream: the dataset a run config names, and the order of its samples as one global
+counter k -> (index, epoch), so the data position of a run is one integer and resumes exactly.
+"""
 from __future__ import annotations
 
 import signal

@@ -1,5 +1,5 @@
-# Image transforms for training data: load as RGB, resize + square crop, flip, PIL <-> tensor in [-1, 1].
-"""Image transforms done with PIL, numpy and torch (no torchvision).
+"""Image transforms for training data: load as RGB, resize + square crop, flip, PIL <-> tensor in [-1, 1],
+done with PIL, numpy and torch (no torchvision).
 
     image = load_rgb(path)                                  # any mode -> RGB
     image = resize_and_crop(image, 64, crop="random", rng=rng)
@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from typing import BinaryIO, Literal, Union
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ def _to_8bit_grey(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8))  # (H, W) -> "L"
 
 
-def load_rgb(path: Union[str, os.PathLike, BinaryIO]) -> Image.Image:
+def load_rgb(path: str | os.PathLike | BinaryIO) -> Image.Image:
     """Open an image file (a path or a binary file object) as an 8-bit RGB PIL image (H, W, 3).
 
     Handles every PIL mode: palette, greyscale, 16-bit, CMYK, and alpha (composited on
@@ -85,7 +85,7 @@ def resize_and_crop(
     return image.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
 
 
-def horizontal_flip(image: Union[Image.Image, torch.Tensor]) -> Union[Image.Image, torch.Tensor]:
+def horizontal_flip(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
     """Mirror left-right: a PIL image, or a tensor (..., H, W) along its last dim."""
     if isinstance(image, torch.Tensor):
         return image.flip(-1)
@@ -100,7 +100,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
 
 
-def to_pil(images: torch.Tensor) -> Union[Image.Image, list[Image.Image]]:
+def to_pil(images: torch.Tensor) -> Image.Image | list[Image.Image]:
     """Tensor (3, H, W) -> PIL image, or (B, 3, H, W) -> list of B PIL images.
 
     Values are read as [-1, 1] and clamped; any device and dtype.

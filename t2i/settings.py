@@ -1,0 +1,162 @@
+"""How one sampling run is set: the defaults, the limits and the one check of every front-end.
+
+`SamplingSettings` holds what a run asks for (steps, guidance, scheduler, negative prompt, size, images,
+seed); `SamplingLimits` what a front-end lets it ask for (the CLI: what the model can do; the server:
+less, so that one visitor cannot stall it). `check` is the one place their rules are written, and
+`generators` the one place a seed becomes noise. The pipeline, the CLI, the explorer, the server and
+`t2i evaluate` read their defaults from here. Nothing here imports torch at import time: the CLI builds
+its options from this module before torch loads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Iterable
+
+# short name -> the diffusers scheduler class (its name, as diffusers' own configs name it) and its options
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    # pixel space: thresholding at sample_max_value=1 clips the x0 estimate to [-1, 1]
+    "dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "thresholding": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+SEEDS = 2**64  # a torch generator's seed is from 0 to 2**64 - 1
+MAX_SIZE_FACTOR = 8  # height and width: at most 8x the model's sample size (pixel space: memory grows with the area)
+
+
+@dataclass(frozen=True)
+class SamplingLimits:
+    """What one sampling run may ask for. None: no bound beyond the model's own (its scheduler's
+    step limit; MAX_SIZE_FACTOR x its sample size)."""
+
+    max_steps: int | None = None
+    max_images: int | None = None                               # images per prompt
+    max_side: int | None = None                                 # px, height and width
+    guidance: tuple[float, float] = (-math.inf, math.inf)       # any finite scale; 1: no guidance
+    word_weight: tuple[float, float] = (0.0, math.inf)          # 0 silences a word
+
+
+SERVER_LIMITS = SamplingLimits(max_steps=50, max_images=4, max_side=128, guidance=(1.0, 30.0), word_weight=(0.0, 3.0))
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """One sampling run's settings. Image i of a run is drawn from seed + i (the seed policy of every
+    front-end but `t2i evaluate`, which draws one seed per image from its own, see t2i.evaluate)."""
+
+    steps: int = 30
+    guidance: float = 3.0                # classifier-free guidance scale; 1: none
+    scheduler: str | None = None         # a SCHEDULERS name; None: the model's own
+    negative: str | None = None          # negative prompt; None or "": none
+    height: int | None = None            # px; None: the model's sample size
+    width: int | None = None
+    num_images: int = 1                  # per prompt
+    seed: int = 0
+
+    def check(self, limits: SamplingLimits = SamplingLimits(), pipe=None,
+              names: dict[str, str] | None = None, images: int | None = None) -> SamplingSettings:
+        """These settings with whole numbers made ints, or a ValueError naming the setting as the front-end
+        calls it (`names`, e.g. {"steps": "--steps"}) and what to pass. Without `pipe`, only what needs no
+        model; with it, also its scheduler's step limit and its UNet's size rules. `images`: how many images
+        the run draws from seed, seed + 1, ... (default: num_images), each a torch generator's seed."""
+        name = {f.name: f.name for f in fields(self)} | (names or {})
+        # 1. the counts: steps (within the limit and the model's scheduler), images, seed
+        most_steps = limits.max_steps
+        if pipe is not None:
+            model_most = max_inference_steps(pipe.scheduler)
+            most_steps = model_most if most_steps is None else min(most_steps, model_most)
+        steps = _whole(name["steps"], self.steps, 1, most_steps)
+        num_images = _whole(name["num_images"], self.num_images, 1, limits.max_images)
+        images = num_images if images is None else images
+        seed = _whole(name["seed"], self.seed, 0, SEEDS - images,
+                      f" for {images} images (image i uses seed + i)" if images > 1 else "")
+        # 2. guidance and the scheduler's name
+        low, high = limits.guidance
+        if not _number(self.guidance) or not low <= self.guidance <= high:
+            span = ("a finite number" if math.isinf(low) and math.isinf(high)
+                    else f"a number from {low:g} (none) to {high:g}")
+            raise ValueError(f"{name['guidance']} must be {span}, got {self.guidance}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        # 3. the image's sides (None: the model's sample size)
+        sides = {side: None if getattr(self, side) is None else _side(name[side], getattr(self, side), limits, pipe)
+                 for side in ("height", "width")}
+        return replace(self, steps=steps, num_images=num_images, seed=seed, guidance=float(self.guidance), **sides)
+
+    def seeds(self, count: int, first: int = 0) -> list[int]:
+        """The seeds of images first .. first + count - 1: image i's is seed + i."""
+        return [self.seed + i for i in range(first, first + count)]
+
+    def pipeline_kwargs(self) -> dict:
+        """These settings as T2IPipeline's arguments (all but the seeds: pass `generator=generators(...)`)."""
+        return dict(negative_prompt=self.negative or None, num_inference_steps=self.steps,
+                    guidance_scale=self.guidance, scheduler=self.scheduler, height=self.height, width=self.width,
+                    num_images_per_prompt=self.num_images)
+
+
+DEFAULTS = SamplingSettings()                 # the pipeline's own call, `t2i generate`, `heatmap` and `effect`
+QUICK = replace(DEFAULTS, steps=20)           # the explorer and `t2i evaluate`: many images at interactive speed
+
+
+def generators(seeds: Iterable[int]) -> list:
+    """One CPU torch.Generator per image, seeded in turn: the pipeline draws each image's noise from its own,
+    so an image depends on its seed alone, not on its batch or device."""
+    import torch
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def check_word_weight(word: str, weight, limits: SamplingLimits = SamplingLimits(), name: str | None = None) -> float:
+    """A word's attention weight as a float, or a ValueError saying the bounds."""
+    low, high = limits.word_weight
+    if not _number(weight) or not low <= weight <= high:
+        span = f">= {low:g}" if math.isinf(high) else f"from {low:g} to {high:g}"
+        raise ValueError(f"{name or f'the weight of {word!r}'} must be a finite number {span} (0 silences the word), "
+                         f"got {weight!r}")
+    return float(weight)
+
+
+def max_inference_steps(scheduler) -> int:
+    """The most sampling steps `scheduler` runs soundly: fewer than its training timesteps (at that
+    many, DPM-Solver++ and UniPC repeat a timestep and return NaN; beyond, DDPM and DDIM refuse and
+    DPM-Solver++ fails with an IndexError)."""
+    return scheduler.config.num_train_timesteps - 1
+
+
+def downsample_factor(unet) -> int:
+    """How many times the UNet halves height and width: both must be multiples of it."""
+    if hasattr(unet, "downsample_factor"):
+        return unet.downsample_factor
+    return 2 ** (len(unet.config.block_out_channels) - 1)  # diffusers UNet2DConditionModel
+
+
+def _side(name: str, value, limits: SamplingLimits, pipe) -> int:
+    """A height or width in px: whole and within the limit; with a model, a multiple of its UNet's downsampling
+    up to limits.max_side or, without one, MAX_SIZE_FACTOR x its sample size."""
+    if pipe is None:
+        return _whole(name, value, 1, limits.max_side)
+    f, sample_size = downsample_factor(pipe.unet), pipe.unet.config.sample_size
+    most = MAX_SIZE_FACTOR * sample_size if limits.max_side is None else limits.max_side
+    if not is_whole(value) or not f <= value <= most or value % f:
+        why = f" ({MAX_SIZE_FACTOR}x the model's sample size {sample_size})" if limits.max_side is None else ""
+        raise ValueError(f"{name} must be a multiple of {f} from {f} to {most} px{why}, got {value}")
+    return int(value)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_whole(x) -> bool:
+    """A finite int or float with no fraction (a page's number inputs send floats), not a bool."""
+    return _number(x) and float(x) == int(x)
+
+
+def _whole(name: str, value, least: int, most: int | None, why: str = "") -> int:
+    if not is_whole(value) or value < least or (most is not None and value > most):
+        span = f"at least {least}" if most is None else f"from {least} to {most}"
+        raise ValueError(f"{name} must be a whole number {span}{why}, got {value}")
+    return int(value)
