@@ -55,7 +55,8 @@ def main() -> None:
         page = []
         for k in range(args.repeats + 1):
             t0 = time.perf_counter()
-            out = client.predict(args.prompt, "", k, args.steps, 3.0, "default", None, 32, 1, api_name="/generate")
+            out = client.predict(args.prompt, "", k, args.steps, 3.0, "default", None, 32, 1, False, False, "",
+                                 api_name="/generate")
             page.append(time.perf_counter() - t0)
         assert "image(s)" in out[-1], out[-1]
     finally:

@@ -13,6 +13,8 @@ _EXPORTS = {
     "load_pipeline": "t2i.pipeline",
     "AttentionRecorder": "t2i.attention",
     "Heatmaps": "t2i.attention",
+    "GuideSettings": "t2i.settings",
+    "SamplingSettings": "t2i.settings",
 }
 
 

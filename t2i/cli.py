@@ -12,9 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
-from .sampling import (LIMITS, new_out_folder, png_metadata, sampling_device, sampling_pipeline, save_new_png, slug,
+from .sampling import (LIMITS, guide_metadata, new_out_folder, png_metadata, sampling_device, sampling_pipeline, save_new_png, slug,
                        use_idle_cores)
-from .settings import DEFAULTS, QUICK, SCHEDULERS, SERVER_LIMITS, SamplingSettings, check_word_weight, generators
+from .settings import (DEFAULTS, GUIDES, QUICK, SCHEDULERS, SERVER_LIMITS, SamplingSettings, check_word_weight,
+                       generators)
 
 SAMPLING_COMMANDS = ("generate", "heatmap", "effect", "evaluate", "serve")
 GENERATE_BATCH = 16  # images per pipeline call of `t2i generate`
@@ -47,7 +48,7 @@ def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[
     for i, (image, (prompt, seed)) in enumerate(zip(result.images, batch)):
         meta = dict(prompt=prompt, negative_prompt=settings.negative or "", seed=seed, steps=settings.steps,
                     guidance=settings.guidance, scheduler=scheduler, model=model, height=image.height,
-                    width=image.width, upscale=args.upscale, precision=args.precision)
+                    width=image.width, upscale=args.upscale, precision=args.precision, **guide_metadata(settings))
         big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
         path = save_new_png(big, out, f"{slug(prompt)}-{seed}", pnginfo=png_metadata(**meta))
         print(path)
@@ -207,18 +208,26 @@ def cmd_evaluate(args) -> None:
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
     if args.json and Path(args.json).exists():
         raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
-    report = evaluate(sampling_pipeline(args, base=config.sampling)[0], config)
+    pipe = sampling_pipeline(args, base=config.sampling)[0]
+    report = evaluate(pipe, config)
     print(report.format_table())
-    if args.model and add_evaluation(args.model, report.format_table()):
+    result = report.to_dict()
+    if args.guide:  # the same prompts and seeds again, guided, and the two side by side
+        from .evaluate import format_comparison
+        guided = evaluate(pipe, replace(config, guide=args.guide))
+        print("\n" + guided.format_table() + "\n\n" + format_comparison(report, guided))
+        result = {"alone": result, "guided": guided.to_dict()}
+    elif args.model and add_evaluation(args.model, report.format_table()):
         print(f"added the table to {Path(args.model) / 'README.md'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "x") as f:
-            f.write(json.dumps(report.to_dict(), indent=2))
+            f.write(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
 
 
-def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAULTS, size: bool = True) -> None:
+def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAULTS, size: bool = True,
+                      guide: bool = True) -> None:
     """The options of every command that samples from a pipeline; unset, they take `base`'s settings."""
     p.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
     p.add_argument("--steps", type=int, help=f"denoising steps (default: {base.steps})")
@@ -228,6 +237,15 @@ def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAU
         for side in ("--height", "--width"):
             p.add_argument(side, type=int, help="in pixels, a multiple of the UNet's downsampling "
                            "(default: the model's sample size, 32 for the shipped model)")
+    if guide:
+        p.add_argument("--guide", action="store_true", help="attention guidance from the prompt's own words "
+                       "(shapes world): each object goes into the box its stated position or relation names "
+                       "(about 2x the time)")
+        p.add_argument("--layout", action="append", metavar="WORD=X0,Y0,X1,Y1", help="attention guidance: put "
+                       "WORD in the box (fractions of the image, y down), e.g. circle=0,0,0.4,0.4; repeat it for "
+                       "more words")
+        p.add_argument("--excite", help="attention guidance: comma-separated words to make appear, e.g. "
+                       "circle,square; all: every object's colour and noun (shapes world)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the UNet computes under bf16 autocast (1.4x on CPUs with bf16 units, slower on others)")
@@ -320,7 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score prompt fidelity and heatmap localisation on seen and held-out "
                        "prompts (unset sizes: t2i.evaluate.EvalConfig's defaults, printed in the report)")
-    _sampling_options(e, QUICK, size=False)
+    _sampling_options(e, QUICK, size=False, guide=False)
+    e.add_argument("--guide", nargs="?", const="layout", choices=GUIDES, help="also score the model with "
+                   "attention guidance from each prompt's own words, beside the model alone (same prompts and "
+                   "seeds), with seconds per image: layout (boxes from the stated positions and relations; the "
+                   "default), excite (every object made to appear) or both")
     e.add_argument("--num-prompts", type=int, help="prompts per split (seen, held-out)")
     e.add_argument("--images-per-prompt", type=int, help="images per prompt, each with its own seed")
     e.add_argument("--seed", type=int, help="draws the prompts and the noise (keep it apart from the training seed)")

@@ -49,6 +49,8 @@ class EvalReport:
     seconds: float
     notes: list[str] = field(default_factory=list)
     faithfulness: dict = field(default_factory=dict)
+    split_seconds: float = 0.0       # sampling the splits' images (not calibration, not effects)
+    split_images: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,7 +183,7 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
     used_scheduler = config.scheduler or scheduler_name(pipe.scheduler)
     total = len(calibration) + sum(len(s) for s in splits.values()) * config.images_per_prompt
     total += sum(min(len(s), config.effect_prompts) for s in splits.values())  # a scene with its variants counts one
-    results, effects = {}, {}
+    results, effects, split_seconds = {}, {}, 0.0
     with tqdm(total=total, desc="evaluate", unit="img", disable=not progress) as bar:
         cal_maps = MapSet()
         if calibration:
@@ -189,7 +191,9 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
             _, cal_maps, _ = sample_and_score(pipe, calibration, config, 0, 1, bar)
         for split_id, (name, scenes) in enumerate(splits.items(), start=1):
             bar.set_postfix_str(name)
+            t_split = time.perf_counter()
             results[name] = sample_and_score(pipe, scenes, config, split_id, config.images_per_prompt, bar)
+            split_seconds += time.perf_counter() - t_split
             if config.effect_prompts:
                 bar.set_postfix_str(f"{name}: word effects")
                 effects[name] = sample_effects(pipe, scenes[:config.effect_prompts], config, split_id, bar)
@@ -228,11 +232,37 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
     return EvalReport(config=config, model=str(getattr(pipe, "name_or_path", "") or "(in memory)"),
                       world=world_info, fidelity=fidelity, localisation=localisation, tau=tau,
                       calibration=calib_info, seconds=round(time.perf_counter() - t0, 1), notes=notes,
-                      faithfulness=faithfulness)
+                      faithfulness=faithfulness, split_seconds=round(split_seconds, 1),
+                      split_images=sum(n for _, _, n in results.values()))
 
 
 # ----------------------------------------------------------------------------------------------
 # The printed report.
+
+
+COMPARED = ("position", "relation", "count", "exact", "colour", "shape")
+
+
+def overall(geneval: dict) -> float | None:
+    """The GenEval-style overall: the mean of the categories that were scored."""
+    known = [geneval[m]["rate"] for m in GENEVAL if geneval[m]["rate"] is not None]
+    return sum(known) / len(known) if known else None
+
+
+def format_comparison(alone: EvalReport, guided: EvalReport) -> str:
+    """The model alone against the same model with attention guidance, split by split: the fidelity
+    metrics guidance aims at and those it must not cost, the GenEval-style overall, and seconds per image."""
+    rows = []
+    for split in alone.fidelity:
+        for name, report in (("alone", alone), ("guided", guided)):
+            model = report.fidelity[split]["model"]
+            rows.append([split, name] + [pct(model[m]["rate"]) for m in COMPARED] + [pct(overall(model["geneval"]))])
+    per_image = [r.split_seconds / max(1, r.split_images) for r in (alone, guided)]
+    out = ["## Attention guidance: the model alone and guided (same prompts, seeds and settings)"]
+    out += table(["split", "sampling"] + list(COMPARED) + ["overall"], rows)
+    out += ["", f"Sampling time per image: alone {per_image[0]:.2f} s, guided {per_image[1]:.2f} s "
+                f"({per_image[1] / per_image[0]:.2f}x), on this machine in this process."]
+    return "\n".join(out)
 
 
 def format_report(report: EvalReport) -> str:
@@ -243,15 +273,14 @@ def format_report(report: EvalReport) -> str:
            f"{w['size']}x{w['size']} shapes world, {w['min_objects']}-{w['max_objects']} objects; held out: {held} "
            f"({w['source']})",
            f"{c.num_prompts} prompts per split x {c.images_per_prompt} images, {c.steps} steps "
-           f"({report.calibration['scheduler']}), guidance {c.guidance}, seed {c.seed}; {report.seconds:.0f} s", "",
+           f"({report.calibration['scheduler']}), guidance {c.guidance}, seed {c.seed}"
+           f"{', attention guidance from each prompt' if c.guide else ''}; {report.seconds:.0f} s", "",
            "## GenEval-style summary (% of images, judged by the segmenter)"]
     rows = []
     for split, sources in report.fidelity.items():
         ge = sources["model"]["geneval"]
-        rates = [ge[m]["rate"] for m in GENEVAL]
-        known = [r for r in rates if r is not None]
-        rows.append([split, str(sources["model"]["images"])] + [pct(r) for r in rates]
-                    + [pct(sum(known) / len(known) if known else None)])
+        rows.append([split, str(sources["model"]["images"])] + [pct(ge[m]["rate"]) for m in GENEVAL]
+                    + [pct(overall(ge))])
     out += table(["split", "n"] + list(GENEVAL) + ["overall"], rows)
     out += [""] + [f"- {m}: {GENEVAL_HELP[m]}" for m in GENEVAL]
     out += ["", "## Prompt fidelity (% of trials, judged by the segmenter)"]

@@ -6,6 +6,7 @@ serve.py lays these out in a Gradio page; tests call them directly.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import threading
@@ -22,7 +23,7 @@ from .attention import AttentionRecorder, Heatmaps
 from .attention.effects import effect_map
 from .attention.overlay import effect_heat, grid_image, overlay, upscale
 from .pipeline import check_pipeline_folder, load_pipeline, scheduler_name
-from .sampling import png_metadata, slug
+from .sampling import guide_metadata, parse_layout, png_metadata, slug
 from .settings import (QUICK, SERVER_LIMITS, SamplingLimits, SamplingSettings, check_word_weight,
                        generators, is_whole)
 
@@ -67,13 +68,19 @@ class Request:
     model: str | None = None     # one of the server's models; None: the first
     size: int | None = None      # square side in px; None: the model's sample size
     num_images: int = QUICK.num_images
+    place: bool = False          # attention guidance: objects where the prompt's positions and relations say
+    excite: bool = False         # attention guidance: every object of the prompt made to appear
+    boxes: str = ""              # attention guidance: "word=x0,y0,x1,y1; ..." (fractions, y down), before `place`
 
     @property
     def sampling(self) -> SamplingSettings:
         """The request's sampling settings (a square image; image i from seed + i)."""
+        items = [item for item in re.split(r"[;\n]+", self.boxes or "") if item.strip()]
         return SamplingSettings(steps=self.steps, guidance=self.guidance, negative=self.negative or None,
                                 scheduler=None if self.scheduler == MODEL_DEFAULT else self.scheduler,
-                                height=self.size, width=self.size, num_images=self.num_images, seed=self.seed)
+                                height=self.size, width=self.size, num_images=self.num_images, seed=self.seed,
+                                layout=parse_layout(items, "boxes") if items else bool(self.place),
+                                excite=bool(self.excite))
 
 
 @dataclass
@@ -154,6 +161,10 @@ class Explorer:
         pipe = self.pipeline(model)
         size = pipe.unet.config.sample_size if r.size is None else r.size
         s = replace(r, size=size).sampling.check(lim.sampling, pipe, names=REQUEST_NAMES)
+        if s.layout or s.excite:  # the words against the prompt, before sampling
+            from .attention.guidance import resolve_targets
+            resolve_targets(pipe.prompt_tokens(r.prompt.strip()), s.pipeline_kwargs()["layout"],
+                            s.pipeline_kwargs()["excite"])
         return replace(r, prompt=r.prompt.strip(), negative=(r.negative or "").strip(), size=s.height, model=model,
                        steps=s.steps, num_images=s.num_images, seed=s.seed, guidance=s.guidance)
 
@@ -192,7 +203,8 @@ class Explorer:
             meta = png_metadata(prompt=r.prompt, negative_prompt=r.negative, seed=r.seed + i, steps=r.steps,
                                 guidance=r.guidance, scheduler=result.scheduler, height=image.height,
                                 width=image.width, upscale=1, precision="fp32",
-                                model=self.models[r.model] or "default")  # what `t2i generate --model` accepts
+                                model=self.models[r.model] or "default",  # what `t2i generate --model` accepts
+                                **guide_metadata(r.sampling))
             files[f"png:{i}"] = folder / f"{slug(r.prompt)}-{r.seed + i}.png"
             image.save(files[f"png:{i}"], pnginfo=meta)
         files["heatmaps"] = folder / f"{slug(r.prompt)}-{r.seed}-heatmaps.safetensors"

@@ -24,7 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .checkpoint import safetensors_damage
 from .diffusion import alpha_bar_at, predict_x0
 from .layout import BatchLayout
-from .settings import DEFAULTS, SCHEDULERS, downsample_factor, max_inference_steps
+from .settings import DEFAULTS, SCHEDULERS, GuideSettings, downsample_factor, max_inference_steps
 from .text import PromptEncoding, PromptTruncated, encode_prompts, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
 
@@ -60,6 +60,7 @@ class T2IPipelineOutput(BaseOutput):
     images: list[Image.Image] | np.ndarray | torch.Tensor
     attention: Any = None  # the recorder's Heatmaps when record_attention is set
     previews: torch.Tensor | None = None  # (steps, images, 3, H, W) in [0, 1]: the predicted x0 at each step
+    guidance: list[dict] | None = None  # attention guidance: per guided step, its energies ({'layout': [...], ...})
 
 
 class T2IPipeline(DiffusionPipeline):
@@ -213,6 +214,9 @@ class T2IPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         scheduler: str | None = None,
+        layout: bool | dict[str, tuple[float, float, float, float]] | list[dict] | None = None,
+        excite: bool | list[str] | list[list[str]] | None = None,
+        guide: GuideSettings = DEFAULTS.guide,
     ):
         """Generate images. `callback(i, t, x_t)` runs after each step. Images come back as a list of
         PIL images, a float array (B, H, W, 3) in [0, 1] ('np') or a tensor (B, 3, H, W) in [0, 1] ('pt').
@@ -224,6 +228,10 @@ class T2IPipeline(DiffusionPipeline):
         the predicted clean image x0 after each step as `.previews` (steps, B, 3, H, W) in [0, 1].
         `scheduler`: a t2i.settings.SCHEDULERS name to sample with in this call only (a fresh one built
         from the pipeline's scheduler config; None: the pipeline's own).
+        `layout` {word: (x0, y0, x1, y1)} (boxes as fractions of the image, y down; one dict for every prompt or
+        one per prompt) and `excite` (words) turn on attention guidance; True takes them from a shapes-world
+        prompt's own positions, relations and objects. Guidance (t2i.attention.guidance) acts on the first
+        `guide.fraction` of the steps; without it nothing changes. `.guidance` then holds each guided step's energies.
 
         As in diffusers: `latents` (B*n, C, H, W) is the initial noise before the scheduler's
         init_noise_sigma; `prompt_embeds` (B, T, width) with `prompt_attention_mask` (B, T) replaces
@@ -276,15 +284,26 @@ class T2IPipeline(DiffusionPipeline):
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         timesteps = scheduler.timesteps
         autocast = torch.autocast(device.type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        layout = BatchLayout(enc, (height, width), n, guided, len(timesteps))
+        batch = BatchLayout(enc, (height, width), n, guided, len(timesteps))
+        targets, guided_steps, energies = None, 0, None
+        if layout or excite:
+            from .attention.guidance import guided_latents, resolve_targets
+            guide = guide.check()
+            targets = resolve_targets([enc.tokens[i] for i in batch.texts("cond")], layout, excite)
+            guided_steps, energies = round(guide.fraction * len(timesteps)), []
         weighting = nullcontext()
         if word_weights:
             from .attention.effects import reweighting
-            weighting = reweighting(self.unet, layout, word_weights)
-        recording = recorder.record(self.unet, layout) if recorder is not None else nullcontext()
+            weighting = reweighting(self.unet, batch, word_weights)
+        recording = recorder.record(self.unet, batch) if recorder is not None else nullcontext()
         x0_previews = [] if previews else None
         with weighting, recording:
             for i, t in enumerate(self.progress_bar(timesteps)):
+                if targets and i < guided_steps:
+                    x, seen = guided_latents(self.unet, x, t, batch, ctx, mask, targets, guide,
+                                             scheduler.scale_model_input, autocast,
+                                             float(1 - alpha_bar_at(scheduler, t)) ** 0.5)
+                    energies.append(seen)
                 if recorder is not None:
                     recorder.set_step(i)
                 x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
@@ -313,7 +332,7 @@ class T2IPipeline(DiffusionPipeline):
         attention = recorder.heatmaps() if recorder is not None else None
         x0_previews = torch.stack(x0_previews) if x0_previews else None
         self.maybe_free_model_hooks()
-        return T2IPipelineOutput(images, attention, x0_previews) if return_dict else (images, attention)
+        return T2IPipelineOutput(images, attention, x0_previews, energies) if return_dict else (images, attention)
 
 
 def randn(shape, generator, device, dtype) -> torch.Tensor:

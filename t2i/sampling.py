@@ -9,7 +9,7 @@ import json
 import os
 import re
 import unicodedata
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -22,9 +22,40 @@ LIMITS = SamplingLimits(max_images=1000)  # the command line may ask for whateve
 
 
 def sampling_settings(args, base: SamplingSettings = DEFAULTS) -> SamplingSettings:
-    """A command's sampling options as settings; the options it lacks or leaves unset come from `base`."""
+    """A command's sampling options as settings; the options it lacks or leaves unset come from `base`.
+    --guide takes the boxes from the prompt, --layout names them; --excite names the words to make appear
+    (all: every object's, from the prompt)."""
     given = {name: getattr(args, flag[2:].replace("-", "_"), None) for name, flag in OPTIONS.items()}
+    from_prompt = True if getattr(args, "guide", None) is True else None  # evaluate's --guide is its own
+    given["layout"] = parse_layout(args.layout) if getattr(args, "layout", None) else from_prompt
+    words = [w.strip() for w in (getattr(args, "excite", None) or "").split(",") if w.strip()]
+    given["excite"] = True if words == ["all"] else tuple(words) or None
     return replace(base, **{name: value for name, value in given.items() if value is not None})
+
+
+def parse_layout(items: list[str], name: str = "--layout") -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """WORD=X0,Y0,X1,Y1 items (--layout's) as (word, box) pairs; the boxes are checked with the settings."""
+    pairs = []
+    for item in items:
+        word, _, box = item.partition("=")
+        try:
+            values = tuple(float(v) for v in box.split(","))
+        except ValueError:
+            values = ()
+        if not word.strip() or len(values) != 4:
+            raise ValueError(f"{name} must be WORD=X0,Y0,X1,Y1 (fractions of the image, y down), e.g. "
+                             f"circle=0,0,0.4,0.4; got {item!r}")
+        pairs.append((word.strip(), values))
+    return tuple(pairs)
+
+
+def guide_metadata(settings: SamplingSettings) -> dict:
+    """The attention-guidance settings a PNG records (none without guidance)."""
+    if not (settings.layout or settings.excite):
+        return {}
+    return dict(layout=settings.layout if isinstance(settings.layout, bool) else dict(settings.layout),
+                excite=settings.excite if isinstance(settings.excite, bool) else list(settings.excite),
+                guide=asdict(settings.guide))
 
 
 def check_options(args, base: SamplingSettings = DEFAULTS) -> SamplingSettings:

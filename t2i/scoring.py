@@ -11,7 +11,7 @@ import numpy as np
 
 from .data.shapes import ShapeScene
 from .metrics import scale_to_peak
-from .settings import QUICK, SamplingSettings, generators
+from .settings import GUIDES, QUICK, GuideSettings, SamplingSettings, generators
 from .text import PromptTruncated
 
 WORD_CLASSES = ("noun", "colour")
@@ -30,11 +30,16 @@ class EvalConfig:
     calibration_prompts: int = 32    # one image each, to choose tau; 0: DAAM's tau (DAAM_TAU)
     batch_size: int = 64             # images per pipeline call
     effect_prompts: int = 16         # per split: one image each, its object words silenced in turn; 0: none
+    guide: str | None = None         # attention guidance from each prompt's own words (t2i.attention.guidance):
+                                     # "layout" (boxes), "excite" (presence) or "both"; None: none
+    guide_settings: GuideSettings = GuideSettings()  # its strengths
 
     def __post_init__(self):
         for name in ("num_prompts", "images_per_prompt", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.guide not in (None, *GUIDES):
+            raise ValueError(f"EvalConfig.guide must be one of {', '.join(GUIDES)} or None, got {self.guide!r}")
         if self.calibration_prompts < 0 or self.seed < 0 or self.effect_prompts < 0:
             raise ValueError("EvalConfig.calibration_prompts, effect_prompts and seed must be >= 0")
         self.sampling.check(names={k: f"EvalConfig.{k}" for k in ("steps", "guidance")})
@@ -42,7 +47,9 @@ class EvalConfig:
     @property
     def sampling(self) -> SamplingSettings:
         """The settings of every pipeline call (the seeds are drawn per image: image_seed)."""
-        return replace(QUICK, steps=self.steps, guidance=self.guidance, scheduler=self.scheduler)
+        return replace(QUICK, steps=self.steps, guidance=self.guidance, scheduler=self.scheduler,
+                       layout=self.guide in ("layout", "both"), excite=self.guide in ("excite", "both"),
+                       guide=self.guide_settings)
 
 
 def object_words(scene: ShapeScene) -> list[dict[str, str]]:

@@ -96,6 +96,12 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 guidance = Slider(least_guidance, min(GUIDANCE_SLIDER_MAX, most_guidance), value=first.guidance,
                                   step=0.5, label="guidance", elem_id="guidance")
                 count = Slider(1, lim.max_images, value=first.num_images, step=1, label="images", elem_id="count")
+                with gr.Accordion("attention guidance (slower)", open=False, elem_id="guidance-panel"):
+                    with gr.Row():
+                        place = gr.Checkbox(label="place objects where the prompt says", elem_id="place")
+                        excite = gr.Checkbox(label="make every object appear", elem_id="excite")
+                    boxes = gr.Textbox(label="or boxes: word=x0,y0,x1,y1; ... (fractions of the image, y down)",
+                                       placeholder="circle=0,0,0.4,0.4; square=0.6,0.6,1,1", elem_id="boxes")
                 with gr.Row():
                     scheduler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT, label="scheduler",
                                             elem_id="scheduler")
@@ -150,9 +156,10 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     grid: explorer.grid(result, index, res), **draw_step(result, word, index, res, at)}
 
         @_page_errors(message)
-        def on_generate(prompt_, negative_, seed_, steps_, guidance_, scheduler_, model_, size_, count_,
-                        progress=gr.Progress()):
-            request = Request(prompt_, negative_, seed_, steps_, guidance_, scheduler_, model_, size_, count_)
+        def on_generate(prompt_, negative_, seed_, steps_, guidance_, scheduler_, model_, size_, count_, place_,
+                        excite_, boxes_, progress=gr.Progress()):
+            request = Request(prompt_, negative_, seed_, steps_, guidance_, scheduler_, model_, size_, count_,
+                              place_, excite_, boxes_)
             result = explorer.generate(request, progress=lambda i, n: progress((i, n), desc="sampling"))
             word = result.first_word
             n = result.request.steps
@@ -164,7 +171,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     step: gr.Slider(maximum=max(n, 2), value=n, interactive=n > 1),
                     weight: 1.0, effect: None, reweighted: None, files: files_,
                     message: f"{len(result.images)} image(s), {result.request.steps} steps "
-                             f"({result.scheduler}), seed {result.request.seed}: {result.seconds:.1f} s"
+                             f"({result.scheduler}), seed {result.request.seed}"
+                             f"{', attention guidance' if result.request.sampling.layout or excite_ else ''}: "
+                             f"{result.seconds:.1f} s"
                              + "".join(f". Note: {note}" for note in (explorer.cut_off(result),
                                                                         explorer.above_native(result)) if note)}
 
@@ -191,7 +200,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     effect: gr.Image(shown, label=f"effect of {said}"), message: f"regenerated with {said}",
                     files: [str(p) for p in result.files.values()]}               # the reweighted PNG among them
 
-        inputs = [prompt, negative, seed, steps, guidance, scheduler, model, size, count]
+        inputs = [prompt, negative, seed, steps, guidance, scheduler, model, size, count, place, excite, boxes]
         everything = [state, *views, words, resolution, which, step, weight, effect, reweighted, files, message]
         # one progress display, in the message; the earlier result stays in view until the new one replaces it
         generate.click(on_generate, inputs, everything, api_name="generate", concurrency_id="sampling",

@@ -43,6 +43,45 @@ class SamplingLimits:
 SERVER_LIMITS = SamplingLimits(max_steps=50, max_images=4, max_side=128, guidance=(1.0, 30.0), word_weight=(0.0, 3.0))
 
 
+GUIDES = ("layout", "excite", "both")  # what attention guidance from a prompt's own words steers (t2i evaluate --guide)
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1): fractions of the image's width and height, y down
+
+
+@dataclass(frozen=True)
+class GuideSettings:
+    """How strongly attention guidance (t2i.attention.guidance) steers: the share of the first sampling steps
+    it acts on, gradient steps on the latents per sampling step, each step's size (RMS, in latent units),
+    and the smoothed peak attention above which a word counts as present (presence guidance stops there).
+    The defaults come from `bench/guidance.py`'s sweep (docs/results.md)."""
+
+    fraction: float = 0.3
+    iterations: int = 3
+    step_size: float = 0.1
+    threshold: float = 0.6
+
+    def check(self) -> GuideSettings:
+        if not (_number(self.fraction) and 0 <= self.fraction <= 1):
+            raise ValueError(f"the guided fraction of steps must be from 0 to 1, got {self.fraction!r}")
+        if not (_number(self.step_size) and self.step_size >= 0):
+            raise ValueError(f"the guidance step size must be a finite number >= 0, got {self.step_size!r}")
+        if not (_number(self.threshold) and 0 < self.threshold <= 1):
+            raise ValueError(f"the presence threshold must be in (0, 1], got {self.threshold!r}")
+        return replace(self, iterations=_whole("the guidance iterations", self.iterations, 0, 100))
+
+
+def check_box(word: str, box) -> Box:
+    """`box` as four floats with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, or a ValueError naming the word."""
+    values = tuple(box) if isinstance(box, (tuple, list)) else ()
+    if len(values) != 4 or not all(_number(v) for v in values):
+        raise ValueError(f"the box of {word!r} must be four finite numbers x0, y0, x1, y1, fractions of the image "
+                         f"(y down), e.g. 0,0,0.4,0.4 for the top left; got {box!r}")
+    x0, y0, x1, y1 = (float(v) for v in values)
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise ValueError(f"the box of {word!r} must have 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions of the "
+                         f"image, y down), got {box!r}")
+    return x0, y0, x1, y1
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """One sampling run's settings. Image i of a run is drawn from seed + i (the seed policy of every
@@ -56,6 +95,9 @@ class SamplingSettings:
     width: int | None = None
     num_images: int = 1                  # per prompt
     seed: int = 0
+    layout: tuple[tuple[str, Box], ...] | bool = ()  # (word, box): attention guidance puts the word in the box;
+    excite: tuple[str, ...] | bool = ()             # the words it makes appear. True: from the prompt's own words
+    guide: GuideSettings = GuideSettings()
 
     def check(self, limits: SamplingLimits = SamplingLimits(), pipe=None,
               names: dict[str, str] | None = None, images: int | None = None) -> SamplingSettings:
@@ -85,7 +127,11 @@ class SamplingSettings:
         # 3. the image's sides (None: the model's sample size)
         sides = {side: None if getattr(self, side) is None else _side(name[side], getattr(self, side), limits, pipe)
                  for side in ("height", "width")}
-        return replace(self, steps=steps, num_images=num_images, seed=seed, guidance=float(self.guidance), **sides)
+        # 4. attention guidance: the boxes and the strengths (the words are checked against the prompt)
+        layout = self.layout if isinstance(self.layout, bool) else tuple(
+            (word, check_box(word, box)) for word, box in self.layout)
+        return replace(self, steps=steps, num_images=num_images, seed=seed, guidance=float(self.guidance), **sides,
+                       layout=layout, guide=self.guide.check())
 
     def seeds(self, count: int, first: int = 0) -> list[int]:
         """The seeds of images first .. first + count - 1: image i's is seed + i."""
@@ -95,7 +141,8 @@ class SamplingSettings:
         """These settings as T2IPipeline's arguments (all but the seeds: pass `generator=generators(...)`)."""
         return dict(negative_prompt=self.negative or None, num_inference_steps=self.steps,
                     guidance_scale=self.guidance, scheduler=self.scheduler, height=self.height, width=self.width,
-                    num_images_per_prompt=self.num_images)
+                    num_images_per_prompt=self.num_images, layout=_words(self.layout, dict),
+                    excite=_words(self.excite, list), guide=self.guide)
 
 
 DEFAULTS = SamplingSettings()                 # the pipeline's own call, `t2i generate`, `heatmap` and `effect`
@@ -144,6 +191,13 @@ def _side(name: str, value, limits: SamplingLimits, pipe) -> int:
         why = f" ({MAX_SIZE_FACTOR}x the model's sample size {sample_size})" if limits.max_side is None else ""
         raise ValueError(f"{name} must be a multiple of {f} from {f} to {most} px{why}, got {value}")
     return int(value)
+
+
+def _words(value, kind):
+    """A guidance setting as the pipeline takes it: True, or a dict or list of the words (None: none)."""
+    if isinstance(value, bool):
+        return True if value else None
+    return kind(value) or None
 
 
 def _number(x) -> bool:

@@ -72,6 +72,14 @@ def pipe():
     return tiny_pipeline()
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """tiny_pipeline() saved as a pipeline folder, once per test module."""
+    path = tmp_path_factory.mktemp("model")
+    tiny_pipeline().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
     """`t2i serve` on a free loopback port, in its own process, with tiny_pipeline() as its model:

@@ -1,6 +1,6 @@
 """`t2i serve` end to end in a real headless Chromium (Debian's `chromium`, driven by Playwright through
 executable_path; Playwright never downloads a browser): type a prompt, generate, click a word, scrub the
-steps, silence a colour word; every request of the page goes to loopback only."""
+steps, silence a colour word, generate once with attention guidance; every request of the page goes to loopback only."""
 import shutil
 import time
 from pathlib import Path
@@ -104,6 +104,15 @@ def test_the_page_generates_shows_a_words_map_scrubs_steps_and_silences_a_word(s
                                    timeout=30_000)
             text = page.inner_text("body")
             assert "type a prompt" in text and "Traceback" not in text
+
+            # 6. one guided generation: open the guidance panel, place the object where the prompt says
+            page.click("text=attention guidance (slower)")
+            page.locator("#place input").check()
+            page.fill("#prompt textarea", "a red circle in the top left")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#message').innerText.includes('attention guidance')",
+                                   timeout=60_000)
+            assert "1 steps" in page.inner_text("#message") and "Traceback" not in page.inner_text("body")
         finally:
             browser.close()
     print(f"\npage generate: {generate_s:.2f} s; requests refused (not loopback): {len(outside)}; "

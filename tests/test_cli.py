@@ -8,13 +8,6 @@ from t2i.cli import main
 from conftest import tiny_pipeline
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    tiny_pipeline().save_pretrained(path)
-    return path
-
-
 def test_generate_writes_pngs_with_metadata(model_dir, tmp_path, capsys):
     rc = main(["generate", "a red circle", "a blue square", "--model", str(model_dir), "--steps", "2",
                "--seed", "7", "--num-images", "2", "--scheduler", "ddim", "--out", str(tmp_path), "--upscale", "2",

@@ -14,7 +14,7 @@ def _generate(url: str, k: int) -> tuple[str, float]:
     from gradio_client import Client
     client = Client(url, download_files=False, verbose=False)           # one visitor: its own session
     t0 = time.perf_counter()
-    out = client.submit(f"a red circle {k % 3}", "", k, 2, 3.0, "default", None, 16, 1,
+    out = client.submit(f"a red circle {k % 3}", "", k, 2, 3.0, "default", None, 16, 1, False, False, "",
                         api_name="/generate").result(timeout=120)
     return out[-1], time.perf_counter() - t0
 

@@ -4,18 +4,10 @@ import math
 
 import numpy as np
 import pytest
-from conftest import tiny_pipeline
 from PIL import Image
 
 from t2i.settings import (DEFAULTS, QUICK, SCHEDULERS, SERVER_LIMITS, SamplingLimits, SamplingSettings,
                           check_word_weight, generators)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    tiny_pipeline().save_pretrained(path)
-    return path
 
 
 def test_the_same_seed_and_settings_give_the_same_image_through_every_front_end(model_dir, tmp_path):

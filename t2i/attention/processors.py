@@ -52,14 +52,16 @@ class _Explicit:
         self.recorder = None                  # an AttentionRecorder: `_grid_to_record(N)` and `_add(name, grid, p)`
         self.weights: torch.Tensor | None = None
         self.capture: list[torch.Tensor] | None = None
+        self.quiet = False                    # recorder and weights paused (guidance's own passes), see `suspended`
 
     def _plan(self, N: int):
         """(whether to attend explicitly, grid to record or None); False: nothing to read or edit, run the original."""
-        grid = self.recorder._grid_to_record(N) if self.recorder is not None else None
-        return grid is not None or self.weights is not None or self.capture is not None, grid
+        grid = self.recorder._grid_to_record(N) if self.recorder is not None and not self.quiet else None
+        weights = self.weights is not None and not self.quiet
+        return grid is not None or weights or self.capture is not None, grid
 
     def _attend(self, grid, q, k, v, bias, scale):
-        o, p = attention_with_probs(q, k, v, bias, scale, self.weights)
+        o, p = attention_with_probs(q, k, v, bias, scale, None if self.quiet else self.weights)
         if grid is not None:
             self.recorder._add(self.name, grid, p)
         if self.capture is not None:
@@ -200,3 +202,17 @@ def attached(unet: nn.Module, names: Iterable[str], role: str, value) -> Iterato
         idle = {name: p.original for name, p in processors.items() if all(getattr(p, r) is None for r in ROLES)}
         if idle:
             _install(unet, idle)
+
+
+@contextmanager
+def suspended(unet: nn.Module) -> Iterator[None]:
+    """Within the block, the explicit processors installed on `unet` neither record nor reweight (their
+    roles stay set, so nothing is uninstalled): for passes that are not part of the image's denoising."""
+    processors = [m.processor for m in cross_attention_modules(unet).values() if isinstance(m.processor, EXPLICIT)]
+    for p in processors:
+        p.quiet = True
+    try:
+        yield
+    finally:
+        for p in processors:
+            p.quiet = False
