@@ -154,7 +154,7 @@ def test_boxes_and_words_come_from_a_shapes_world_prompt(prompt, layout, excite)
 
 
 def test_guidance_from_the_prompt_needs_an_object():
-    with pytest.raises(ValueError, match=r"found no object .* give boxes and words instead"):
+    with pytest.raises(ValueError, match=r"found no object .* give the boxes instead \(--layout WORD="):
         prompt_guidance("a dog on a sofa")
 
 

@@ -240,7 +240,8 @@ def prompt_guidance(prompt: str) -> tuple[dict[str, Box], list[str]]:
             objects.append((start, i))
     if not objects:
         raise ValueError(f"found no object ({', '.join(SHAPES)}) in {prompt!r}: guidance from the prompt reads "
-                         "shapes-world prompts; give boxes and words instead (layout={word: box}, excite=[...])")
+                         "shapes-world prompts; give the boxes instead (--layout WORD=X0,Y0,X1,Y1, or layout={word: box} "
+                         "in Python)")
     boxes: list[Box | None] = [None] * len(objects)
     phrases, i = _position_phrases(), 0
     while i < len(words):                                   # position phrases, each to the object beside it
