@@ -4,7 +4,7 @@ share of steps guided, gradient steps per sampling step, their size), with secon
 one process, side by side. Rows: the boxes, presence and both, and each strength varied for the boxes; columns: position, relation, count, exact, colour and shape on the held-out and the
 paraphrase splits, each prompt's images from the same seeds in every row.
 
-    python bench/guidance.py                              # the shipped model; the table in docs/results.md
+    python bench/guidance.py                              # the position-blind reference; docs/results.md
     python bench/guidance.py --model runs/shapes32/pipeline --prompts 24 --images 2
     python bench/guidance.py --time 5                     # seconds per image alone and guided, alternating
 """
@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,7 @@ from t2i.pipeline import load_pipeline
 from t2i.settings import GuideSettings
 
 SPLITS = ("held-out", "paraphrase")
+POSITION_BLIND = Path(__file__).resolve().parent / "position_blind"
 METRICS = ("position", "relation", "count", "exact", "colour", "shape")
 
 
@@ -57,7 +59,8 @@ def time_ratio(pipe, steps: int, repeats: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="pipeline folder (default: the shipped model)")
+    p.add_argument("--model", default=str(POSITION_BLIND), help="pipeline folder (default: bench/position_blind, "
+                   "the model shipped before issue 16, which places objects at chance)")
     p.add_argument("--prompts", type=int, default=12, help="prompts per split (default: 12)")
     p.add_argument("--images", type=int, default=2, help="images per prompt (default: 2)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
@@ -70,7 +73,7 @@ def main() -> None:
         return time_ratio(pipe, args.steps, args.time)
     base = EvalConfig(num_prompts=args.prompts, images_per_prompt=args.images, steps=args.steps,
                       calibration_prompts=0, effect_prompts=0)
-    print(f"# bench/guidance.py: {args.model or 'the shipped model'}, {args.prompts} prompts per split x "
+    print(f"# bench/guidance.py: {args.model}, {args.prompts} prompts per split x "
           f"{args.images} images, {args.steps} steps, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     header = ["row", "fraction", "iterations", "step size"] + [f"{s} {m}" for s in SPLITS for m in METRICS]
     print("| " + " | ".join(header + ["s/image", "x alone"]) + " |", flush=True)
