@@ -33,9 +33,9 @@ def cmd_generate(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     n = settings.num_images
     jobs = list(zip([p for p in args.prompt for _ in range(n)], settings.seeds(len(args.prompt) * n)))
+    one_each = replace(settings, num_images=1)  # each batch lists every image's prompt
     for start in range(0, len(jobs), GENERATE_BATCH):  # memory stays flat in the number of images
         batch = jobs[start:start + GENERATE_BATCH]
-        one_each = replace(settings, num_images=1)  # the batch lists each image's prompt
         result = pipe([prompt for prompt, _ in batch], **one_each.pipeline_kwargs(),
                       generator=generators(seed for _, seed in batch), record_attention=args.heatmaps)
         _save_generated(args, settings, result, batch, out, model, scheduler)
@@ -212,9 +212,9 @@ def cmd_evaluate(args) -> None:
     report = evaluate(pipe, config)
     print(report.format_table())
     result = report.to_dict()
-    if args.guide:  # the same prompts and seeds again, guided, and the two side by side
+    if args.guide_kind:  # the same prompts and seeds again, guided, and the two side by side
         from .evaluate import format_comparison
-        guided = evaluate(pipe, replace(config, guide=args.guide))
+        guided = evaluate(pipe, replace(config, guide=args.guide_kind))
         print("\n" + guided.format_table() + "\n\n" + format_comparison(report, guided))
         result = {"alone": result, "guided": guided.to_dict()}
     elif args.model and add_evaluation(args.model, report.format_table()):
@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="score prompt fidelity and heatmap localisation on seen and held-out "
                        "prompts (unset sizes: t2i.evaluate.EvalConfig's defaults, printed in the report)")
     _sampling_options(e, QUICK, size=False, guide=False)
-    e.add_argument("--guide", nargs="?", const="layout", choices=GUIDES, help="also score the model with "
+    e.add_argument("--guide", dest="guide_kind", nargs="?", const="layout", choices=GUIDES,
+                   help="also score the model with "
                    "attention guidance from each prompt's own words, beside the model alone (same prompts and "
                    "seeds), with seconds per image: layout (boxes from the stated positions and relations; the "
                    "default), excite (every object made to appear) or both")

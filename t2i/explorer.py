@@ -163,8 +163,8 @@ class Explorer:
         s = replace(r, size=size).sampling.check(lim.sampling, pipe, names=REQUEST_NAMES)
         if s.layout or s.excite:  # the words against the prompt, before sampling
             from .attention.guidance import resolve_targets
-            resolve_targets(pipe.prompt_tokens(r.prompt.strip()), s.pipeline_kwargs()["layout"],
-                            s.pipeline_kwargs()["excite"])
+            kwargs = s.pipeline_kwargs()
+            resolve_targets(pipe.prompt_tokens(r.prompt.strip()), kwargs["layout"], kwargs["excite"])
         return replace(r, prompt=r.prompt.strip(), negative=(r.negative or "").strip(), size=s.height, model=model,
                        steps=s.steps, num_images=s.num_images, seed=s.seed, guidance=s.guidance)
 

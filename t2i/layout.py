@@ -2,6 +2,7 @@
 BatchLayout for each call, and the hooks that read it (the attention recorder, word reweighting)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .text import PromptEncoding
@@ -41,3 +42,14 @@ class BatchLayout:
         """The UNet batch rows of a branch."""
         texts, n = self.texts(branch), self.images_per_prompt
         return slice(texts.start * n, texts.stop * n)
+
+
+def query_grid(N: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) query grid of a cross-attention layer with N = h * w queries for an image of `image_size`
+    (H, W): (H/f, W/f) for the layer's downsampling f."""
+    H, W = image_size
+    f = max(1, round(math.sqrt(H * W / N)))
+    h, w = -(-H // f), -(-W // f)
+    if h * w != N:
+        raise ValueError(f"cannot lay {N} queries on a grid for a {H}x{W} image")
+    return h, w

@@ -26,7 +26,7 @@ def sampling_settings(args, base: SamplingSettings = DEFAULTS) -> SamplingSettin
     --guide takes the boxes from the prompt, --layout names them; --excite names the words to make appear
     (all: every object's, from the prompt)."""
     given = {name: getattr(args, flag[2:].replace("-", "_"), None) for name, flag in OPTIONS.items()}
-    from_prompt = True if getattr(args, "guide", None) is True else None  # evaluate's --guide is its own
+    from_prompt = getattr(args, "guide", False) or None
     given["layout"] = parse_layout(args.layout) if getattr(args, "layout", None) else from_prompt
     words = [w.strip() for w in (getattr(args, "excite", None) or "").split(",") if w.strip()]
     given["excite"] = True if words == ["all"] else tuple(words) or None

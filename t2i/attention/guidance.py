@@ -23,17 +23,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..layout import BatchLayout, query_grid
 from ..settings import Box, GuideSettings, check_box
 from .heatmaps import prompt_text, resolve_word
 from .processors import attached, cross_attention_modules, suspended
-
-if TYPE_CHECKING:
-    from ..layout import BatchLayout
 
 
 def box_mask(box: Box, h: int, w: int) -> torch.Tensor:
@@ -47,23 +45,13 @@ def box_mask(box: Box, h: int, w: int) -> torch.Tensor:
     return mask
 
 
-def grid_of(N: int, image_size: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) query grid of a layer with N queries for an image of `image_size` (H, W)."""
-    H, W = image_size
-    f = max(1, round(math.sqrt(H * W / N)))
-    h, w = -(-H // f), -(-W // f)
-    if h * w != N:
-        raise ValueError(f"cannot lay {N} queries on a grid for a {H}x{W} image")
-    return h, w
-
-
 def layout_energy(maps: Sequence[torch.Tensor], image_size: tuple[int, int],
                   targets: list[list[tuple[list[int], Box]]]) -> torch.Tensor:
     """(B,) energy: for each row b and each (token indices, box) of targets[b], (1 - the share of the word's
     attention inside its box)^2, summed over words and averaged over the layers' maps p (B, N, T)."""
     total = 0.0
     for p in maps:
-        h, w = grid_of(p.shape[1], image_size)
+        h, w = query_grid(p.shape[1], image_size)
         rows = []
         for b, words in enumerate(targets):
             e = p.new_zeros(())
@@ -90,7 +78,7 @@ def peak_attention(maps: Sequence[torch.Tensor], image_size: tuple[int, int],
     without the start token (renormalised over tokens 1 .. lengths[b] - 1), averaged over layers."""
     peaks = [0.0] * len(words)
     for p in maps:
-        h, w = grid_of(p.shape[1], image_size)
+        h, w = query_grid(p.shape[1], image_size)
         for b, idxs in enumerate(words):
             if not idxs:
                 continue

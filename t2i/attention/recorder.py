@@ -6,7 +6,6 @@ UNet2DConditionModel; hooks are keyed by module name and by the step index the s
 """
 from __future__ import annotations
 
-import math
 import re
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layout import query_grid
 from .heatmaps import Heatmaps, prompt_text
 from .processors import attached, cross_attention_modules
 
@@ -98,13 +98,10 @@ class AttentionRecorder:
     def _grid(self, N: int) -> tuple[int, int]:
         """Query grid (h, w) of a layer with N = h * w queries: (H/f, W/f) for the H x W image."""
         if N not in self._grids:
-            H, W = self._image_size
-            f = max(1, round(math.sqrt(H * W / N)))
-            h, w = -(-H // f), -(-W // f)
-            if h * w != N:
-                raise ValueError(f"cannot lay {N} queries on a grid for a {H}x{W} image: give record() a layout "
-                                 "with the image size the UNet is sampling")
-            self._grids[N] = (h, w)
+            try:
+                self._grids[N] = query_grid(N, self._image_size)
+            except ValueError as e:
+                raise ValueError(f"{e}: give record() a layout with the image size the UNet is sampling") from None
         return self._grids[N]
 
     def _grid_to_record(self, N: int) -> tuple[int, int] | None:
