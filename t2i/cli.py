@@ -88,7 +88,7 @@ def cmd_effect(args) -> None:
     weight = check_word_weight(words[0], args.weight, name="--weight")
     out = new_out_folder(args.out, "effects", args.prompt, args.seed)
     pipe, settings = sampling_pipeline(args, progress=True)
-    effects = word_effects(pipe, args.prompt, words, weight, settings)
+    effects = word_effects(pipe, args.prompt, words, weight, settings, reweight_text=not args.cross_attention_only)
     for path in write_effect_outputs(effects, out, size=args.size).values():
         print(path)
 
@@ -286,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--words", required=True, help="comma-separated words to reweight, one at a time; "
                    "'circle#2' = the second circle")
     f.add_argument("--weight", type=float, default=0.0, help="each word's attention is multiplied by this "
-                   "(prompt-to-prompt reweighting, conditional branch only); 0 silences it (default: 0)")
+                   "(prompt-to-prompt reweighting, conditional branch only), in the UNet's cross-attention and in "
+                   "every attention of the text path; 0 takes the word out of the picture (default: 0)")
+    f.add_argument("--cross-attention-only", action="store_true", help="reweight in the UNet's cross-attention "
+                   "only, as t2i did before: on a model whose text path mixes the words, 0 then leaves a trace")
     f.add_argument("--negative", help="negative prompt")
     f.add_argument("--seed", type=int, default=0, help="from 0 to 2**64 - 1 (default: 0)")
     f.add_argument("--size", type=int, default=256, help="display size of the drawings in px (default: 256)")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from .data.wording import DEFAULT_HOLDOUT, check_holdout
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -29,6 +31,11 @@ class DataConfig:
     holdout_pairs: tuple[str, ...] = ()      # "colour shape" never shown together in training
     holdout_positions: tuple[str, ...] = ()  # "shape@position" never shown together in training
     position_prob: float = 0.5               # share of captions that state positions or a relation
+    wording: str = "templates"               # "templates" or "grammar": the same scenes in many wordings
+    holdout_wording: tuple[str, ...] = DEFAULT_HOLDOUT  # grammar elements training never draws; `t2i evaluate`'s
+                                                        # unseen-wording split is built from them
+    grammar_share: float = 1.0               # wording=grammar: share of captions in a drawn wording (rest: templates)
+    word_dropout: float = 0.0                # wording=grammar: chance that each function word ("a", "is", ...) is left out
     seed: int = 0
 
 
@@ -54,6 +61,8 @@ class TextConfig:
     layers: int = 2
     heads: int = 4
     max_length: int = 24                 # tokens including start and end
+    grow: bool = False                   # train.init_from: learn the tokenizer from this run's captions and grow the
+                                         # start's encoder to it and to max_length (shared tokens keep their rows)
 
     @property
     def trainable(self) -> bool:
@@ -161,6 +170,9 @@ class RunConfig:
             (math.isfinite(self.noise.snr_shift) and self.noise.snr_shift > 0,
              "noise.snr_shift must be a finite number > 0 (1: the beta schedule as it is)"),
             (0 <= self.data.position_prob <= 1, "data.position_prob must be in [0, 1]"),
+            (self.data.wording in ("templates", "grammar"), "data.wording must be 'templates' or 'grammar'"),
+            (0 <= self.data.grammar_share <= 1, "data.grammar_share must be in [0, 1]"),
+            (0 <= self.data.word_dropout < 1, "data.word_dropout must be in [0, 1)"),
             (self.train.grounding_weight >= 0, "train.grounding_weight must be >= 0 (0 turns it off)"),
             (not _infinite(self), f"{' and '.join(_infinite(self))} must be a finite number"),
             (self.noise.beta_schedule in BETA_SCHEDULES,
@@ -173,6 +185,7 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_holdout(self.data.holdout_wording)
         return self
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .data.paraphrase import paraphrase
+from .data.wording import DEFAULT_HOLDOUT, Grammar, reword
 from .data.shapes import ShapesConfig, ShapeScene, render_scene, shapes_world
 from .faithfulness import faithfulness_table, sample_effects, score_faithfulness
 from .metrics import (DAAM_TAU, FIDELITY, FIDELITY_HELP, GENEVAL, GENEVAL_HELP, TAUS, Tally, calibrate_tau,
@@ -24,6 +25,7 @@ from .segment import match_objects, segment
 
 SPLITS = {"seen": "train", "held-out": "holdout"}  # report name -> ShapesConfig.split
 PARAPHRASE = "paraphrase"  # seen-split scenes (another seed) re-worded as the training templates never do
+UNSEEN_WORDING = "unseen-wording"  # seen-split scenes said with grammar elements that training held out
 BENCHMARK_POSITION_PROB = 0.5  # prompts state positions as often for every model, whatever its training used
 IMAGE_SOURCES = ("model", "training images", "noise", "another prompt's scene")
 MAP_SOURCES = ("ours", "uniform", "centre prior")
@@ -83,7 +85,7 @@ def training_world(pipe) -> tuple[ShapesConfig, str]:
 
 def prompt_scenes(world: ShapesConfig, split: str, num: int, seed: int) -> list[ShapeScene]:
     """`num` scenes of `world` under `seed` from ShapesConfig split 'train', 'holdout' or 'all'."""
-    config = dataclasses.replace(world, split=split, seed=seed)
+    config = dataclasses.replace(world, split=split, seed=seed, wording="templates")  # comparable across models
     return [render_scene(config, i) for i in range(num)]
 
 
@@ -91,6 +93,15 @@ def paraphrase_scenes(world: ShapesConfig, num: int, seed: int) -> list[ShapeSce
     """`num` seen-split scenes under seed + 2, each captioned in a wording training never used."""
     rng = np.random.default_rng([seed, 2])
     return [paraphrase(s, rng) for s in prompt_scenes(world, "train", num, seed + 2)]
+
+
+def unseen_wording_scenes(world: ShapesConfig, num: int, seed: int) -> list[ShapeScene]:
+    """`num` seen-split scenes under seed + 3, each captioned by the grammar with at least one of the wording
+    elements training held out (world.holdout_wording; t2i.data.wording.DEFAULT_HOLDOUT for a model whose
+    config names none)."""
+    grammar = Grammar(world.holdout_wording or DEFAULT_HOLDOUT, "unseen")
+    rng = np.random.default_rng([seed, 3])
+    return [reword(s, grammar, rng) for s in prompt_scenes(world, "train", num, seed + 3)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +186,11 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
     if "held-out" not in splits:
         notes.append("the model's training data holds nothing out, so there is no held-out split")
     splits[PARAPHRASE] = paraphrase_scenes(world, config.num_prompts, config.seed)
+    if config.guide is None:  # guidance reads its boxes off template and paraphrase wordings only
+        splits[UNSEEN_WORDING] = unseen_wording_scenes(world, config.num_prompts, config.seed)
+    else:
+        notes.append("guided: no unseen-wording split (guidance from the prompt reads the templates' and the "
+                     "paraphrases' wordings only)")
     calibration = prompt_scenes(world, "train", config.calibration_prompts, config.seed + 1)
     size = world.size
 
@@ -253,7 +269,7 @@ def format_comparison(alone: EvalReport, guided: EvalReport) -> str:
     """The model alone against the same model with attention guidance, split by split: the fidelity
     metrics guidance aims at and those it must not cost, the GenEval-style overall, and seconds per image."""
     rows = []
-    for split in alone.fidelity:
+    for split in (s for s in alone.fidelity if s in guided.fidelity):
         for name, report in (("alone", alone), ("guided", guided)):
             model = report.fidelity[split]["model"]
             rows.append([split, name] + [pct(model[m]["rate"]) for m in COMPARED] + [pct(overall(model["geneval"]))])

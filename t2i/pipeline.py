@@ -204,6 +204,7 @@ class T2IPipeline(DiffusionPipeline):
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         record_attention: bool | AttentionRecorder = False,
         word_weights: dict[str, float] | list[dict[str, float]] | None = None,
+        reweight_text: bool = True,
         previews: bool = False,
         return_dict: bool = True,
         latents: torch.Tensor | None = None,
@@ -224,7 +225,9 @@ class T2IPipeline(DiffusionPipeline):
         returns the cross-attention heatmaps as `.attention` (of the probabilities as reweighted).
         `word_weights`: {word: weight} for every prompt, or one dict per prompt, scales each word's
         cross-attention probabilities on the conditional branch at every layer and step (prompt-to-prompt's
-        reweighting; 0 silences a word, 2 doubles it; see t2i.attention.effects). `previews`: also return
+        reweighting; 0 silences a word, 2 doubles it; see t2i.attention.effects), and with `reweight_text`
+        (default) scales its keys in the text encoder's self-attention and t2i's context layer as well, so a
+        word at 0 is in no other word's state either (False: the cross-attention alone). `previews`: also return
         the predicted clean image x0 after each step as `.previews` (steps, B, 3, H, W) in [0, 1].
         `scheduler`: a t2i.settings.SCHEDULERS name to sample with in this call only (a fresh one built
         from the pipeline's scheduler config; None: the pipeline's own).
@@ -293,8 +296,10 @@ class T2IPipeline(DiffusionPipeline):
             guided_steps, energies = round(guide.fraction * len(timesteps)), []
         weighting = nullcontext()
         if word_weights:
-            from .attention.effects import reweighting
-            weighting = reweighting(self.unet, batch, word_weights)
+            from .attention.effects import reweighted_states, reweighting
+            if reweight_text and prompt_embeds is None:  # the word out of the text encoder's mixing too
+                ctx = reweighted_states(self, prompt, batch, word_weights).repeat_interleave(n, dim=0).to(dtype)
+            weighting = reweighting(self.unet, batch, word_weights, text=reweight_text)
         recording = recorder.record(self.unet, batch) if recorder is not None else nullcontext()
         x0_previews = [] if previews else None
         with weighting, recording:

@@ -67,19 +67,34 @@ def probe_table(pipe, t: int = 999, seeds: int = 8) -> tuple[list[dict], float]:
     return rows, sum(off_centre) / len(off_centre)
 
 
-def cell_prompts() -> list[tuple[str, str, str]]:
-    """(prompt, colour, position) for every cell and CELL_OBJECTS pair: 18 one-object prompts."""
-    return [(f"a {colour} {shape} {POSITION_PHRASES[p]}", colour, p) for colour, shape in CELL_OBJECTS for p in POSITIONS]
+def cell_prompts(holdout_wording: tuple[str, ...] | None = None) -> list[tuple[str, str, str]]:
+    """(prompt, colour, position) for every cell and CELL_OBJECTS pair: 18 one-object prompts in the template's
+    wording, or, given held-out wording elements, each said with at least one of them (a fixed draw)."""
+    prompts = [(f"a {colour} {shape} {POSITION_PHRASES[p]}", colour, p) for colour, shape in CELL_OBJECTS for p in POSITIONS]
+    if holdout_wording is None:
+        return prompts
+    import numpy as np
+    from .data.shapes import ShapeObject, ShapeScene
+    from .data.wording import Grammar
+    grammar, rng = Grammar(holdout_wording, "unseen"), np.random.default_rng(0)
+    out = []
+    for (_, colour, position), (_, shape) in zip(prompts, [o for o in CELL_OBJECTS for _ in POSITIONS]):
+        row, col = divmod(POSITIONS.index(position), 3)
+        obj = ShapeObject(shape, colour, "small", position, row, col, (0, 0, 1, 1))
+        scene = ShapeScene(None, "", (obj,), None, ("colour", "shape", "position"))
+        out.append((grammar.caption(scene, rng).text, colour, position))
+    return out
 
 
 @torch.no_grad()
-def in_cell_share(pipe, steps: int = 20, guidance: float = 3.0, seed: int = 0) -> tuple[float, float]:
+def in_cell_share(pipe, steps: int = 20, guidance: float = 3.0, seed: int = 0,
+                  holdout_wording: tuple[str, ...] | None = None) -> tuple[float, float]:
     """(share of the cell prompts whose object lands in the stated cell, share whose colour is found at all),
-    one image per prompt, seeds seed, seed + 1, ..."""
+    one image per prompt, seeds seed, seed + 1, ...; the prompts in held-out wordings when given."""
     from .metrics import to_uint8
     from .segment import segment
     from .settings import generators
-    prompts = cell_prompts()
+    prompts = cell_prompts(holdout_wording)
     images = pipe([p for p, _, _ in prompts], num_inference_steps=steps, guidance_scale=guidance,
                   generator=generators(range(seed, seed + len(prompts))), output_type="np").images
     in_cell = found = 0

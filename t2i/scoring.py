@@ -3,6 +3,8 @@ objects, their attention maps and detected masks, the seed of each image, one se
 report's table cells."""
 from __future__ import annotations
 
+import re
+
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Iterator
@@ -55,7 +57,7 @@ class EvalConfig:
 def object_words(scene: ShapeScene) -> list[dict[str, str]]:
     """For each of scene.objects, the labels of its words in the caption: {"noun": "circle" or "circle#2"
     (a repeated noun, counted in caption order), "colour": "red"} (colours are unique within a scene)."""
-    words = scene.caption.split()
+    words = re.findall(r"\w+", scene.caption.lower())  # a grammar caption has case and punctuation
     order = sorted(range(len(scene.objects)), key=lambda k: words.index(scene.objects[k].colour))
     labels: list[dict[str, str]] = [{} for _ in scene.objects]
     seen: dict[str, int] = {}

@@ -107,6 +107,33 @@ def build_offline_text_encoder(tokenizer: CLIPTokenizer, width: int = 128, layer
     return CLIPTextModel(config)
 
 
+def grow_text(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, corpus: list[str],
+              max_length: int) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """An offline tokenizer learned from `corpus` (which should hold the old vocabulary's words too) and a copy of
+    `encoder` sized for it and for `max_length` tokens: every token both vocabularies share keeps its embedding,
+    the first positions keep theirs, and the transformer is the same; new rows start as CLIP initialises them."""
+    grown = build_offline_tokenizer(corpus, max_length)
+    config = CLIPTextConfig(**{**encoder.config.to_dict(), "vocab_size": len(grown), "max_position_embeddings": max_length,
+                               "bos_token_id": grown.bos_token_id, "eos_token_id": grown.eos_token_id,
+                               "pad_token_id": grown.pad_token_id})
+    torch.manual_seed(0)
+    out = CLIPTextModel(config).to(encoder.dtype)
+    old, new = encoder.get_input_embeddings().weight, out.get_input_embeddings().weight
+    old_pos = encoder.state_dict()[next(k for k in encoder.state_dict() if k.endswith("position_embedding.weight"))]
+    rest = {k: v for k, v in encoder.state_dict().items() if "embeddings" not in k}
+    out.load_state_dict(rest, strict=False)
+    with torch.no_grad():
+        before = tokenizer.get_vocab()
+        for token, i in grown.get_vocab().items():
+            if token in before:
+                new[i] = old[before[token]]
+        new_pos = dict(out.named_parameters())[next(k for k, _ in out.named_parameters()
+                                                    if k.endswith("position_embedding.weight"))]
+        n = min(old_pos.shape[0], max_length)
+        new_pos[:n] = old_pos[:n]
+    return grown, out
+
+
 def load_pretrained_clip(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
     """Tokenizer and text encoder of a pretrained CLIP: a hub name, a local CLIP folder, or a
     Stable-Diffusion-style folder with `tokenizer/` and `text_encoder/` sub-folders. A hub name with the hub
@@ -169,6 +196,29 @@ def encode(tokenizer: CLIPTokenizer, text_encoder, texts: list[str], device: tor
     device = text_encoder.device if device is None else device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, ids
+
+
+def weighted_mask(mask: torch.Tensor, key_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """CLIP's causal attention mask (B, 1, T, T), additive, with padding (mask 0) shut and each token's key
+    scaled by key_weights (B, T): log(weight) added to every query's logit for it, so weight 0 takes the token
+    out of every later token's state and 2 doubles its odds (the softmax renormalises)."""
+    T = mask.shape[1]
+    causal = torch.full((T, T), float("-inf"), device=mask.device).triu(1)
+    keys = key_weights.to(mask.device, torch.float32).log().masked_fill(mask == 0, float("-inf"))  # (B, T)
+    bias = causal[None, None] + keys[:, None, None, :]
+    # the start token (weight 1, never padding) keeps every row finite
+    return bias.clamp(min=torch.finfo(dtype).min).to(dtype)
+
+
+def encode_weighted(tokenizer: CLIPTokenizer, text_encoder, texts: list[str], key_weights: torch.Tensor,
+                    max_length: int | None = None) -> PromptEncoding:
+    """encode_prompts with each token's key reweighted in the text encoder's self-attention (weighted_mask)."""
+    batch = tokenize(tokenizer, texts, max_length)
+    device = text_encoder.device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    bias = weighted_mask(mask, key_weights, text_encoder.dtype)
+    hidden = text_encoder(input_ids=ids, attention_mask=bias).last_hidden_state
+    return PromptEncoding(hidden, mask, ids, token_strings(tokenizer, ids, mask))
 
 
 def token_strings(tokenizer: CLIPTokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[list[str]]:

@@ -25,7 +25,7 @@ from .diffusion import diffusion_loss, make_noise_scheduler
 from .ema import EMA
 from .grounding import capture_cross_attention, grounding_loss, token_indices
 from .pipeline import load_pipeline
-from .text import TextStates, build_text, drop_captions, load_pretrained_clip
+from .text import TextStates, build_text, drop_captions, grow_text, load_pretrained_clip
 from .unet import build_unet, unet_config
 
 
@@ -66,7 +66,10 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
             text_encoder.requires_grad_(cfg.text.trainable)
         elif tc.init_from:
             start = load_pipeline(None if tc.init_from == "default" else tc.init_from)
-            tokenizer, text_encoder = start.tokenizer, start.text_encoder.requires_grad_(cfg.text.trainable)
+            tokenizer, text_encoder = start.tokenizer, start.text_encoder
+            if cfg.text.grow:  # words the start's vocabulary lacks, and a longer max length
+                tokenizer, text_encoder = grow_text(tokenizer, text_encoder.float(), corpus, cfg.text.max_length)
+            text_encoder.requires_grad_(cfg.text.trainable)
         else:
             tokenizer, text_encoder = build_text(cfg.text, corpus, out if resume or not accelerator.is_main_process else None)
         if accelerator.is_main_process and not cfg.text.pretrained:
@@ -278,12 +281,14 @@ def position_curve(accelerator, cfg: RunConfig, state: ckpt.TrainingState, text_
     with eval_pipeline(cfg, state, text_encoder, tokenizer, noise_scheduler) as pipe:
         _, ratio = probe_table(pipe, t=noise_scheduler.config.num_train_timesteps - 1)
         in_cell, found = in_cell_share(pipe, steps=cfg.train.preview_steps)
-    point = {"step": state.step, "probe_ratio": round(ratio, 4), "in_cell": round(in_cell, 4), "found": round(found, 4)}
+        unseen, _ = in_cell_share(pipe, steps=cfg.train.preview_steps, holdout_wording=cfg.data.holdout_wording)
+    point = {"step": state.step, "probe_ratio": round(ratio, 4), "in_cell": round(in_cell, 4), "found": round(found, 4),
+             "in_cell_unseen_wording": round(unseen, 4)}
     accelerator.log({f"position/{k}": v for k, v in point.items() if k != "step"}, step=state.step)
     with open(Path(cfg.train.output_dir) / "position.jsonl", "a") as f:
         f.write(json.dumps(point) + "\n")
     tqdm.write(f"step {state.step}: position probe ratio {ratio:.2f} (1.00: the words move nothing), "
-               f"{in_cell:.0%} of one-object prompts in their cell, {found:.0%} found")
+               f"{in_cell:.0%} of one-object prompts in their cell ({unseen:.0%} in unseen wordings), {found:.0%} found")
     return point
 
 

@@ -146,8 +146,16 @@ class ContextRefiner(nn.Module):
                                                                batch_first=True, norm_first=True)
                                     for _ in range(layers))
 
+        self.key_weights: torch.Tensor | None = None  # (B, T) word weights (t2i.attention.effects), or None
+
     def forward(self, ctx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         pad = None if keep is None else ~keep.to(torch.bool)                  # (B, T), True where padding
+        if self.key_weights is not None and self.key_weights.shape == ctx.shape[:2]:
+            # reweighted words: log-weights added to every query's logits for their keys (0 takes a word out)
+            pad = self.key_weights.to(ctx.device, torch.float32).log()
+            if keep is not None:
+                pad = pad.masked_fill(~keep.to(torch.bool), float("-inf"))
+            pad = pad.to(ctx.dtype)
         for layer in self.layers:
             ctx = layer(ctx, src_key_padding_mask=pad)
         return ctx

@@ -44,7 +44,7 @@ def processors(pipe):
 
 # -- the maths -------------------------------------------------------------------------------------
 
-def test_weights_scale_the_probability_columns_without_renormalising():
+def test_weights_scale_the_probability_columns_without_renormalising_and_zero_leaves_the_softmax():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 2, 6, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
     o, p = attention_with_probs(q, k, v)
@@ -54,9 +54,16 @@ def test_weights_scale_the_probability_columns_without_renormalising():
     ow, pw = attention_with_probs(q, k, v, weights=weights)
     torch.testing.assert_close(pw[0], p[0])                                # row 0 untouched
     torch.testing.assert_close(pw[1, ..., 2], torch.zeros_like(p[1, ..., 2]))
-    torch.testing.assert_close(pw[1, ..., 3], 2.5 * p[1, ..., 3])
+    # weight 0 leaves token 2 out of the softmax (the others share its mass); 2.5 then scales token 3's share
+    without = p[1] * (torch.arange(5) != 2)
+    without = without / without.sum(-1, keepdim=True)
+    torch.testing.assert_close(pw[1, ..., 3], 2.5 * without[..., 3])
+    torch.testing.assert_close(pw[1, ..., 0], without[..., 0])
     torch.testing.assert_close(ow, torch.matmul(pw, v))
-    assert (pw[1].sum(-1) - 1).abs().max() > 0.01                          # no renormalisation
+    assert (pw[1].sum(-1) - 1).abs().max() > 0.01                          # no renormalisation of the 2.5
+    only = torch.ones(2, 5)
+    only[1, 3] = 0.5
+    torch.testing.assert_close(attention_with_probs(q, k, v, weights=only)[1][1, ..., 3], 0.5 * p[1, ..., 3])
     torch.testing.assert_close(attention_with_probs(q, k, v, weights=torch.ones(2, 5))[0], o)
 
 
@@ -240,3 +247,44 @@ def test_cli_effect_writes_the_panels_and_refuses_bad_words_before_sampling(tmp_
     assert main(base + ["--words", "red", "--weight", "inf", "--out", str(tmp_path / "f")]) == 2
     assert "--weight must be a finite number" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
+
+
+def context_pipeline():
+    """tiny_pipeline with t2i's context layer, which mixes every word into every other word's state."""
+    from t2i.unet import build_unet
+    base = tiny_pipeline()
+    torch.manual_seed(0)
+    unet = build_unet("tiny", context_layers=1, cross_attention_dim=32)
+    for p in unet.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    pipe = T2IPipeline(unet, base.text_encoder, base.tokenizer, base.scheduler, caption_dropout=0.1)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("make", [context_pipeline, diffusers_pipeline], ids=["t2i-context-layer", "diffusers"])
+def test_a_silenced_word_leaves_no_trace_whatever_mixes_the_words(make):
+    """Weight 0 takes the word out of the picture: with it silenced, 'a red circle' and 'a blue circle' (one
+    token each, same place) draw the same image, although the text encoder's causal attention and t2i's context
+    layer carry each word into the others' states. The cross-attention alone does not do it."""
+    pipe = make()
+    prompts = ["a red circle", "a blue circle"]
+    weights = [{"red": 0.0}, {"blue": 0.0}]
+    assert len(pipe.prompt_tokens(prompts[0])[0]) == len(pipe.prompt_tokens(prompts[1])[0])
+    gen = lambda: [torch.Generator().manual_seed(5) for _ in prompts]  # noqa: E731
+    silenced = run(pipe, prompts, word_weights=weights, generator=gen(), guidance_scale=3.0).images
+    np.testing.assert_allclose(silenced[0], silenced[1], atol=1e-5)
+    plain = run(pipe, prompts, generator=gen(), guidance_scale=3.0).images
+    assert np.abs(plain[0] - plain[1]).max() > 1e-3                     # the words do differ
+    old = run(pipe, prompts, word_weights=weights, generator=gen(), guidance_scale=3.0, reweight_text=False).images
+    assert np.abs(old[0] - old[1]).max() > 1e-4                          # cross-attention alone leaves a trace
+
+
+def test_weights_other_than_zero_still_mean_less_and_more():
+    pipe = context_pipeline()
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    plain = run(pipe, ["a red circle"], generator=gen()).images[0]
+    change = {w: np.abs(run(pipe, ["a red circle"], word_weights={"red": w}, generator=gen()).images[0] - plain).mean()
+              for w in (0.0, 0.5, 1.0, 2.0)}
+    assert change[1.0] < 1e-6 < change[0.5] < change[0.0]
+    assert change[2.0] > 1e-4

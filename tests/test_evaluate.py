@@ -46,7 +46,7 @@ def test_rendered_images_score_perfectly_and_noise_and_other_scenes_do_not():
 def test_evaluate_is_deterministic_and_json_ready():
     pipe = shapes_pipeline()
     report = evaluate(pipe, TINY, world=WORLD, progress=False)
-    assert set(report.fidelity) == {"seen", "held-out", "paraphrase"}
+    assert set(report.fidelity) == {"seen", "held-out", "paraphrase", "unseen-wording"}
     assert report.fidelity["seen"]["model"]["images"] == 2
     assert report.fidelity["held-out"]["training images"]["recall"]["rate"] == 1.0
     loc = report.localisation["seen"]["noun"]
@@ -80,7 +80,7 @@ def test_cli_evaluate_prints_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "## GenEval-style summary" in printed and "## Prompt fidelity" in printed and "## Heatmap localisation" in printed and "58.8" in printed
     report = json.loads(out.read_text())
-    assert set(report["fidelity"]) == {"seen", "held-out", "paraphrase"}   # no train_config: assumed hold-out
+    assert set(report["fidelity"]) == {"seen", "held-out", "paraphrase", "unseen-wording"}   # no train_config: assumed hold-out
     assert report["config"]["num_prompts"] == 2 and report["config"]["steps"] == 2
     card = (tmp_path / "model" / "README.md").read_text()  # the model card now holds the table, once
     assert "## Prompt fidelity" in card and "Not evaluated yet" not in card and card.count("## Evaluation") == 1
@@ -101,6 +101,12 @@ def test_training_world_reads_train_config(tmp_path):
 
 # -- localisation scoring with known maps -----------------------------------------------------------
 
+def words(prompt: str) -> list[str]:
+    """The oracle's tokens: lower-case words and punctuation marks, as CLIP's tokenizer splits them."""
+    import re
+    return re.findall(r"\w+|[^\w\s]", prompt.lower())
+
+
 class OraclePipeline:
     """Stands in for a model on `world`: for each caption it returns that caption's scene as the image and,
     as each object word's attention map, the object's mask ("masks") or, for every token, all ones
@@ -109,17 +115,18 @@ class OraclePipeline:
     def __init__(self, world: ShapesConfig, config: EvalConfig, maps: str):
         from diffusers import DDPMScheduler
 
-        from t2i.evaluate import paraphrase_scenes, prompt_scenes
+        from t2i.evaluate import paraphrase_scenes, prompt_scenes, unseen_wording_scenes
         scenes = (prompt_scenes(world, "train", config.num_prompts, config.seed)
                   + prompt_scenes(world, "holdout", config.num_prompts, config.seed)
                   + paraphrase_scenes(world, config.num_prompts, config.seed)
+                  + unseen_wording_scenes(world, config.num_prompts, config.seed)
                   + prompt_scenes(world, "train", config.calibration_prompts, config.seed + 1))
         self.scenes = {s.caption: s for s in scenes}
         self.maps, self.scheduler, self.name_or_path = maps, DDPMScheduler(), None
 
     def prompt_tokens(self, prompt):
         from t2i.text import BOS, EOS
-        return [[BOS] + [w + "</w>" for w in prompt.split()] + [EOS]]
+        return [[BOS] + [w + "</w>" for w in words(prompt)] + [EOS]]
 
     def __call__(self, prompts, height, width, word_weights=None, **kwargs):
         """A silenced word (weight 0) takes its object out of the image: its pixels become background."""
@@ -128,7 +135,7 @@ class OraclePipeline:
         from t2i.attention.heatmaps import resolve_word
         from t2i.text import BOS, EOS
         scenes = [self.scenes[p] for p in prompts]
-        tokens = [[BOS] + [w + "</w>" for w in p.split()] + [EOS] for p in prompts]
+        tokens = [[BOS] + [w + "</w>" for w in words(p)] + [EOS] for p in prompts]
         maps = torch.zeros(len(prompts), max(map(len, tokens)), height, width)
         for row, (scene, toks) in enumerate(zip(scenes, tokens)):
             if self.maps == "uniform":
@@ -153,7 +160,7 @@ def test_maps_equal_to_the_masks_score_full_marks_and_uniform_maps_the_uniform_b
                         effect_prompts=4)
     perfect = evaluate(OraclePipeline(world, config, "masks"), config, world=world, progress=False)
     flat = evaluate(OraclePipeline(world, config, "uniform"), config, world=world, progress=False)
-    for split in ("seen", "held-out", "paraphrase"):
+    for split in ("seen", "held-out", "paraphrase", "unseen-wording"):
         for word_class in ("noun", "colour"):
             p, f = perfect.localisation[split][word_class], flat.localisation[split][word_class]
             assert p["scored"] > 0 and p["no_token"] == 0, (split, word_class)
@@ -161,7 +168,7 @@ def test_maps_equal_to_the_masks_score_full_marks_and_uniform_maps_the_uniform_b
             for metric in ("miou", "pointing"):
                 assert f["ours"][metric] == pytest.approx(f["uniform"][metric]) and f["ours"][metric] < 0.5
 
-    for split in ("seen", "held-out", "paraphrase"):
+    for split in ("seen", "held-out", "paraphrase", "unseen-wording"):
         for word_class in ("noun", "colour"):
             p, f = perfect.faithfulness[split][word_class], flat.faithfulness[split][word_class]
             assert p["scored"] > 0 and p["scored"] == f["scored"], (split, word_class)

@@ -109,3 +109,20 @@ def test_the_cut_off_warning_is_short_alone_and_readable_in_any_script(caplog):
     assert len(long) < 300 and "(13000 characters)" in long, long
     assert "\ufffd" not in cjk and "的圆" in cjk, cjk
     assert "indexing errors" not in caplog.text            # transformers' own warning stays quiet
+
+
+def test_a_grown_text_encoder_says_the_old_words_as_before_and_knows_the_new_ones():
+    """train.init_from with text.grow: the tokenizer learned from a larger corpus and the encoder grown to it
+    and to a longer max length; a prompt of old words encodes exactly as before, a new word is one token."""
+    from conftest import CORPUS
+    from t2i.text import build_offline_text_encoder, build_offline_tokenizer, encode_prompts, grow_text
+    tokenizer = build_offline_tokenizer(CORPUS, max_length=12)
+    encoder = build_offline_text_encoder(tokenizer, width=32, layers=1, heads=2, seed=0)
+    grown_tok, grown = grow_text(tokenizer, encoder, CORPUS + ["a picture of a circle in the upper left corner"], 16)
+    assert grown_tok.model_max_length == 16 and len(grown_tok) > len(tokenizer)
+    assert grown_tok.tokenize("upper corner") == ["upper</w>", "corner</w>"]
+    prompt = ["a small yellow circle in the top left"]
+    before, after = encode_prompts(tokenizer, encoder, prompt), encode_prompts(grown_tok, grown, prompt)
+    assert before.tokens == after.tokens
+    n = len(before.tokens[0])
+    torch.testing.assert_close(after.hidden_states[0, :n], before.hidden_states[0, :n])

@@ -47,18 +47,50 @@ def word_weight_matrix(layout: BatchLayout, word_weights: WordWeights | list[Wor
 
 
 @contextmanager
-def reweighting(unet: nn.Module, layout: BatchLayout,
-                word_weights: WordWeights | list[WordWeights]) -> Iterator[torch.Tensor | None]:
+def reweighting(unet: nn.Module, layout: BatchLayout, word_weights: WordWeights | list[WordWeights],
+                text: bool = True) -> Iterator[torch.Tensor | None]:
     """Within the block, every cross-attention module of `unet` scales the words' attention as
-    word_weight_matrix says (through the same explicit processors as the recorder, so the two compose);
-    the original processors come back on exit. Weights that are all 1 change nothing and install nothing."""
+    word_weight_matrix says (through the same explicit processors as the recorder, so the two compose),
+    and with `text` so does t2i's context layer (log-weights on its keys); the original processors come back
+    on exit. Weights that are all 1 change nothing and install nothing."""
     weights = word_weight_matrix(layout, word_weights)
     if weights is None:
         yield None
         return
     weights = weights.to(unet.device)
-    with attached(unet, cross_attention_modules(unet), "weights", weights):
-        yield weights
+    refiner = getattr(unet, "context_refiner", None) if text else None
+    if refiner is not None:  # t2i's context layer mixes the words before cross-attention reads them
+        refiner.key_weights = weights
+    try:
+        with attached(unet, cross_attention_modules(unet), "weights", weights):
+            yield weights
+    finally:
+        if refiner is not None:
+            refiner.key_weights = None
+
+
+def text_key_weights(layout: BatchLayout, word_weights: WordWeights | list[WordWeights]) -> torch.Tensor | None:
+    """(texts, T) weights of each encoded text's tokens (1 in the unconditional texts): word_weight_matrix
+    by text rather than by UNet row; None when no weight differs from 1."""
+    weights = word_weight_matrix(layout, word_weights)
+    return None if weights is None else weights[::layout.images_per_prompt]
+
+
+def reweighted_states(pipe, prompts: list[str], layout: BatchLayout,
+                      word_weights: WordWeights | list[WordWeights]) -> torch.Tensor:
+    """The text states of layout.encoding with the prompts re-encoded so that each weighted word's key is
+    scaled in every self-attention of the text encoder too (t2i.text.weighted_mask): a word at 0 then
+    reaches no other word's state, whatever the encoder mixes."""
+    from ..text import encode_weighted
+    enc, weights = layout.encoding, text_key_weights(layout, word_weights)
+    if weights is None:
+        return enc.hidden_states
+    cond = layout.texts("cond")
+    weighted = encode_weighted(pipe.tokenizer, pipe.text_encoder, prompts, weights[cond.start:cond.stop],
+                               enc.hidden_states.shape[1])
+    states = enc.hidden_states.clone()
+    states[cond.start:cond.stop] = weighted.hidden_states.to(states)
+    return states
 
 
 def _pixels(image) -> torch.Tensor:
@@ -92,17 +124,18 @@ class WordEffects:
 
 
 def word_effects(pipe, prompt: str, words: list[str], weight: float = 0.0,
-                 settings: SamplingSettings = DEFAULTS) -> WordEffects:
+                 settings: SamplingSettings = DEFAULTS, reweight_text: bool = True) -> WordEffects:
     """Sample `prompt` with `settings` and, in the same batch from the same seed (settings.seed, one image
-    per row), once more per word with that word's weight set to `weight`; return the images, the unweighted
-    image's heatmaps and each word's effect map."""
+    per row), once more per word with that word's weight set to `weight` (in the text path's attention too
+    unless `reweight_text` is False); return the images, the unweighted image's heatmaps and each word's
+    effect map."""
     labels = pipe.word_labels(prompt, words)  # fails before sampling
     if len(set(labels)) != len(labels):
         raise ValueError(f"words {words} name the same word twice")
     rows = len(labels) + 1
     one = replace(settings, num_images=1)
     out = pipe([prompt] * rows, **one.pipeline_kwargs(), word_weights=[{}] + [{w: weight} for w in labels],
-               record_attention=True, generator=generators(one.seeds(1) * rows))
+               reweight_text=reweight_text, record_attention=True, generator=generators(one.seeds(1) * rows))
     image, others = out.images[0], out.images[1:]
     return WordEffects(image=image, attention=out.attention.select(0), weight=weight,
                        images=dict(zip(labels, others)),

@@ -26,7 +26,8 @@ def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     """Explicit attention, what F.scaled_dot_product_attention computes but with its probabilities.
     q (B, heads, N, d), k and v (B, heads, T, d), bias additive (or boolean keep-mask) broadcastable
     to (B, heads, N, T). `weights` (B, T), if given, multiply each row's probabilities token by token
-    after the softmax, without renormalising (prompt-to-prompt's reweighting). Returns the output
+    after the softmax, without renormalising (prompt-to-prompt's reweighting); a token of weight 0 is left out
+    of the softmax too, so that nothing of it (not even its share of the sum) reaches the output. Returns the output
     (B, heads, N, d) in v's dtype and the probabilities used, p (B, heads, N, T) float32."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale                 # (B, heads, N, T)
@@ -34,12 +35,15 @@ def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
         if bias.dtype == torch.bool:
             bias = torch.zeros(bias.shape, dtype=logits.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
         logits = logits + bias
+    if weights is not None:
+        if weights.shape != (logits.shape[0], logits.shape[-1]):
+            raise ValueError(f"word weights are {tuple(weights.shape)} but the attention has {logits.shape[0]} rows "
+                             f"and {logits.shape[-1]} tokens")
+        weights = weights.to(logits.device, torch.float32)[:, None, None, :]
+        logits = logits.masked_fill(weights == 0, float("-inf"))  # weight 0: out of the softmax's sum as well
     p = logits.softmax(dim=-1, dtype=torch.float32)
     if weights is not None:
-        if weights.shape != (p.shape[0], p.shape[-1]):
-            raise ValueError(f"word weights are {tuple(weights.shape)} but the attention has {p.shape[0]} rows "
-                             f"and {p.shape[-1]} tokens")
-        p = p * weights.to(p.device, torch.float32)[:, None, None, :]
+        p = p * weights
     return torch.matmul(p.to(v.dtype), v), p
 
 
@@ -209,10 +213,16 @@ def suspended(unet: nn.Module) -> Iterator[None]:
     """Within the block, the explicit processors installed on `unet` neither record nor reweight (their
     roles stay set, so nothing is uninstalled): for passes that are not part of the image's denoising."""
     processors = [m.processor for m in cross_attention_modules(unet).values() if isinstance(m.processor, EXPLICIT)]
+    refiner = getattr(unet, "context_refiner", None)
+    refiner_weights = getattr(refiner, "key_weights", None)
     for p in processors:
         p.quiet = True
+    if refiner_weights is not None:
+        refiner.key_weights = None
     try:
         yield
     finally:
         for p in processors:
             p.quiet = False
+        if refiner_weights is not None:
+            refiner.key_weights = refiner_weights

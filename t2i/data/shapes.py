@@ -49,6 +49,7 @@ POSITION_PHRASES = {
     "bottom left": "in the bottom left", "bottom": "at the bottom", "bottom right": "in the bottom right",
 }
 SPLITS = ("train", "holdout", "all")
+WORDINGS = ("templates", "grammar")
 _MAX_ATTEMPTS = 1000
 MAX_OBJECTS = 3  # the most objects a scene holds (the layout grid and the grounding targets are sized for it)
 
@@ -72,9 +73,13 @@ class ShapesConfig:
     split: str = "train"
     jitter: bool = True
     position_prob: float = 0.5  # share of one-object and "A and B" captions that state grid positions
+    wording: str = "templates"  # "templates" (five fixed caption templates) or "grammar" (t2i.data.wording)
+    holdout_wording: tuple[str, ...] = ()  # grammar elements training never draws ("place:in the upper left")
+    grammar_share: float = 1.0  # wording="grammar": share of captions the grammar says; the rest keep the template
+    word_dropout: float = 0.0   # wording="grammar": each function word of a grammar caption left out with this chance
 
     def __post_init__(self):
-        for name in ("background", "colours", "shapes", "holdout_pairs", "holdout_positions"):
+        for name in ("background", "colours", "shapes", "holdout_pairs", "holdout_positions", "holdout_wording"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # YAML gives lists
         if self.size < 16:
             raise ValueError(f"ShapesConfig.size must be >= 16 pixels, got {self.size}")
@@ -95,6 +100,14 @@ class ShapesConfig:
         for name in self.colours:
             if np.linalg.norm(np.subtract(PALETTE[name], self.background)) < 100:
                 raise ValueError(f"background {self.background} is too close to {name}; use a light grey")
+        if not 0 <= self.word_dropout < 1:
+            raise ValueError(f"word_dropout must be in [0, 1), got {self.word_dropout}")
+        if not 0 <= self.grammar_share <= 1:
+            raise ValueError(f"grammar_share must be in [0, 1], got {self.grammar_share}")
+        if self.wording not in WORDINGS:
+            raise ValueError(f"wording must be one of {WORDINGS}, got {self.wording!r}")
+        from .wording import check_holdout
+        check_holdout(self.holdout_wording)
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         for pair in self.holdout_pairs:
@@ -117,7 +130,9 @@ def shapes_world(data: DataConfig, split: str = "train") -> ShapesConfig:
     """The world a run config's data section describes (t2i.config.DataConfig), for one split."""
     return ShapesConfig(size=data.size, min_objects=data.min_objects, max_objects=data.max_objects, seed=data.seed,
                         holdout_pairs=data.holdout_pairs, holdout_positions=data.holdout_positions,
-                        position_prob=data.position_prob, split=split)
+                        position_prob=data.position_prob, wording=data.wording,
+                        holdout_wording=data.holdout_wording, grammar_share=data.grammar_share,
+                        word_dropout=data.word_dropout, split=split)
 
 
 def _check_names(kind: str, names, valid, where: str = "") -> None:
@@ -154,6 +169,8 @@ class ShapeScene:
 
     stated: what the caption says about every object: "colour" and "shape", plus "size" and either "position"
     (its grid cell) or "relation" (its place relative to the other object) when the caption says them.
+    spans: (start, end, object index) of each object's own words in the caption, where the caption is not a
+    template's (None: object_word_spans reads them off the "[size] colour shape" phrases).
     """
 
     image: np.ndarray
@@ -161,6 +178,7 @@ class ShapeScene:
     objects: tuple[ShapeObject, ...]
     masks: np.ndarray
     stated: tuple[str, ...]
+    spans: tuple[tuple[int, int, int], ...] | None = None
 
 
 # 1. Geometry: each shape as a predicate on box coordinates u, v in [-1, 1] (v grows downwards).
@@ -282,8 +300,10 @@ def _caption(objects: list[ShapeObject], rng: np.random.Generator,
 
 
 def caption_corpus(config: ShapesConfig) -> list[str]:
-    """Captions covering every word the caption templates can produce for `config` (for building a vocabulary)."""
-    corpus = []
+    """Captions covering every word the caption templates (and the grammar, when `config` uses it) can produce
+    for `config`, for building a vocabulary."""
+    from .wording import grammar_corpus
+    corpus = grammar_corpus(list(config.colours) + list(config.shapes)) if config.wording == "grammar" else []
     for colour in config.colours:
         for shape in config.shapes:
             for size in (None,) + tuple(SIZES):
@@ -310,6 +330,14 @@ def render_scene(config: ShapesConfig, index: int) -> ShapeScene:
     rng = np.random.default_rng((config.seed, index))
     objects = _draw_objects(config, rng)
     caption, stated = _caption(objects, rng, config.position_prob)
+    spans = None
+    said_rng = np.random.default_rng((config.seed, index, 1))  # its own stream: the scene is the templates' scene
+    if config.wording == "grammar" and said_rng.random() < config.grammar_share:  # said in a wording drawn afresh
+        from .wording import Grammar, drop_words
+        said = Grammar(config.holdout_wording, "all" if config.split == "all" else "train").caption(
+            ShapeScene(None, caption, tuple(objects), None, stated), said_rng)
+        said = drop_words(said, config.word_dropout, said_rng)
+        caption, spans = said.text, said.spans
     n = config.size
     masks = np.stack([shape_mask(o.shape, o.box, n, n) for o in objects])  # (k, H, W)
     image = np.empty((n, n, 3), dtype=np.uint8)
@@ -318,13 +346,15 @@ def render_scene(config: ShapesConfig, index: int) -> ShapeScene:
         image[mask] = PALETTE[obj.colour]
     image.flags.writeable = False
     masks.flags.writeable = False
-    return ShapeScene(image, caption, tuple(objects), masks, stated)
+    return ShapeScene(image, caption, tuple(objects), masks, stated, spans)
 
 
 def object_word_spans(scene: ShapeScene) -> list[tuple[int, int, int]]:
     """(start, end, object index) character spans of each object's own words in `scene.caption`: its size
     (when stated), colour and shape noun. Colours are unique in a scene, and a noun phrase is always
-    "[size] colour shape", so the words are found from the colour's place."""
+    "[size] colour shape", so the words are found from the colour's place (a grammar caption brings its own)."""
+    if scene.spans is not None:
+        return list(scene.spans)
     starts, pos = [], 0
     words = scene.caption.split(" ")
     for w in words:
