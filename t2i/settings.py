@@ -185,7 +185,7 @@ def _side(name: str, value, limits: SamplingLimits, pipe) -> int:
     up to limits.max_side or, without one, MAX_SIZE_FACTOR x its sample size."""
     if pipe is None:
         return _whole(name, value, 1, limits.max_side)
-    f, sample_size = downsample_factor(pipe.unet), pipe.unet.config.sample_size
+    f, sample_size = pipe.size_multiple, pipe.native_size     # in pixels (a VAE's factor included)
     most = MAX_SIZE_FACTOR * sample_size if limits.max_side is None else limits.max_side
     if not is_whole(value) or not f <= value <= most or value % f:
         why = f" ({MAX_SIZE_FACTOR}x the model's sample size {sample_size})" if limits.max_side is None else ""

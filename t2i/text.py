@@ -36,6 +36,7 @@ class PromptEncoding:
     attention_mask: torch.Tensor     # (B, T), 1 for real tokens (BOS, words, EOS), 0 for padding
     input_ids: torch.Tensor          # (B, T)
     tokens: list[list[str]]          # the real tokens of each prompt, e.g. ['<|startoftext|>', 'red</w>', ...]
+    pooled: torch.Tensor | None = None  # (B, D) SDXL's pooled text (t2i.conditioning.SDXLText), else None
 
 
 # ----------------------------------------------------------------------------------------------
