@@ -9,7 +9,7 @@ import inspect
 import json
 import os
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,6 +28,7 @@ from .conditioning import CLIPText, SDXLText, T2IText, UNetConditioning, cat_enc
 from .diffusion import alpha_bar_at, predict_x0
 from .image_space import PixelSpace, image_space, native_size, size_multiple
 from .layout import BatchLayout
+from .stable_diffusion import check_folder, is_diffusers_folder, load_folder, quiet_third_party
 from .settings import DEFAULTS, SCHEDULERS, GuideSettings, max_inference_steps
 from .text import PromptEncoding, PromptTruncated, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
@@ -437,6 +438,9 @@ def check_pipeline_folder(path: str) -> None:
         raise ValueError(f"{path!r} has no model_index.json: pass a folder written by T2IPipeline.save_pretrained")
     with open(index) as f:
         listed = json.load(f)
+    if is_diffusers_folder(listed):  # Stable Diffusion in diffusers' layout, or a folder t2i says it cannot open
+        check_folder(path, listed)
+        return
     missing = [c for c in COMPONENTS if c not in listed or not os.path.isdir(os.path.join(path, c))]
     if missing:
         raise ValueError(f"pipeline folder {path!r} is missing component(s) {missing}; "
@@ -457,21 +461,6 @@ def _first_line(e: Exception) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-@contextmanager
-def _no_progress_bars():
-    """diffusers' and transformers' loading bars off, then as they were."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-    shown = [lib.is_progress_bar_enabled() for lib in (diffusers_logging, transformers_logging)]
-    diffusers_logging.disable_progress_bar(), transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, on in zip((diffusers_logging, transformers_logging), shown):
-            if on:
-                lib.enable_progress_bar()
-
-
 def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> T2IPipeline:
     """Load a pipeline folder; with no path or "default", the default model shipped inside the package. Weights
@@ -483,8 +472,13 @@ def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.dev
     device = torch.device(device)
     if dtype is None and device.type == "cpu":
         dtype = torch.float32
-    with _no_progress_bars():  # loading a few MB needs no bars, from the CLI or from Python
-        pipe = T2IPipeline.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+    path = os.fspath(path)
+    check_pipeline_folder(path)
+    with open(os.path.join(path, "model_index.json")) as f:
+        diffusers_folder = is_diffusers_folder(json.load(f))
+    with quiet_third_party():  # loading needs no bars and no third-party warnings, from the CLI or from Python
+        pipe = (load_folder(path, dtype) if diffusers_folder else
+                T2IPipeline.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {})))
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.to(memory_format=torch.channels_last)  # 1.1-1.2x faster sampling on CPU (bench/sample.py)
     return pipe.to(device)

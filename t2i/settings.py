@@ -23,6 +23,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),   # Stable Diffusion 1.x's own (PLMS)
 }
 SEEDS = 2**64  # a torch generator's seed is from 0 to 2**64 - 1
 MAX_SIZE_FACTOR = 8  # height and width: at most 8x the model's sample size (pixel space: memory grows with the area)
