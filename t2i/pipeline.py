@@ -28,7 +28,7 @@ from .conditioning import CLIPText, SDXLText, T2IText, UNetConditioning, cat_enc
 from .diffusion import alpha_bar_at, predict_x0
 from .image_space import PixelSpace, image_space, native_size, size_multiple
 from .layout import BatchLayout
-from .stable_diffusion import check_folder, is_diffusers_folder, load_folder, quiet_third_party
+from .stable_diffusion import check_folder, is_diffusers_folder, load_folder, local_folder, quiet_third_party
 from .settings import DEFAULTS, SCHEDULERS, GuideSettings, max_inference_steps
 from .text import PromptEncoding, PromptTruncated, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
@@ -472,7 +472,7 @@ def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.dev
     device = torch.device(device)
     if dtype is None and device.type == "cpu":
         dtype = torch.float32
-    path = os.fspath(path)
+    path = local_folder(os.fspath(path))  # a hub name: its copy in the Hugging Face cache
     check_pipeline_folder(path)
     with open(os.path.join(path, "model_index.json")) as f:
         diffusers_folder = is_diffusers_folder(json.load(f))

@@ -2,6 +2,8 @@
 tool once on each kind (tiny components in diffusers' test sizes, random weights, built and saved here)."""
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from PIL import Image
 
 import sd_models
+from t2i.attention import AttentionRecorder
 from t2i.cli import main
 from t2i.pipeline import load_pipeline
 from t2i.settings import generators
@@ -95,3 +98,145 @@ def test_folders_t2i_cannot_open_are_one_line(folders, tmp_path, capsys):
         err = capsys.readouterr().err
         assert what in err and "t2i opens" in err or "copy the whole folder" in err
         assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_generate_writes_pngs_that_regenerate(kind, folders, tmp_path):
+    """The PNG's metadata (non-square, the folder's own scheduler by name) regenerates the same image."""
+    assert main(["generate", PROMPT, "--model", folders[kind], "--steps", "2", "--seed", "5", "--negative", "blurry",
+                 "--height", "64", "--width", "96", "--upscale", "1", "--out", str(tmp_path / "a")]) == 0
+    png = tmp_path / "a" / "a-red-circle-above-a-blue-square-5.png"
+    meta = Image.open(png).text
+    assert Image.open(png).size == (96, 64) and meta["scheduler"] == {"sd1": "pndm", "sdxl": "euler"}[kind]
+    assert main(["generate", meta["prompt"], "--model", meta["model"], "--steps", meta["steps"], "--seed", meta["seed"],
+                 "--guidance", meta["guidance"], "--scheduler", meta["scheduler"], "--negative", meta["negative_prompt"],
+                 "--height", meta["height"], "--width", meta["width"], "--upscale", "1",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert Image.open(tmp_path / "b" / png.name).tobytes() == Image.open(png).tobytes()
+
+
+@pytest.mark.parametrize("kind", sd_models.KINDS)
+def test_heatmaps_per_word_step_and_resolution_on_batches(kind, pipes):
+    """Two prompts x two images at 64x96: maps at every cross-attention resolution, per step, that sum to 1 over
+    the prompt's tokens; recording leaves the image as it was."""
+    pipe = pipes[kind]
+    recorder = AttentionRecorder(timeline=True)
+    kwargs = dict(prompt=[PROMPT, "a green triangle"], num_images_per_prompt=2, num_inference_steps=2,
+                  output_type="np", **SIZE)
+    out = pipe(**kwargs, generator=generators(range(4)), record_attention=recorder)
+    grids = {"sd1": [(16, 24), (32, 48)], "sd2": [(16, 24)], "sdxl": [(16, 24)]}[kind]
+    assert recorder.grids == grids and out.attention.image_size == (64, 96)
+    maps = out.attention
+    assert maps.maps.shape[0] == 4 and maps.maps.shape[-2:] == grids[-1]
+    steps = len(pipe.scheduler.timesteps)                                      # PNDM (sd1) takes one more
+    assert maps.timeline.shape[0] == steps and maps.steps == list(range(steps))  # one frame per step
+    assert maps.prompts[2] == "a green triangle" and "circle" in maps.words(0)
+    total = maps.maps.sum(1)                                                   # over the real tokens only
+    assert total.max() <= 1 + 1e-4 and total.min() > 0            # padding (not masked in SD) takes the rest
+    word = maps.word_maps(1, ["circle"], size="image")["circle"]
+    assert word.shape == (64, 96)
+    plain = pipe(**kwargs, generator=generators(range(4))).images
+    assert np.abs(plain - out.images).max() < 1e-4
+    if kind == "sd1":  # each resolution alone
+        assert recorder.heatmaps(resolutions=[(32, 48)]).maps.shape[-2:] == (32, 48)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_heatmap_and_effect_commands(kind, folders, tmp_path):
+    assert main(["heatmap", PROMPT, "--model", folders[kind], "--steps", "2", "--words", "red,square",
+                 "--height", "64", "--width", "96", "--out", str(tmp_path / "h")]) == 0
+    assert Image.open(tmp_path / "h" / "image.png").size[0] >= 96 and (tmp_path / "h" / "word-red.png").exists()
+    assert main(["effect", PROMPT, "--model", folders[kind], "--steps", "2", "--words", "red", "--weight", "0",
+                 "--out", str(tmp_path / "e")]) == 0
+    effects = json.loads((tmp_path / "e" / "effects.json").read_text())
+    assert effects["words"]["red"]["mean"] > 0                                 # silencing "red" changed the image
+
+
+@pytest.mark.parametrize("kind", sd_models.KINDS)
+def test_word_weights_change_the_image_and_weight_one_does_not(kind, pipes):
+    pipe = pipes[kind]
+    run = lambda w: pipe(PROMPT, num_inference_steps=2, generator=generators([1]), output_type="np",  # noqa: E731
+                         word_weights=w).images
+    plain = run(None)
+    assert np.array_equal(plain, run({"red": 1.0}))
+    assert np.abs(plain - run({"red": 0.0, "square": 2.0})).max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", sd_models.KINDS)
+def test_layout_guidance_moves_a_word_into_its_box(kind, pipes):
+    """Boxes are fractions of the image whatever its size: on a 64x96 image, guidance lowers the energy."""
+    from t2i.settings import GuideSettings
+    pipe = pipes[kind]
+    out = pipe(PROMPT, num_inference_steps=4, generator=generators([2]), output_type="np", **SIZE,
+               layout={"circle": (0.0, 0.0, 0.3, 0.5)}, excite=["square"],
+               guide=GuideSettings(fraction=0.5, iterations=3, step_size=0.5))
+    energies = [e for step in out.guidance for e in step["layout"]]
+    assert len(out.guidance) == 2 and energies[-1] < energies[0]
+    plain = pipe(PROMPT, num_inference_steps=4, generator=generators([2]), output_type="np", **SIZE).images
+    assert np.abs(plain - out.images).max() > 1e-4
+
+
+def test_layout_and_guide_options_on_the_command_line(folders, tmp_path):
+    assert main(["generate", PROMPT, "--model", folders["sd2"], "--steps", "2", "--layout", "circle=0,0,0.5,0.5",
+                 "--excite", "square", "--height", "64", "--width", "96", "--out", str(tmp_path)]) == 0
+    meta = Image.open(next(tmp_path.glob("*.png"))).text
+    assert json.loads(meta["layout"]) == {"circle": [0, 0, 0.5, 0.5]} and json.loads(meta["excite"]) == ["square"]
+
+
+@pytest.mark.parametrize("kind", ["sd2", "sdxl"])
+def test_the_explorer_offers_the_models_sizes(kind, folders, tmp_path):
+    from t2i.explorer import Explorer, Request
+    explorer = Explorer([folders[kind]], files_dir=tmp_path)
+    r = explorer.generate(Request(PROMPT, steps=2, num_images=1))
+    assert r.images[0].size == (64, 64) and r.previews.shape == (2, 1, 3, 64, 64)   # native: 32 latents x 2
+    assert r.heatmaps["all"].image_size == (64, 64) and explorer.above_native(r) == ""
+    pipe = explorer.pipeline(explorer.default_model)
+    assert explorer.sampling_limits(pipe).max_side == 128                     # 1.5x 64 is less than 128
+    with pytest.raises(ValueError, match="multiple of 4"):
+        explorer.check(Request(PROMPT, size=66))
+    changed, effect, weights = explorer.reweight(r, "red", 0.0)
+    assert weights == {"red": 0.0} and changed.size == effect.size
+
+
+def test_info_names_the_space_and_encoders_and_no_third_party_warning_reaches_the_user(folders):
+    """`t2i info` in a fresh process with every warning shown (python -W default): nothing on stderr."""
+    for kind in ("sd1", "sdxl"):
+        done = subprocess.run([sys.executable, "-W", "default", "-m", "t2i.cli", "info", folders[kind]],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert "latents of a VAE (AutoencoderKL), 4 channels, 2x smaller" in done.stdout
+        assert ("two CLIP text encoders (SDXL)" if kind == "sdxl" else "padding not masked") in done.stdout
+        assert "images: 64 px native, height and width multiples of 4" in done.stdout
+
+
+def test_precision_bf16_keeps_the_vae_in_float32(pipes):
+    """--precision bf16: the UNet under autocast, the VAE decodes in its own float32; close to float32."""
+    pipe = pipes["sd1"]
+    plain = pipe(PROMPT, num_inference_steps=2, generator=generators([0]), output_type="np").images
+    pipe.autocast_dtype = torch.bfloat16
+    try:
+        half = pipe(PROMPT, num_inference_steps=2, generator=generators([0]), output_type="np").images
+    finally:
+        pipe.autocast_dtype = None
+    assert pipe.vae.dtype == torch.float32 and np.abs(plain - half).max() < 0.1
+
+
+def test_an_fp16_vae_that_says_it_overflows_decodes_in_float32(pipes):
+    """SDXL's VAE overflows in fp16 (force_upcast): t2i decodes it in float32 and leaves it in fp16."""
+    import copy
+
+    from t2i.image_space import LatentSpace
+    vae16 = copy.deepcopy(pipes["sdxl"].vae).to(torch.float16)
+    vae32 = copy.deepcopy(vae16).float()                                     # the same fp16-rounded weights
+    z = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(0))
+    assert vae16.config.force_upcast
+    assert torch.equal(LatentSpace(vae16).decode(z), LatentSpace(vae32).decode(z)) and vae16.dtype == torch.float16
+
+
+def test_evaluate_and_a_hub_name_out_of_reach_are_one_line(folders, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["evaluate", "--model", folders["sd1"], "--num-prompts", "1"]) == 2
+    assert "scores models of t2i's shapes world" in capsys.readouterr().err
+    assert main(["info", "no-such-org/no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "hub is unreachable and the local cache has no copy" in err and len(err.strip().splitlines()) == 1
