@@ -28,7 +28,7 @@ from .conditioning import CLIPText, SDXLText, T2IText, UNetConditioning, cat_enc
 from .diffusion import alpha_bar_at, predict_x0
 from .image_space import PixelSpace, image_space, native_size, size_multiple
 from .layout import BatchLayout
-from .stable_diffusion import check_folder, is_diffusers_folder, load_folder, local_folder, quiet_third_party
+from .stable_diffusion import check_folder, is_diffusers_folder, load_components, local_folder, quiet_third_party
 from .settings import DEFAULTS, SCHEDULERS, GuideSettings, max_inference_steps
 from .text import PromptEncoding, PromptTruncated, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
@@ -477,7 +477,7 @@ def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.dev
     with open(os.path.join(path, "model_index.json")) as f:
         diffusers_folder = is_diffusers_folder(json.load(f))
     with quiet_third_party():  # loading needs no bars and no third-party warnings, from the CLI or from Python
-        pipe = (load_folder(path, dtype) if diffusers_folder else
+        pipe = (T2IPipeline(**load_components(path, dtype)) if diffusers_folder else
                 T2IPipeline.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {})))
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.to(memory_format=torch.channels_last)  # 1.1-1.2x faster sampling on CPU (bench/sample.py)

@@ -1,6 +1,6 @@
-"""Stable Diffusion folders in diffusers' layout, opened as T2IPipelines: a StableDiffusionPipeline folder
-(SD 1.x; SD 2.x, v-prediction included) or a StableDiffusionXLPipeline folder, recognised by the `_class_name`
-in its model_index.json. The components are loaded one by one (the safety checker and its image processor
+"""Stable Diffusion folders in diffusers' layout, opened as T2IPipelines by t2i.pipeline.load_pipeline: a
+StableDiffusionPipeline folder (SD 1.x; SD 2.x, v-prediction included) or a StableDiffusionXLPipeline folder,
+recognised by the `_class_name` in its model_index.json. The components are loaded one by one (the safety checker and its image processor
 are not: t2i does not run them), with the folder's own scheduler; third-party warnings are kept from the user.
 A folder t2i cannot use (an inpainting UNet, SD3, Flux, a component missing) is one line saying what it is and
 what t2i opens.
@@ -128,10 +128,10 @@ def quiet_third_party():
                 lib.enable_progress_bar()
 
 
-def load_folder(path: str, dtype: torch.dtype | None = None):
-    """A StableDiffusionPipeline or StableDiffusionXLPipeline folder as a T2IPipeline, each component loaded by
-    the class model_index.json names (weights in `dtype`, else as diffusers and transformers load them)."""
-    from .pipeline import T2IPipeline
+def load_components(path: str, dtype: torch.dtype | None = None) -> dict:
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline folder's components as T2IPipeline's arguments,
+    each loaded by the class model_index.json names (weights in `dtype`, else as diffusers and transformers
+    load them)."""
     index = _json(Path(path, "model_index.json"))
     cls = check_folder(path, index)
     components = {}
@@ -149,4 +149,4 @@ def load_folder(path: str, dtype: torch.dtype | None = None):
                 raise ValueError(f"could not load {name} of {path!r}: {first}") from None
     extra = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)} \
         if cls == "StableDiffusionXLPipeline" else {}
-    return T2IPipeline(**components, **extra)
+    return {**components, **extra}
