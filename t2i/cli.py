@@ -255,8 +255,9 @@ def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAU
         p.add_argument("--excite", help="attention guidance: comma-separated words to make appear, e.g. "
                        "circle,square; all: every object's colour and noun (shapes world)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the UNet computes under bf16 autocast (1.4x on CPUs with bf16 units, slower on others)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="bf16 or fp16: the UNet computes under autocast (bf16: 1.4x on CPUs with bf16 units, slower on "
+                   "others; fp16: for GPUs); latents stay float32 and a VAE decodes in its own precision")
 
 
 def build_parser() -> argparse.ArgumentParser:
