@@ -216,6 +216,17 @@ def cmd_evaluate(args) -> None:
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
     if args.json and Path(args.json).exists():
         raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
+    if args.prompts:  # any model, any prompt: attention against what each word does, no shapes world
+        from .attention.effects import faithfulness_lines, prompt_faithfulness
+        pipe, settings = sampling_pipeline(args, base=config.sampling)
+        result = prompt_faithfulness(pipe, args.prompts, settings)
+        print("\n".join(faithfulness_lines(result)))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json, "x") as f:
+                f.write(json.dumps(result, indent=2))
+            print(f"wrote {args.json}")
+        return
     pipe = sampling_pipeline(args, base=config.sampling)[0]
     report = evaluate(pipe, config)
     print(report.format_table())
@@ -362,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="images per pipeline call")
     e.add_argument("--effect-prompts", type=int, help="prompts per split whose object words are silenced in turn "
                    "for the faithfulness table; 0: none")
+    e.add_argument("--prompts", nargs="+", help="score these prompts instead of the shapes world (any model, Stable "
+                   "Diffusion included): each word silenced in turn, its attention map's correlation with what "
+                   "changed, beside a centre prior's")
     e.add_argument("--json", help="also write the report as JSON to this file")
     e.set_defaults(func=cmd_evaluate)
     return p

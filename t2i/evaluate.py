@@ -70,8 +70,8 @@ def training_world(pipe) -> tuple[ShapesConfig, str]:
     from .config import DataConfig, load_config
     if pipe.image_space.kind != "pixels":
         raise ValueError("t2i evaluate scores models of t2i's shapes world (it segments their flat-colour images "
-                         "and scores maps against the objects' masks); on a Stable Diffusion model see where words "
-                         "look with t2i heatmap and what they do with t2i effect")
+                         "and scores maps against the objects' masks); on a Stable Diffusion model, score your own "
+                         "prompts with t2i evaluate --prompts \"PROMPT\" ...")
     folder = getattr(pipe, "name_or_path", None)
     path = Path(folder) / "train_config.yaml" if folder else None
     if path is not None and path.is_file():

@@ -235,10 +235,17 @@ def test_an_fp16_vae_that_says_it_overflows_decodes_in_float32(pipes):
     assert torch.equal(LatentSpace(vae16).decode(z), LatentSpace(vae32).decode(z)) and vae16.dtype == torch.float16
 
 
-def test_evaluate_and_a_hub_name_out_of_reach_are_one_line(folders, capsys, monkeypatch):
+def test_evaluate_scores_given_prompts_and_a_hub_name_out_of_reach_is_one_line(folders, tmp_path, capsys,
+                                                                              monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["evaluate", "--model", folders["sd1"], "--num-prompts", "1"]) == 2
     assert "scores models of t2i's shapes world" in capsys.readouterr().err
+    assert main(["evaluate", "--model", folders["sd1"], "--prompts", PROMPT, "a green triangle", "--steps", "2",
+                 "--json", str(tmp_path / "f.json")]) == 0
+    result = json.loads((tmp_path / "f.json").read_text())
+    assert [r["word"] for r in result["rows"]] == ["red", "circle", "above", "blue", "square", "green", "triangle"]
+    assert all(-1 <= r["attention"] <= 1 and r["effect"] > 0 for r in result["rows"])
+    assert "| mean |" in capsys.readouterr().out
     assert main(["info", "no-such-org/no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "hub is unreachable and the local cache has no copy" in err and len(err.strip().splitlines()) == 1
