@@ -12,11 +12,12 @@ Each encodes texts into a PromptEncoding and says what the UNet gets from it (`U
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
 
-from .text import PromptEncoding, encode_prompts, tokenize, token_strings
+from .text import PromptEncoding, PromptTruncated, encode_prompts, token_strings, tokenize
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,10 @@ class SDXLText(CLIPText):
         skip = 0 if negative or not clip_skip else clip_skip
         states, pooled, first = [], None, None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            batch = tokenize(tokenizer, texts, max_length)
+            with warnings.catch_warnings():
+                if first is not None:                             # a cut prompt is said once, not per tokenizer
+                    warnings.simplefilter("ignore", PromptTruncated)
+                batch = tokenize(tokenizer, texts, max_length)
             ids = batch["input_ids"].to(encoder.device)
             out = encoder(ids, output_hidden_states=True)
             if not 0 <= skip < len(out.hidden_states) - 2:

@@ -249,3 +249,21 @@ def test_evaluate_scores_given_prompts_and_a_hub_name_out_of_reach_is_one_line(f
     assert main(["info", "no-such-org/no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "hub is unreachable and the local cache has no copy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_sdxl_pipeline_saved_by_t2i_loads_back_the_same(pipes, tmp_path):
+    """save_pretrained writes a t2i folder with the VAE, both encoders and force_zeros_for_empty_prompt."""
+    pipes["sdxl"].save_pretrained(tmp_path)
+    again = load_pipeline(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is True
+    run = lambda p: p(PROMPT, num_inference_steps=2, generator=generators([0]), output_type="np").images  # noqa: E731
+    assert type(again.conditioning).__name__ == "SDXLText" and np.array_equal(run(pipes["sdxl"]), run(again))
+
+
+def test_a_prompt_past_77_tokens_is_said_once_on_sdxl(pipes):
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipes["sdxl"](" ".join(["red circle"] * 40), num_inference_steps=1, generator=generators([0]))
+    cut = [w for w in seen if "dropped the last" in str(w.message)]
+    assert len(cut) == 1, [str(w.message) for w in seen]
