@@ -9,7 +9,7 @@ import inspect
 import json
 import os
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -230,6 +230,41 @@ class T2IPipeline(DiffusionPipeline):
         uncut = self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"]
         return check_words(self.prompt_tokens(prompt)[0], words, all_tokens=self.tokenizer.convert_ids_to_tokens(uncut))
 
+    def sampling_hooks(self, batch: BatchLayout, scheduler, autocast, record_attention, word_weights, layout, excite,
+                       guide: GuideSettings) -> tuple[list, Any, list | None]:
+        """The hooks of one call, in the order they act: [(a context installed around the sampling loop,
+        before_step(i, t, x, cond) -> x)], the recorder (None: not recording), and the list attention guidance
+        fills with each guided step's energies (None: no guidance)."""
+        hooks, recorder, energies = [], None, None
+        if word_weights:
+            from .attention.effects import reweighting
+            hooks.append((reweighting(self.unet, batch, word_weights), lambda i, t, x, cond: x))
+        if layout or excite:
+            from .attention.guidance import guided_latents, resolve_targets
+            guide = guide.check()
+            targets = resolve_targets([batch.encoding.tokens[k] for k in batch.texts("cond")], layout, excite)
+            guided_steps, energies = round(guide.fraction * batch.num_inference_steps), []
+
+            def guided(i, t, x, cond):
+                if not targets or i >= guided_steps:
+                    return x
+                x, seen = guided_latents(self.unet, x, t, batch, cond, targets, guide, scheduler.scale_model_input,
+                                         autocast, float(1 - alpha_bar_at(scheduler, t)) ** 0.5)
+                energies.append(seen)
+                return x
+            hooks.append((nullcontext(), guided))
+        if record_attention:
+            recorder = record_attention
+            if recorder is True:
+                from .attention import AttentionRecorder
+                recorder = AttentionRecorder()
+
+            def step_index(i, t, x, cond):
+                recorder.set_step(i)
+                return x
+            hooks.append((recorder.record(self.unet, batch), step_index))
+        return hooks, recorder, energies
+
     def run_step_end(self, callback, names, i, t, latents, prompt_embeds):
         """diffusers' callback_on_step_end: the named tensors in, replacements for any of them out."""
         tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
@@ -327,37 +362,22 @@ class T2IPipeline(DiffusionPipeline):
         x = (randn(shape, generator, device, dtype) if latents is None else latents.to(device, dtype)) \
             * scheduler.init_noise_sigma
 
-        # 4. denoise, with the hooks the call asks for: word reweighting and recording on the cross-attention
-        #    processors, attention guidance before a step's pass
-        recorder = record_attention or None
-        if recorder is True:
-            from .attention import AttentionRecorder
-            recorder = AttentionRecorder()
+        # 4. denoise. What the call asks for is hooked into the loop, not branched in it: each hook is a context
+        #    installed around the loop (word weights and the recorder sit on the cross-attention processors) and a
+        #    function run before each step's UNet pass (the recorder's step index; attention guidance moves x)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         timesteps = scheduler.timesteps
         autocast = torch.autocast(device.type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
         batch = BatchLayout(enc, (height, width), n, guided, len(timesteps))
-        targets, guided_steps, energies = None, 0, None
-        if layout or excite:
-            from .attention.guidance import guided_latents, resolve_targets
-            guide = guide.check()
-            targets = resolve_targets([enc.tokens[i] for i in batch.texts("cond")], layout, excite)
-            guided_steps, energies = round(guide.fraction * len(timesteps)), []
-        weighting = nullcontext()
-        if word_weights:
-            from .attention.effects import reweighting
-            weighting = reweighting(self.unet, batch, word_weights)
-        recording = recorder.record(self.unet, batch) if recorder is not None else nullcontext()
+        hooks, recorder, energies = self.sampling_hooks(batch, scheduler, autocast, record_attention, word_weights,
+                                                        layout, excite, guide)
         x0_previews = [] if previews else None
-        with weighting, recording:
+        with ExitStack() as installed:
+            for context, _ in hooks:
+                installed.enter_context(context)
             for i, t in enumerate(self.progress_bar(timesteps)):
-                if targets and i < guided_steps:
-                    x, seen = guided_latents(self.unet, x, t, batch, cond, targets, guide,
-                                             scheduler.scale_model_input, autocast,
-                                             float(1 - alpha_bar_at(scheduler, t)) ** 0.5)
-                    energies.append(seen)
-                if recorder is not None:
-                    recorder.set_step(i)
+                for _, before_step in hooks:
+                    x = before_step(i, t, x, cond)
                 x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
                 with autocast:
                     pred = unet_prediction(self.unet, x_in, t, cond).to(x.dtype)
