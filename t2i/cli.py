@@ -248,14 +248,16 @@ def cmd_evaluate(args) -> None:
 def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAULTS, size: bool = True,
                       guide: bool = True) -> None:
     """The options of every command that samples from a pipeline; unset, they take `base`'s settings."""
-    p.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
+    p.add_argument("--model", help="pipeline folder: t2i's, or a diffusers Stable Diffusion 1.x/2.x/XL folder or hub "
+                   "name (default: the shipped shapes model)")
     p.add_argument("--steps", type=int, help=f"denoising steps (default: {base.steps})")
     p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale; 1: none (default: {base.guidance})")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), help="the sampler (default: the model's)")
     if size:
         for side in ("--height", "--width"):
-            p.add_argument(side, type=int, help="in pixels, a multiple of the UNet's downsampling "
-                           "(default: the model's sample size, 32 for the shipped model)")
+            p.add_argument(side, type=int, help="in pixels, a multiple of the model's size step (its UNet's "
+                           "downsampling times its VAE's factor; t2i info says it) (default: the model's native size, "
+                           "32 for the shipped model, 512 for SD 1.5)")
     if guide:
         p.add_argument("--guide", action="store_true", help="attention guidance from the prompt's own words "
                        "(shapes world): each object goes into the box its stated position or relation names "
