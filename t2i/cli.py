@@ -28,7 +28,7 @@ def cmd_generate(args) -> None:
     pipe, settings = sampling_pipeline(args, progress=True)
     model = args.model or "default"
     from .pipeline import scheduler_name
-    scheduler = settings.scheduler or scheduler_name(pipe.scheduler)
+    scheduler = settings.scheduler or scheduler_name(pipe.scheduler, pipe.image_space)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = settings.num_images
@@ -101,7 +101,7 @@ def cmd_serve(args) -> None:
     limits = {k: getattr(args, k) for k in ("max_steps", "max_images", "max_side", "max_prompt_chars", "concurrency",
                                             "max_queue")}
     for name, value in limits.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
@@ -136,22 +136,30 @@ def cmd_serve(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .pipeline import load_pipeline
+    from .pipeline import load_pipeline, scheduler_name
     pipe = load_pipeline(args.model)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     print(f"pipeline: {args.model or 'default (shipped)'}")
+    print(f"images: {pipe.native_size} px native, height and width multiples of {pipe.size_multiple}; "
+          f"denoised as {pipe.image_space.describe()}")
     print(f"unet: {type(pipe.unet).__name__}, {count(pipe.unet):,} parameters, dtype {pipe.unet.dtype}")
     for k, v in dict(pipe.unet.config).items():
         if not k.startswith("_"):
             print(f"  {k}: {v}")
-    te = pipe.text_encoder.config
-    print(f"text_encoder: {type(pipe.text_encoder).__name__}, {count(pipe.text_encoder):,} parameters, "
-          f"width {te.hidden_size}, {te.num_hidden_layers} layers")
+    if pipe.vae is not None:
+        print(f"vae: {type(pipe.vae).__name__}, {count(pipe.vae):,} parameters, dtype {pipe.vae.dtype}")
+    print(f"text: {pipe.conditioning.describe()}")
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name)
+        if encoder is not None:
+            te = encoder.config
+            print(f"{name}: {type(encoder).__name__}, {count(encoder):,} parameters, width {te.hidden_size}, "
+                  f"{te.num_hidden_layers} layers")
     print(f"tokenizer: {type(pipe.tokenizer).__name__}, vocabulary {len(pipe.tokenizer)}, "
           f"max length {pipe.tokenizer.model_max_length}")
     sc = pipe.scheduler.config
-    print(f"scheduler: {type(pipe.scheduler).__name__}, prediction {sc.prediction_type}, beta schedule "
-          f"{sc.beta_schedule}, {sc.num_train_timesteps} train steps")
+    print(f"scheduler: {type(pipe.scheduler).__name__} ({scheduler_name(pipe.scheduler, pipe.image_space)}), "
+          f"prediction {sc.prediction_type}, beta schedule {sc.beta_schedule}, {sc.num_train_timesteps} train steps")
     print(f"caption dropout in training: {pipe.config.caption_dropout}")
 
 
@@ -208,6 +216,17 @@ def cmd_evaluate(args) -> None:
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})  # unset: EvalConfig's defaults
     if args.json and Path(args.json).exists():
         raise ValueError(f"--json {args.json} exists; pass another file (nothing is overwritten)")
+    if args.prompts:  # any model, any prompt: attention against what each word does, no shapes world
+        from .attention.effects import faithfulness_lines, prompt_faithfulness
+        pipe, settings = sampling_pipeline(args, base=config.sampling)
+        result = prompt_faithfulness(pipe, args.prompts, settings)
+        print("\n".join(faithfulness_lines(result)))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json, "x") as f:
+                f.write(json.dumps(result, indent=2))
+            print(f"wrote {args.json}")
+        return
     pipe = sampling_pipeline(args, base=config.sampling)[0]
     report = evaluate(pipe, config)
     print(report.format_table())
@@ -229,14 +248,16 @@ def cmd_evaluate(args) -> None:
 def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAULTS, size: bool = True,
                       guide: bool = True) -> None:
     """The options of every command that samples from a pipeline; unset, they take `base`'s settings."""
-    p.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
+    p.add_argument("--model", help="pipeline folder: t2i's, or a diffusers Stable Diffusion 1.x/2.x/XL folder or hub "
+                   "name (default: the shipped shapes model)")
     p.add_argument("--steps", type=int, help=f"denoising steps (default: {base.steps})")
     p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale; 1: none (default: {base.guidance})")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), help="the sampler (default: the model's)")
     if size:
         for side in ("--height", "--width"):
-            p.add_argument(side, type=int, help="in pixels, a multiple of the UNet's downsampling "
-                           "(default: the model's sample size, 32 for the shipped model)")
+            p.add_argument(side, type=int, help="in pixels, a multiple of the model's size step (its UNet's "
+                           "downsampling times its VAE's factor; t2i info says it) (default: the model's native size, "
+                           "32 for the shipped model, 512 for SD 1.5)")
     if guide:
         p.add_argument("--guide", action="store_true", help="attention guidance from the prompt's own words "
                        "(shapes world): each object goes into the box its stated position or relation names "
@@ -247,8 +268,9 @@ def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAU
         p.add_argument("--excite", help="attention guidance: comma-separated words to make appear, e.g. "
                        "circle,square; all: every object's colour and noun (shapes world)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the UNet computes under bf16 autocast (1.4x on CPUs with bf16 units, slower on others)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="bf16 or fp16: the UNet computes under autocast (bf16: 1.4x on CPUs with bf16 units, slower on "
+                   "others; fp16: for GPUs); latents stay float32 and a VAE decodes in its own precision")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,11 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     for name, default, what in [("max-steps", SERVER_LIMITS.max_steps, "sampling steps of one request"),
                                 ("max-images", SERVER_LIMITS.max_images, "images of one request"),
-                                ("max-side", SERVER_LIMITS.max_side, "height and width in px"),
+                                ("max-side", None, "height and width in px (default: per model, the larger of "
+                                 f"{SERVER_LIMITS.max_side} and 1.5x its native size)"),
                                 ("max-prompt-chars", 300, "characters of a prompt"),
                                 ("concurrency", 1, "requests that sample at once"),
                                 ("max-queue", 64, "requests waiting; more are turned away")]:
-        s.add_argument(f"--{name}", type=int, default=default, help=f"the most {what} (default: {default})")
+        s.add_argument(f"--{name}", type=int, default=default,
+                       help=f"the most {what}" + ("" if default is None else f" (default: {default})"))
     s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="print a pipeline's config and parameter counts")
@@ -354,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="images per pipeline call")
     e.add_argument("--effect-prompts", type=int, help="prompts per split whose object words are silenced in turn "
                    "for the faithfulness table; 0: none")
+    e.add_argument("--prompts", nargs="+", help="score these prompts instead of the shapes world (any model, Stable "
+                   "Diffusion included): each word silenced in turn, its attention map's correlation with what "
+                   "changed, beside a centre prior's")
     e.add_argument("--json", help="also write the report as JSON to this file")
     e.set_defaults(func=cmd_evaluate)
     return p
@@ -373,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command != "train":
         _quiet_loading()
+        for module in ("diffusers", "transformers", "huggingface_hub"):  # their deprecations are not the user's
+            warnings.filterwarnings("ignore", module=module)
     try:
         return args.func(args) or 0
     except (ValueError, OSError) as e:  # bad input, a missing file, a full disk: one clear line, no traceback

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from .conditioning import UNetConditioning, unet_prediction
 from .config import NoiseConfig
 
 
@@ -89,7 +90,7 @@ def diffusion_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, text_states
     eps = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
     x_t = scheduler.add_noise(x0, eps, t)
     target = eps if prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
-    pred = unet(x_t, t, encoder_hidden_states=text_states, encoder_attention_mask=text_mask).sample
+    pred = unet_prediction(unet, x_t, t, UNetConditioning(text_states, text_mask))
     mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))                    # (B,)
     if cfg.min_snr_gamma is not None:
         alpha_bar = scheduler.alphas_cumprod.to(device)[t]

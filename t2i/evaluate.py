@@ -70,6 +70,10 @@ def training_world(pipe) -> tuple[ShapesConfig, str]:
     pipeline folder, and a note saying where it came from. Without that file: the hold-out of
     configs/shapes32.yaml at the UNet's sample size."""
     from .config import DataConfig, load_config
+    if pipe.image_space.kind != "pixels":
+        raise ValueError("t2i evaluate scores models of t2i's shapes world (it segments their flat-colour images "
+                         "and scores maps against the objects' masks); on a Stable Diffusion model, score your own "
+                         "prompts with t2i evaluate --prompts \"PROMPT\" ...")
     folder = getattr(pipe, "name_or_path", None)
     path = Path(folder) / "train_config.yaml" if folder else None
     if path is not None and path.is_file():
@@ -77,7 +81,7 @@ def training_world(pipe) -> tuple[ShapesConfig, str]:
         if data.kind != "shapes":
             raise ValueError(f"{path} trained on data.kind={data.kind!r}: evaluate scores the shapes world only")
     else:
-        data = DataConfig(size=pipe.unet.config.sample_size, **ASSUMED_HOLDOUT)
+        data = DataConfig(size=pipe.native_size, **ASSUMED_HOLDOUT)
         source = "assumed (no train_config.yaml beside the model): configs/shapes32.yaml's hold-out"
     world = dataclasses.replace(shapes_world(data, "train"), position_prob=BENCHMARK_POSITION_PROB)
     return world, source
@@ -196,7 +200,7 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), world: ShapesConfig | None
 
     # 2. sample with the requested scheduler (each pipeline call builds it; the model's own is untouched)
     from .pipeline import scheduler_name
-    used_scheduler = config.scheduler or scheduler_name(pipe.scheduler)
+    used_scheduler = config.scheduler or scheduler_name(pipe.scheduler, pipe.image_space)
     total = len(calibration) + sum(len(s) for s in splits.values()) * config.images_per_prompt
     total += sum(min(len(s), config.effect_prompts) for s in splits.values())  # a scene with its variants counts one
     results, effects, split_seconds = {}, {}, 0.0

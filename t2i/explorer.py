@@ -23,6 +23,7 @@ from .attention import AttentionRecorder, Heatmaps
 from .attention.effects import effect_map
 from .attention.overlay import effect_heat, grid_image, overlay, upscale
 from .pipeline import check_pipeline_folder, load_pipeline, scheduler_name
+from .stable_diffusion import local_folder
 from .sampling import guide_metadata, parse_layout, png_metadata, slug
 from .settings import (QUICK, SERVER_LIMITS, SamplingLimits, SamplingSettings, check_word_weight,
                        generators, is_whole)
@@ -42,7 +43,7 @@ class Limits:
 
     max_steps: int = SERVER_LIMITS.max_steps
     max_images: int = SERVER_LIMITS.max_images   # images per Generate
-    max_side: int = SERVER_LIMITS.max_side       # px, height and width
+    max_side: int | None = None  # px, height and width; None: per model, the larger of 128 and 1.5x its native size
     max_prompt_chars: int = 300
     concurrency: int = 1         # requests that sample at once (the others wait in the queue)
     max_queue: int = 64          # requests waiting; more are turned away with a message
@@ -119,7 +120,7 @@ class Explorer:
         models = models or [None]                          # None: the shipped model
         for m in models:                                   # every model is checked at start, not when picked
             if m not in (None, "default"):
-                check_pipeline_folder(str(m))
+                check_pipeline_folder(local_folder(str(m)))
         self.models = {SHIPPED if m is None else str(m): m for m in models}
         self.device, self.limits = device, limits
         self._pipes: dict[str, object] = {}
@@ -148,6 +149,15 @@ class Explorer:
                     self._pipes[model] = load_pipeline(self.models[model], self.device)
         return self._pipes[model]
 
+    def sampling_limits(self, pipe) -> SamplingLimits:
+        """The limits of a request to `pipe`: the server's, with the side bound by --max-side or, unset, by the
+        larger of 128 px and 1.5x the model's native size (a multiple of its size step)."""
+        most = self.limits.max_side
+        if most is None:
+            f = pipe.size_multiple
+            most = max(SERVER_LIMITS.max_side, pipe.native_size * 3 // 2 // f * f)
+        return replace(self.limits.sampling, max_side=most)
+
     # -- 1. checking a request -------------------------------------------------------------------
     def check(self, request: Request) -> Request:
         """The request with its defaults filled in, or a ValueError that says what to change."""
@@ -159,8 +169,8 @@ class Explorer:
                 raise ValueError(f"the {name} has {len(text)} characters; at most {lim.max_prompt_chars}")
         model = r.model or self.default_model
         pipe = self.pipeline(model)
-        size = pipe.unet.config.sample_size if r.size is None else r.size
-        s = replace(r, size=size).sampling.check(lim.sampling, pipe, names=REQUEST_NAMES)
+        size = pipe.native_size if r.size is None else r.size
+        s = replace(r, size=size).sampling.check(self.sampling_limits(pipe), pipe, names=REQUEST_NAMES)
         if s.layout or s.excite:  # the words against the prompt, before sampling
             from .attention.guidance import resolve_targets
             kwargs = s.pipeline_kwargs()
@@ -181,7 +191,7 @@ class Explorer:
             out = pipe(r.prompt, **settings.pipeline_kwargs(), generator=generators(settings.seeds(r.num_images)),
                        record_attention=recorder, previews=True,
                        callback=None if progress is None else lambda i, t, x: progress(i + 1, r.steps))
-        used = settings.scheduler or scheduler_name(pipe.scheduler)
+        used = settings.scheduler or scheduler_name(pipe.scheduler, pipe.image_space)
         heatmaps = {ALL: out.attention}
         if len(recorder.grids) > 1:
             heatmaps.update({f"{h}x{w}": recorder.heatmaps(resolutions=[(h, w)]) for h, w in recorder.grids})
@@ -250,7 +260,7 @@ class Explorer:
 
     def above_native(self, result: Result) -> str:
         """A hint when the image is larger than the model's training size, said for the page; '' when not."""
-        native = self.pipeline(result.request.model).unet.config.sample_size
+        native = self.pipeline(result.request.model).native_size
         if result.request.size <= native:
             return ""
         return (f"the model was trained at {native} px; at {result.request.size} px it tends to repeat or stretch "

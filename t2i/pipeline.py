@@ -1,5 +1,7 @@
-"""The text-to-image pipeline: prompt -> CLIP states -> guided denoising with any diffusers
-scheduler -> images. Classifier-free guidance (Ho & Salimans 2022) by batching [uncond, cond].
+"""The text-to-image pipeline: prompt -> text conditioning -> guided denoising with any diffusers scheduler in
+an image space (pixels, or a VAE's latents) -> images. Classifier-free guidance (Ho & Salimans 2022) by
+batching [uncond, cond]. t2i's own models and Stable Diffusion 1.x, 2.x and XL run through the same loop:
+t2i.conditioning says what the UNet is told, t2i.image_space what it denoises.
 """
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import inspect
 import json
 import os
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -22,10 +24,13 @@ from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .checkpoint import safetensors_damage
+from .conditioning import CLIPText, SDXLText, T2IText, UNetConditioning, cat_encodings, unet_prediction
 from .diffusion import alpha_bar_at, predict_x0
+from .image_space import PixelSpace, image_space, native_size, size_multiple
 from .layout import BatchLayout
-from .settings import DEFAULTS, SCHEDULERS, GuideSettings, downsample_factor, max_inference_steps
-from .text import PromptEncoding, PromptTruncated, encode_prompts, token_strings, tokenize
+from .stable_diffusion import check_folder, is_diffusers_folder, load_components, local_folder, quiet_third_party
+from .settings import DEFAULTS, SCHEDULERS, GuideSettings, max_inference_steps
+from .text import PromptEncoding, PromptTruncated, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
 
 if TYPE_CHECKING:
@@ -39,17 +44,19 @@ SHIM_MODULE = "t2i_pipeline"
 SHIM_CODE = "from t2i.pipeline import T2IPipeline  # noqa: F401  (needs `pip install t2i`)\n"
 
 
-def make_scheduler(name: str, config: dict):
-    """A diffusers scheduler by short name, sharing the noise schedule and prediction type in `config`."""
+def make_scheduler(name: str, config: dict, space: PixelSpace = PixelSpace()):
+    """A diffusers scheduler by short name, sharing the noise schedule and prediction type in `config`, with
+    the options that suit the image space (no x0 thresholding for latents)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls, extra = SCHEDULERS[name]
-    return getattr(diffusers, cls).from_config(config, **extra)
+    return getattr(diffusers, cls).from_config(config, **space.scheduler_options(extra))
 
 
-def scheduler_name(scheduler) -> str:
+def scheduler_name(scheduler, space: PixelSpace = PixelSpace()) -> str:
     """The short name of a scheduler instance (the inverse of make_scheduler), else its class name."""
     for name, (cls, extra) in SCHEDULERS.items():
+        extra = {k: v for k, v in space.scheduler_options(extra).items() if k in extra}
         if type(scheduler) is getattr(diffusers, cls) and all(scheduler.config.get(k) == v for k, v in extra.items()):
             return name
     return type(scheduler).__name__
@@ -64,20 +71,50 @@ class T2IPipelineOutput(BaseOutput):
 
 
 class T2IPipeline(DiffusionPipeline):
-    """unet (T2IUNet or any diffusers UNet2DConditionModel in pixel space), CLIP text_encoder and
-    tokenizer, and a diffusers scheduler. `caption_dropout` records the caption dropout used in
+    """unet (T2IUNet or any diffusers UNet2DConditionModel), CLIP text_encoder and tokenizer, and a diffusers
+    scheduler; with a `vae`, the UNet denoises its latents (Stable Diffusion), and with `text_encoder_2` and
+    `tokenizer_2` it is conditioned as SDXL is. `caption_dropout` records the caption dropout used in
     training (None: unknown); guidance on a model trained without it warns."""
 
-    model_cpu_offload_seq = "text_encoder->unet"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["vae", "text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: the UNet computes in it, latents stay float32
 
     def __init__(self, unet, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler,
-                 caption_dropout: float | None = None):
+                 caption_dropout: float | None = None, vae=None, text_encoder_2=None, tokenizer_2=None,
+                 force_zeros_for_empty_prompt: bool = True):
         super().__init__()
-        check_unet(unet)
-        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        check_unet(unet, sdxl=text_encoder_2 is not None)
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                              vae=vae, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.register_to_config(caption_dropout=caption_dropout)
+        if text_encoder_2 is not None:
+            self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+
+    # -- what the UNet denoises and what it is told ----------------------------------------------
+    @property
+    def image_space(self) -> PixelSpace:
+        """Pixels, or the VAE's latents."""
+        return image_space(self.vae, self.unet)
+
+    @property
+    def conditioning(self) -> T2IText:
+        """t2i's own text conditioning; Stable Diffusion 1.x/2.x's (a VAE, one encoder); SDXL's (two encoders)."""
+        if self.text_encoder_2 is not None:
+            return SDXLText(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
+                            self.config.get("force_zeros_for_empty_prompt", True))
+        return (CLIPText if self.vae is not None else T2IText)(self.tokenizer, self.text_encoder)
+
+    @property
+    def native_size(self) -> int:
+        """The image side in pixels the model was made for (its UNet's sample size times the VAE's factor)."""
+        return native_size(self.unet, self.image_space)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this."""
+        return size_multiple(self.unet, self.image_space)
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -127,7 +164,7 @@ class T2IPipeline(DiffusionPipeline):
             raise ValueError("the prompt list is empty: pass at least one prompt")
         if not all(isinstance(p, str) for p in prompt):
             raise ValueError("prompts must be strings")
-        f = downsample_factor(self.unet)
+        f = self.size_multiple
         if height <= 0 or width <= 0 or height % f or width % f:
             raise ValueError(f"height and width must be positive multiples of {f} for this UNet, "
                              f"got {height}x{width}; try {max(f, round(height / f) * f)}x{max(f, round(width / f) * f)}")
@@ -145,27 +182,37 @@ class T2IPipeline(DiffusionPipeline):
     def encode_prompt(self, prompt: list[str] | None, negative_prompt: list[str] | None, guided: bool,
                       prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                       prompt_attention_mask: torch.Tensor | None = None,
-                      negative_prompt_attention_mask: torch.Tensor | None = None) -> PromptEncoding:
+                      negative_prompt_attention_mask: torch.Tensor | None = None,
+                      clip_skip: int | None = None) -> PromptEncoding:
         """(uncond ++ cond) text states when guided, else cond only. Given embeddings (B, T, width),
-        with their masks (B, T) (default: all tokens real), stand in for the texts they encode."""
+        with their masks (B, T) (default: all tokens real), stand in for the texts they encode. SDXL with
+        force_zeros_for_empty_prompt: no negative prompt is zeros, as in diffusers."""
+        text = self.conditioning
         if prompt_embeds is None and negative_prompt_embeds is None:
+            if guided and negative_prompt is None and text.zeros_for_empty_prompt:
+                cond = text.encode(prompt, clip_skip=clip_skip)
+                return cat_encodings(text.zeros(text.encode([""] * len(prompt), cond.hidden_states.shape[1],
+                                                            negative=True)), cond)
+            if guided and clip_skip:  # the prompt with clip skip, the negative without (diffusers)
+                cond = text.encode(prompt, clip_skip=clip_skip)
+                return cat_encodings(text.encode(negative_prompt or [""] * len(prompt), cond.hidden_states.shape[1],
+                                                 negative=True), cond)
             texts = (negative_prompt or [""] * len(prompt)) + prompt if guided else prompt
-            return encode_prompts(self.tokenizer, self.text_encoder, texts)
+            return text.encode(texts)
+        if isinstance(text, SDXLText):
+            raise ValueError("prompt_embeds are not supported for SDXL folders (they need pooled text): pass prompts")
         cond = (given_encoding(prompt_embeds, prompt_attention_mask) if prompt_embeds is not None
-                else encode_prompts(self.tokenizer, self.text_encoder, prompt, negative_prompt_embeds.shape[1]))
+                else text.encode(prompt, negative_prompt_embeds.shape[1], clip_skip=clip_skip))
         if not guided:
             return cond
         B, T = cond.hidden_states.shape[:2]
         uncond = (given_encoding(negative_prompt_embeds, negative_prompt_attention_mask)
                   if negative_prompt_embeds is not None
-                  else encode_prompts(self.tokenizer, self.text_encoder, negative_prompt or [""] * B, T))
+                  else text.encode(negative_prompt or [""] * B, T, negative=True))
         if uncond.hidden_states.shape != cond.hidden_states.shape:
             raise ValueError(f"negative_prompt_embeds {tuple(uncond.hidden_states.shape)} must have the shape of "
                              f"prompt_embeds {tuple(cond.hidden_states.shape)}")
-        return PromptEncoding(torch.cat([uncond.hidden_states, cond.hidden_states]),
-                              torch.cat([uncond.attention_mask, cond.attention_mask.to(uncond.attention_mask.device)]),
-                              torch.cat([uncond.input_ids, cond.input_ids.to(uncond.input_ids.device)]),
-                              uncond.tokens + cond.tokens)
+        return cat_encodings(uncond, cond)
 
     def prompt_tokens(self, prompt: str | list[str]) -> list[list[str]]:
         """The real tokens of each prompt as `__call__` encodes them (start, words, end; cut at the
@@ -182,6 +229,41 @@ class T2IPipeline(DiffusionPipeline):
         from .attention.heatmaps import check_words
         uncut = self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"]
         return check_words(self.prompt_tokens(prompt)[0], words, all_tokens=self.tokenizer.convert_ids_to_tokens(uncut))
+
+    def sampling_hooks(self, batch: BatchLayout, scheduler, autocast, record_attention, word_weights, layout, excite,
+                       guide: GuideSettings, reweight_text: bool = True) -> tuple[list, Any, list | None]:
+        """The hooks of one call, in the order they act: [(a context installed around the sampling loop,
+        before_step(i, t, x, cond) -> x)], the recorder (None: not recording), and the list attention guidance
+        fills with each guided step's energies (None: no guidance)."""
+        hooks, recorder, energies = [], None, None
+        if word_weights:
+            from .attention.effects import reweighting
+            hooks.append((reweighting(self.unet, batch, word_weights, text=reweight_text), lambda i, t, x, cond: x))
+        if layout or excite:
+            from .attention.guidance import guided_latents, resolve_targets
+            guide = guide.check()
+            targets = resolve_targets([batch.encoding.tokens[k] for k in batch.texts("cond")], layout, excite)
+            guided_steps, energies = round(guide.fraction * batch.num_inference_steps), []
+
+            def guided(i, t, x, cond):
+                if not targets or i >= guided_steps:
+                    return x
+                x, seen = guided_latents(self.unet, x, t, batch, cond, targets, guide, scheduler.scale_model_input,
+                                         autocast, float(1 - alpha_bar_at(scheduler, t)) ** 0.5)
+                energies.append(seen)
+                return x
+            hooks.append((nullcontext(), guided))
+        if record_attention:
+            recorder = record_attention
+            if recorder is True:
+                from .attention import AttentionRecorder
+                recorder = AttentionRecorder()
+
+            def step_index(i, t, x, cond):
+                recorder.set_step(i)
+                return x
+            hooks.append((recorder.record(self.unet, batch), step_index))
+        return hooks, recorder, energies
 
     def run_step_end(self, callback, names, i, t, latents, prompt_embeds):
         """diffusers' callback_on_step_end: the named tensors in, replacements for any of them out."""
@@ -218,6 +300,7 @@ class T2IPipeline(DiffusionPipeline):
         layout: bool | dict[str, tuple[float, float, float, float]] | list[dict] | None = None,
         excite: bool | list[str] | list[list[str]] | None = None,
         guide: GuideSettings = DEFAULTS.guide,
+        clip_skip: int | None = None,
     ):
         """Generate images. `callback(i, t, x_t)` runs after each step. Images come back as a list of
         PIL images, a float array (B, H, W, 3) in [0, 1] ('np') or a tensor (B, 3, H, W) in [0, 1] ('pt').
@@ -240,7 +323,9 @@ class T2IPipeline(DiffusionPipeline):
         init_noise_sigma; `prompt_embeds` (B, T, width) with `prompt_attention_mask` (B, T) replaces
         `prompt` (and `negative_prompt_embeds` the negative prompt); `callback_on_step_end(pipe, i, t,
         kwargs)` gets the tensors named in `callback_on_step_end_tensor_inputs` ('latents', and
-        'prompt_embeds': the UNet's batch of text states) and may return replacements for them."""
+        'prompt_embeds': the UNet's batch of text states) and may return replacements for them.
+        `clip_skip` (Stable Diffusion folders): the prompt's text states from that many layers before the last.
+        With a VAE, `latents` are the VAE's (B*n, 4, H / 8, W / 8) and `height`/`width` stay in pixels."""
         # 1. check inputs
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass either prompt or prompt_embeds, not both or neither")
@@ -256,80 +341,69 @@ class T2IPipeline(DiffusionPipeline):
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompt)} prompts")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        sample_size = self.unet.config.sample_size
-        height, width = (sample_size if s is None else s for s in (height, width))
-        scheduler = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
+        space, text = self.image_space, self.conditioning
+        height, width = (self.native_size if s is None else s for s in (height, width))
+        scheduler = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config, space)
         self.check_inputs(prompt, height, width, guidance_scale, num_images_per_prompt, num_inference_steps, scheduler)
         guided = guidance_scale != 1.0
         device, dtype = self.unet.device, self.unet.dtype
 
         # 2. encode the prompt, repeated for each image: rows as BatchLayout says, [uncond x B*n, cond x B*n]
         enc = self.encode_prompt(prompt, negative_prompt, guided, prompt_embeds, negative_prompt_embeds,
-                                 prompt_attention_mask, negative_prompt_attention_mask)
+                                 prompt_attention_mask, negative_prompt_attention_mask, clip_skip)
         n = num_images_per_prompt
-        ctx = enc.hidden_states.repeat_interleave(n, dim=0).to(dtype)
-        mask = enc.attention_mask.repeat_interleave(n, dim=0)
         B = len(prompt) * n
+        if word_weights and reweight_text and prompt_embeds is None:  # the words out of the text path's mixing too
+            from .attention.effects import reweighted_encoding
+            enc = reweighted_encoding(text, prompt, BatchLayout(enc, (height, width), n, guided), word_weights, clip_skip)
+        cond = text.unet_conditioning(enc, len(enc.tokens) * n, height, width)
+        cond = UNetConditioning(cond.states.to(dtype), cond.mask, cond.added and {k: v.to(device, dtype)
+                                                                                 for k, v in cond.added.items()})
 
-        # 3. prepare the initial noise
+        # 3. prepare the initial noise, in the image space
         scheduler.set_timesteps(num_inference_steps, device=device)
-        shape = (B, self.unet.config.in_channels, height, width)
+        shape = space.sample_shape(B, height, width)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} (images, channels, height, width), got {tuple(latents.shape)}")
         x = (randn(shape, generator, device, dtype) if latents is None else latents.to(device, dtype)) \
             * scheduler.init_noise_sigma
 
-        # 4. denoise, optionally reweighting words' cross-attention and recording it
-        recorder = record_attention or None
-        if recorder is True:
-            from .attention import AttentionRecorder
-            recorder = AttentionRecorder()
+        # 4. denoise. What the call asks for is hooked into the loop, not branched in it: each hook is a context
+        #    installed around the loop (word weights and the recorder sit on the cross-attention processors) and a
+        #    function run before each step's UNet pass (the recorder's step index; attention guidance moves x)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         timesteps = scheduler.timesteps
         autocast = torch.autocast(device.type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
         batch = BatchLayout(enc, (height, width), n, guided, len(timesteps))
-        targets, guided_steps, energies = None, 0, None
-        if layout or excite:
-            from .attention.guidance import guided_latents, resolve_targets
-            guide = guide.check()
-            targets = resolve_targets([enc.tokens[i] for i in batch.texts("cond")], layout, excite)
-            guided_steps, energies = round(guide.fraction * len(timesteps)), []
-        weighting = nullcontext()
-        if word_weights:
-            from .attention.effects import reweighted_states, reweighting
-            if reweight_text and prompt_embeds is None:  # the word out of the text encoder's mixing too
-                ctx = reweighted_states(self, prompt, batch, word_weights).repeat_interleave(n, dim=0).to(dtype)
-            weighting = reweighting(self.unet, batch, word_weights, text=reweight_text)
-        recording = recorder.record(self.unet, batch) if recorder is not None else nullcontext()
+        hooks, recorder, energies = self.sampling_hooks(batch, scheduler, autocast, record_attention, word_weights,
+                                                        layout, excite, guide, reweight_text)
         x0_previews = [] if previews else None
-        with weighting, recording:
+        with ExitStack() as installed:
+            for context, _ in hooks:
+                installed.enter_context(context)
             for i, t in enumerate(self.progress_bar(timesteps)):
-                if targets and i < guided_steps:
-                    x, seen = guided_latents(self.unet, x, t, batch, ctx, mask, targets, guide,
-                                             scheduler.scale_model_input, autocast,
-                                             float(1 - alpha_bar_at(scheduler, t)) ** 0.5)
-                    energies.append(seen)
-                if recorder is not None:
-                    recorder.set_step(i)
+                for _, before_step in hooks:
+                    x = before_step(i, t, x, cond)
                 x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
                 with autocast:
-                    pred = self.unet(x_in, t, encoder_hidden_states=ctx, encoder_attention_mask=mask,
-                                     return_dict=False)[0].to(x.dtype)
+                    pred = unet_prediction(self.unet, x_in, t, cond).to(x.dtype)
                 if guided:
-                    uncond, cond = pred.chunk(2)
-                    pred = uncond + guidance_scale * (cond - uncond)
+                    uncond, cond_pred = pred.chunk(2)
+                    pred = uncond + guidance_scale * (cond_pred - uncond)
                 if x0_previews is not None:
                     x0 = predict_x0(x_in[:B].float(), pred.float(), alpha_bar_at(scheduler, t),
                                     scheduler.config.prediction_type)
-                    x0_previews.append((x0 / 2 + 0.5).clamp(0, 1).cpu())
+                    x0_previews.append(space.decode(x0).cpu())
                 x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
                 if callback is not None:
                     callback(i, t, x)
                 if callback_on_step_end is not None:
-                    x, ctx = self.run_step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, x, ctx)
+                    x, states = self.run_step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, x,
+                                                  cond.states)
+                    cond = cond.with_states(states)
 
-        # 5. decode: pixel space in [-1, 1] -> [0, 1]
-        images = (x.float() / 2 + 0.5).clamp(0, 1)
+        # 5. decode: to images in [0, 1]
+        images = space.decode(x)
         if output_type != "pt":
             images = images.permute(0, 2, 3, 1).cpu().numpy()
             if output_type == "pil":
@@ -364,13 +438,20 @@ def given_encoding(embeds: torch.Tensor, mask: torch.Tensor | None) -> PromptEnc
     return PromptEncoding(embeds, mask, torch.zeros_like(mask), [["?"] * int(m.sum()) for m in mask])
 
 
-def check_unet(unet) -> None:
-    """Refuse a UNet that needs conditioning the pipeline does not give (SDXL's added text and time embeddings)."""
+def check_unet(unet, sdxl: bool = False) -> None:
+    """Refuse a UNet that needs conditioning the pipeline does not give: SDXL's pooled text and time ids
+    without SDXL's second text encoder, class labels, image embeddings, LCM's guidance embedding."""
     config = getattr(unet, "config", {})
-    extra = [f"{k}={config[k]!r}" for k in ("addition_embed_type", "class_embed_type") if config.get(k) is not None]
+    given = {"addition_embed_type": "text_time"} if sdxl else {}
+    extra = [f"{k}={config[k]!r}" for k in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim")
+             if config.get(k) is not None and config.get(k) != given.get(k)]
     if extra:
-        raise ValueError(f"T2IPipeline gives the UNet text states only, and this UNet has {', '.join(extra)}, "
-                         "which needs more (SDXL's pooled text and time ids): use a UNet without it")
+        given = "text states and SDXL's pooled text and time ids" if sdxl else "text states only"
+        raise ValueError(f"T2IPipeline gives this UNet {given}, and it has {', '.join(extra)}, which needs more "
+                         "(SDXL's pooled text and time ids come with a StableDiffusionXLPipeline folder, "
+                         "t2i.load_pipeline(folder)): use a UNet without it")
+    if sdxl and config.get("addition_embed_type") != "text_time":
+        raise ValueError("an SDXL pipeline needs a UNet with addition_embed_type='text_time'")
 
 
 def check_pipeline_folder(path: str) -> None:
@@ -383,6 +464,9 @@ def check_pipeline_folder(path: str) -> None:
         raise ValueError(f"{path!r} has no model_index.json: pass a folder written by T2IPipeline.save_pretrained")
     with open(index) as f:
         listed = json.load(f)
+    if is_diffusers_folder(listed):  # Stable Diffusion in diffusers' layout, or a folder t2i says it cannot open
+        check_folder(path, listed)
+        return
     missing = [c for c in COMPONENTS if c not in listed or not os.path.isdir(os.path.join(path, c))]
     if missing:
         raise ValueError(f"pipeline folder {path!r} is missing component(s) {missing}; "
@@ -403,21 +487,6 @@ def _first_line(e: Exception) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-@contextmanager
-def _no_progress_bars():
-    """diffusers' and transformers' loading bars off, then as they were."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-    shown = [lib.is_progress_bar_enabled() for lib in (diffusers_logging, transformers_logging)]
-    diffusers_logging.disable_progress_bar(), transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, on in zip((diffusers_logging, transformers_logging), shown):
-            if on:
-                lib.enable_progress_bar()
-
-
 def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> T2IPipeline:
     """Load a pipeline folder; with no path or "default", the default model shipped inside the package. Weights
@@ -429,8 +498,13 @@ def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.dev
     device = torch.device(device)
     if dtype is None and device.type == "cpu":
         dtype = torch.float32
-    with _no_progress_bars():  # loading a few MB needs no bars, from the CLI or from Python
-        pipe = T2IPipeline.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+    path = local_folder(os.fspath(path))  # a hub name: its copy in the Hugging Face cache
+    check_pipeline_folder(path)
+    with open(os.path.join(path, "model_index.json")) as f:
+        diffusers_folder = is_diffusers_folder(json.load(f))
+    with quiet_third_party():  # loading needs no bars and no third-party warnings, from the CLI or from Python
+        pipe = (T2IPipeline(**load_components(path, dtype)) if diffusers_folder else
+                T2IPipeline.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {})))
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.to(memory_format=torch.channels_last)  # 1.1-1.2x faster sampling on CPU (bench/sample.py)
     return pipe.to(device)

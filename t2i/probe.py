@@ -14,7 +14,7 @@ import torch
 
 from .data.shapes import POSITION_PHRASES, POSITIONS
 from .diffusion import alpha_bar_at, predict_x0
-from .text import encode_prompts
+from .conditioning import UNetConditioning, unet_prediction
 
 # (colour, shape) pairs for the in-cell prompts: none of them held out in configs/shapes32.yaml
 CELL_OBJECTS = (("red", "circle"), ("blue", "diamond"))
@@ -39,16 +39,20 @@ def cell_centres() -> torch.Tensor:
 def red_centroids(pipe, prompts: list[str], t: int, seeds: int) -> torch.Tensor:
     """(len(prompts), 2) mean centroid of the red in the x0 `pipe`'s UNet predicts at timestep t from
     `seeds` pure-noise draws (the same draws for every prompt)."""
-    enc = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
-    unet = pipe.unet
-    side, dtype = unet.config.sample_size, unet.dtype
+    unet, space = pipe.unet, pipe.image_space
+    if space.kind != "pixels":
+        raise ValueError("the position probe reads colours off the predicted x0: it needs a pixel-space model")
+    side, dtype = pipe.native_size, unet.dtype
+    enc = pipe.conditioning.encode(prompts)
+    cond = pipe.conditioning.unet_conditioning(enc, len(prompts), side, side)
+    cond = UNetConditioning(cond.states.to(unet.device, dtype), None if cond.mask is None else cond.mask.to(unet.device),
+                            cond.added)
     alpha_bar, prediction_type = alpha_bar_at(pipe.scheduler, t), pipe.scheduler.config.prediction_type
     out = torch.zeros(len(prompts), 2)
     for seed in range(seeds):
-        noise = torch.randn((1, unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(space.sample_shape(1, side, side), generator=torch.Generator().manual_seed(seed))
         noise = noise.repeat(len(prompts), 1, 1, 1).to(unet.device, dtype)
-        pred = unet(noise, t, encoder_hidden_states=enc.hidden_states.to(unet.device, dtype),
-                    encoder_attention_mask=enc.attention_mask.to(unet.device)).sample
+        pred = unet_prediction(unet, noise, t, cond)
         out += red_centroid(predict_x0(noise.float(), pred.float(), alpha_bar, prediction_type).cpu())
     return out / seeds
 

@@ -117,8 +117,7 @@ def sampling_pipeline(args, progress: bool = False, base: SamplingSettings = DEF
     check_options(args, base)
     device = sampling_device(args.device)
     pipe = load_pipeline(args.model, device)
-    if getattr(args, "precision", "fp32") == "bf16":
-        pipe.autocast_dtype = torch.bfloat16
+    pipe.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(args, "precision", "fp32"))
     settings = sampling_settings(args, base).check(LIMITS, pipe, names=OPTIONS)
     if device.type == "cpu":
         use_idle_cores()

@@ -89,8 +89,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 with gr.Row():
                     # no minimum: the explorer checks the seed, in its own words
                     seed = gr.Number(label="seed", value=first.seed, precision=0, elem_id="seed")
-                    size = gr.Number(label="size (px)", value=pipe.unet.config.sample_size, precision=0,
-                                     elem_id="size")
+                    size = gr.Number(label=f"size (px, a multiple of {pipe.size_multiple})", value=pipe.native_size,
+                                     precision=0, step=pipe.size_multiple, elem_id="size")
                 steps = Slider(1, lim.max_steps, value=min(first.steps, lim.max_steps), step=1, label="steps",
                                elem_id="steps")
                 guidance = Slider(least_guidance, min(GUIDANCE_SLIDER_MAX, most_guidance), value=first.guidance,

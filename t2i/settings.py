@@ -23,6 +23,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),   # Stable Diffusion 1.x's own (PLMS)
 }
 SEEDS = 2**64  # a torch generator's seed is from 0 to 2**64 - 1
 MAX_SIZE_FACTOR = 8  # height and width: at most 8x the model's sample size (pixel space: memory grows with the area)
@@ -185,7 +186,7 @@ def _side(name: str, value, limits: SamplingLimits, pipe) -> int:
     up to limits.max_side or, without one, MAX_SIZE_FACTOR x its sample size."""
     if pipe is None:
         return _whole(name, value, 1, limits.max_side)
-    f, sample_size = downsample_factor(pipe.unet), pipe.unet.config.sample_size
+    f, sample_size = pipe.size_multiple, pipe.native_size     # in pixels (a VAE's factor included)
     most = MAX_SIZE_FACTOR * sample_size if limits.max_side is None else limits.max_side
     if not is_whole(value) or not f <= value <= most or value % f:
         why = f" ({MAX_SIZE_FACTOR}x the model's sample size {sample_size})" if limits.max_side is None else ""

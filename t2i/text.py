@@ -36,6 +36,7 @@ class PromptEncoding:
     attention_mask: torch.Tensor     # (B, T), 1 for real tokens (BOS, words, EOS), 0 for padding
     input_ids: torch.Tensor          # (B, T)
     tokens: list[list[str]]          # the real tokens of each prompt, e.g. ['<|startoftext|>', 'red</w>', ...]
+    pooled: torch.Tensor | None = None  # (B, D) SDXL's pooled text (t2i.conditioning.SDXLText), else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,27 +199,19 @@ def encode(tokenizer: CLIPTokenizer, text_encoder, texts: list[str], device: tor
     return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, ids
 
 
-def weighted_mask(mask: torch.Tensor, key_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """CLIP's causal attention mask (B, 1, T, T), additive, with padding (mask 0) shut and each token's key
-    scaled by key_weights (B, T): log(weight) added to every query's logit for it, so weight 0 takes the token
-    out of every later token's state and 2 doubles its odds (the softmax renormalises)."""
+def weighted_mask(mask: torch.Tensor, key_weights: torch.Tensor, dtype: torch.dtype,
+                  mask_padding: bool = True) -> torch.Tensor:
+    """CLIP's causal attention mask (B, 1, T, T), additive, with padding (mask 0) shut when `mask_padding` and
+    each token's key scaled by key_weights (B, T): log(weight) added to every query's logit for it, so weight 0
+    takes the token out of every later token's state and 2 doubles its odds (the softmax renormalises)."""
     T = mask.shape[1]
     causal = torch.full((T, T), float("-inf"), device=mask.device).triu(1)
-    keys = key_weights.to(mask.device, torch.float32).log().masked_fill(mask == 0, float("-inf"))  # (B, T)
+    keys = key_weights.to(mask.device, torch.float32).log()                                          # (B, T)
+    if mask_padding:
+        keys = keys.masked_fill(mask == 0, float("-inf"))
     bias = causal[None, None] + keys[:, None, None, :]
     # the start token (weight 1, never padding) keeps every row finite
     return bias.clamp(min=torch.finfo(dtype).min).to(dtype)
-
-
-def encode_weighted(tokenizer: CLIPTokenizer, text_encoder, texts: list[str], key_weights: torch.Tensor,
-                    max_length: int | None = None) -> PromptEncoding:
-    """encode_prompts with each token's key reweighted in the text encoder's self-attention (weighted_mask)."""
-    batch = tokenize(tokenizer, texts, max_length)
-    device = text_encoder.device
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    bias = weighted_mask(mask, key_weights, text_encoder.dtype)
-    hidden = text_encoder(input_ids=ids, attention_mask=bias).last_hidden_state
-    return PromptEncoding(hidden, mask, ids, token_strings(tokenizer, ids, mask))
 
 
 def token_strings(tokenizer: CLIPTokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[list[str]]:

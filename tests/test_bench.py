@@ -12,6 +12,7 @@ def test_gpu_script_smoke_runs_every_stage_on_cpu(tmp_path):
     subprocess.run(["bash", str(script), "--smoke"], env=env, check=True, timeout=600, capture_output=True)
     results = (tmp_path / "results.txt").read_text()
     assert "t2i UNet" in (tmp_path / "bench.txt").read_text() or "ratio" in (tmp_path / "bench.txt").read_text()
+    assert "| 2 | daam |" in (tmp_path / "bench.txt").read_text()             # bench/sd.py's table
     for row in ("shapes64", "cosine"):
         assert f'{row}: position curve {{"step": 2' in results, results
         assert f"== {row}" in results and "GenEval-style summary" in results

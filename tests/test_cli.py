@@ -169,7 +169,7 @@ def test_help_shows_the_sampling_defaults():
     for command in ("generate", "heatmap"):
         text = " ".join(sub[command].format_help().split())
         assert "(default: 30)" in text and "(default: 3.0)" in text
-        assert text.count("(default: the model's sample size") == 2
+        assert text.count("(default: the model's native size") == 2
 
 
 def test_unquoted_multi_word_prompt_warns(model_dir, tmp_path, capsys):

@@ -188,6 +188,20 @@ def test_silencing_a_colour_word_of_a_trained_model_changes_mostly_its_objects_p
     assert effect_share(effects.effects["red"].numpy(), red[0].mask) > 0.5
 
 
+def test_a_colour_words_attention_shows_what_it_does_better_than_a_centre_prior():
+    """prompt_faithfulness (t2i evaluate --prompts, no masks): on the position-blind reference, where silencing a
+    colour word recolours its object, the word's attention map correlates with that change, a centre prior less."""
+    from pathlib import Path
+
+    from t2i.attention.effects import prompt_faithfulness
+    from t2i.pipeline import load_pipeline
+    pipe = load_pipeline(Path(__file__).resolve().parent.parent / "bench" / "position_blind")
+    result = prompt_faithfulness(pipe, ["a red circle above a blue square"], SamplingSettings(steps=10), ["red"])
+    (row,) = result["rows"]
+    assert row["word"] == "red" and row["effect"] > 0.02
+    assert row["attention"] > 0.5 > row["centre prior"]
+
+
 # -- x0 previews -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "euler", "dpm"])

@@ -116,6 +116,7 @@ class OraclePipeline:
         from diffusers import DDPMScheduler
 
         from t2i.evaluate import paraphrase_scenes, prompt_scenes, unseen_wording_scenes
+        from t2i.image_space import PixelSpace
         scenes = (prompt_scenes(world, "train", config.num_prompts, config.seed)
                   + prompt_scenes(world, "holdout", config.num_prompts, config.seed)
                   + paraphrase_scenes(world, config.num_prompts, config.seed)
@@ -123,6 +124,7 @@ class OraclePipeline:
                   + prompt_scenes(world, "train", config.calibration_prompts, config.seed + 1))
         self.scenes = {s.caption: s for s in scenes}
         self.maps, self.scheduler, self.name_or_path = maps, DDPMScheduler(), None
+        self.image_space = PixelSpace()                       # a pixel model, as every pipeline says
 
     def prompt_tokens(self, prompt):
         from t2i.text import BOS, EOS

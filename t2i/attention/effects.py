@@ -76,21 +76,24 @@ def text_key_weights(layout: BatchLayout, word_weights: WordWeights | list[WordW
     return None if weights is None else weights[::layout.images_per_prompt]
 
 
-def reweighted_states(pipe, prompts: list[str], layout: BatchLayout,
-                      word_weights: WordWeights | list[WordWeights]) -> torch.Tensor:
-    """The text states of layout.encoding with the prompts re-encoded so that each weighted word's key is
-    scaled in every self-attention of the text encoder too (t2i.text.weighted_mask): a word at 0 then
-    reaches no other word's state, whatever the encoder mixes."""
-    from ..text import encode_weighted
+def reweighted_encoding(text, prompts: list[str], layout: BatchLayout, word_weights: WordWeights | list[WordWeights],
+                        clip_skip: int | None = None):
+    """layout.encoding with the prompts re-encoded by `text` (a t2i.conditioning encoder) so that each weighted
+    word's key is scaled in every self-attention of the text encoder(s) too (t2i.text.weighted_mask): a word at
+    0 then reaches no other word's state, nor SDXL's pooled text, whatever the encoder mixes."""
+    from dataclasses import replace as replace_fields
     enc, weights = layout.encoding, text_key_weights(layout, word_weights)
     if weights is None:
-        return enc.hidden_states
-    cond = layout.texts("cond")
-    weighted = encode_weighted(pipe.tokenizer, pipe.text_encoder, prompts, weights[cond.start:cond.stop],
-                               enc.hidden_states.shape[1])
+        return enc
+    cond = slice(layout.texts("cond").start, layout.texts("cond").stop)
+    weighted = text.encode(prompts, enc.hidden_states.shape[1], clip_skip=clip_skip, key_weights=weights[cond])
     states = enc.hidden_states.clone()
-    states[cond.start:cond.stop] = weighted.hidden_states.to(states)
-    return states
+    states[cond] = weighted.hidden_states.to(states)
+    pooled = enc.pooled
+    if pooled is not None:
+        pooled = pooled.clone()
+        pooled[cond] = weighted.pooled.to(pooled)
+    return replace_fields(enc, hidden_states=states, pooled=pooled)
 
 
 def _pixels(image) -> torch.Tensor:
@@ -140,3 +143,58 @@ def word_effects(pipe, prompt: str, words: list[str], weight: float = 0.0,
     return WordEffects(image=image, attention=out.attention.select(0), weight=weight,
                        images=dict(zip(labels, others)),
                        effects={w: effect_map(image, im) for w, im in zip(labels, others)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Does a word's attention map show what the word does? On any prompt of any model (no masks needed).
+
+STOP_WORDS = {"a", "an", "the", "of", "in", "on", "at", "to", "and", "with", "is", "are", "there", "its", "it"}
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation over the pixels of two (H, W) maps; 0 where either is constant."""
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    norm = (a.square().sum() * b.square().sum()).sqrt()
+    return float((a * b).sum() / norm) if norm > 1e-12 else 0.0
+
+
+def centre_prior(height: int, width: int, sigma: float = 0.25) -> torch.Tensor:
+    """(H, W) Gaussian at the image centre, std `sigma` times each side: the map any attention map should beat."""
+    y = (torch.arange(height) + 0.5 - height / 2) / height
+    x = (torch.arange(width) + 0.5 - width / 2) / width
+    return torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma ** 2))
+
+
+def prompt_faithfulness(pipe, prompts: list[str], settings: SamplingSettings = DEFAULTS,
+                        words: list[str] | None = None) -> dict:
+    """For each prompt and each of its words (default: all but STOP_WORDS), silence the word (word_effects) and
+    correlate its attention map with its effect map over the image's pixels, beside a centre-prior map's
+    correlation: the attention part of faithfulness that needs no object masks, for any model.
+    Returns {'rows': [{prompt, word, effect, attention, centre prior}], 'mean': {...}} (correlations in [-1, 1],
+    effect: the mean change in [0, 1])."""
+    from .heatmaps import word_labels
+    rows = []
+    for prompt in prompts:
+        labels = words or [w for w in word_labels(pipe.prompt_tokens(prompt)[0]) if w.split("#")[0] not in STOP_WORDS]
+        if not labels:
+            raise ValueError(f"{prompt!r} has no word to silence beyond {', '.join(sorted(STOP_WORDS))}")
+        fx = word_effects(pipe, prompt, labels, 0.0, settings)
+        size = fx.image.height, fx.image.width
+        prior = centre_prior(*size)
+        maps = fx.attention.word_maps(0, list(fx.effects), normalize=None, size=size)
+        for word, effect in fx.effects.items():
+            rows.append({"prompt": prompt, "word": word, "effect": float(effect.mean()),
+                         "attention": pearson(maps[word], effect), "centre prior": pearson(prior, effect)})
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("effect", "attention", "centre prior")}
+    return {"rows": rows, "mean": mean}
+
+
+def faithfulness_lines(result: dict) -> list[str]:
+    """prompt_faithfulness's result as a table: one row per word, then the mean."""
+    head = "| prompt | word | mean change | corr. attention-effect | corr. centre prior-effect |"
+    lines = [head, "|---|---|---|---|---|"]
+    for r in result["rows"] + [{"prompt": "mean", "word": "", **result["mean"]}]:
+        lines.append(f"| {r['prompt']} | {r['word']} | {r['effect']:.3f} | {r['attention']:.2f} | "
+                     f"{r['centre prior']:.2f} |")
+    return lines

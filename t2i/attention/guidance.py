@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..conditioning import UNetConditioning, unet_prediction
 from ..layout import BatchLayout, query_grid
 from ..settings import Box, GuideSettings, check_box
 from .heatmaps import prompt_text, resolve_word
@@ -136,16 +137,15 @@ def resolve_targets(tokens: list[list[str]], layout: bool | dict | list[dict] | 
     return GuideTargets(boxes, excited, [len(t) for t in tokens])
 
 
-def guided_latents(unet, x: torch.Tensor, t, layout: BatchLayout, ctx: torch.Tensor, mask: torch.Tensor,
+def guided_latents(unet, x: torch.Tensor, t, layout: BatchLayout, cond: UNetConditioning,
                    targets: GuideTargets, settings: GuideSettings, scale_input, autocast,
                    noise_level: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """The latents x (B*n, C, H, W) after up to `settings.iterations` gradient steps against the guidance
+    """The latents x (B*n, C, h, w) after up to `settings.iterations` gradient steps against the guidance
     energy of the conditional branch at timestep t, and the energies seen ({'layout': [...], 'excite': [...]},
-    before each step). `ctx` and `mask` are the UNet batch's text states; `scale_input(x, t)` the scheduler's
+    before each step). `cond` is the UNet batch's conditioning; `scale_input(x, t)` the scheduler's
     model-input scaling. Recording and word weights are off during these passes (they see the guided pass)."""
     n, image_size = layout.images_per_prompt, layout.image_size
-    cond = layout.branch_rows("cond")
-    c, m = ctx[cond], mask[cond]
+    c = cond.rows(layout.branch_rows("cond"))
     per_row = GuideTargets([lay for lay in targets.layout for _ in range(n)],
                            [exc for exc in targets.excite for _ in range(n)],
                            [ln for ln in targets.lengths for _ in range(n)])
@@ -156,7 +156,7 @@ def guided_latents(unet, x: torch.Tensor, t, layout: BatchLayout, ctx: torch.Ten
         with torch.enable_grad(), suspended(unet), attached(unet, names, "capture", captured):
             xg = x.detach().requires_grad_(True)
             with autocast:
-                unet(scale_input(xg, t), t, encoder_hidden_states=c, encoder_attention_mask=m, return_dict=False)
+                unet_prediction(unet, scale_input(xg, t), t, c)
             maps = [p.float() for p in captured]
             energy = xg.new_zeros(x.shape[0], dtype=torch.float32)
             if any(per_row.layout):
