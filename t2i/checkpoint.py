@@ -43,6 +43,8 @@ STATE_KEYS = {"step": int, "samples": int, "world_size": int, "optimizer": dict,
 CORE_FILES = ("unet.safetensors", "ema.safetensors", "optimizer.safetensors")  # in every checkpoint, listed or not
 NOT_A_RUN = ("config.yaml", "tokenizer", "text_encoder", "previews", "tensorboard")  # with no checkpoint nor pipeline
 RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "text_encoder", "previews", "tensorboard")  # beside its checkpoints
+STARTED = ".t2i-run"  # written by a fresh start: what is beside it, t2i wrote (a folder without it is the user's)
+OWN_FILES = (".lock", STARTED, "position.jsonl", *NOT_A_RUN)  # what t2i writes into a run folder before a checkpoint
 
 
 @dataclass
@@ -352,13 +354,15 @@ def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite
         yield
         return
     run_dir = Path(run_dir)
+    if not resume:
+        _refuse_foreign_files(run_dir)  # before the lock: a refused folder is left as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(run_dir)
     try:
         found = checkpoints(run_dir)
         old = found + sorted(run_dir.glob("checkpoint-*.damaged")) + [
             run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-        started = not [p for p in old if p.name not in NOT_A_RUN]  # no checkpoint: a start that failed, not a run
+        started = not [p for p in old if p.name not in NOT_A_RUN]  # no checkpoint: a start that failed (marked)
         if started and old and not resume and not overwrite:
             warnings.warn(f"train.output_dir {run_dir} holds no checkpoint, only what a start that failed left "
                           f"({', '.join(p.name for p in old)}): replacing it", stacklevel=3)
@@ -369,6 +373,8 @@ def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite
                              "another train.output_dir")
         for path in old if overwrite or (started and not resume) else []:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if not resume:
+            write_synced(run_dir / STARTED, b"t2i train started a run here; what it wrote may be replaced\n")
         for stage in run_dir.glob(".checkpoint-*.tmp"):
             shutil.rmtree(stage, ignore_errors=True)
         for stage in run_dir.glob(".pipeline.*"):  # an export killed half-way
@@ -377,6 +383,22 @@ def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite
     finally:
         lock.truncate(0)
         lock.close()
+
+
+def _refuse_foreign_files(run_dir: Path) -> None:
+    """A folder with no run (no checkpoint nor pipeline) may hold only what a start of t2i wrote there, marked
+    by STARTED; anything else (a pipeline folder, the user's own config.yaml) is refused, never replaced."""
+    if not run_dir.is_dir() or checkpoints(run_dir) or (run_dir / "pipeline").exists() or any(
+            run_dir.glob("checkpoint-*.damaged")):
+        return
+    marked = (run_dir / STARTED).is_file()
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in (".lock", STARTED) and not (marked and p.name in OWN_FILES)
+                     and not p.name.startswith((".checkpoint-", ".pipeline.")))
+    if foreign:
+        raise ValueError(f"train.output_dir {run_dir} holds files that t2i train did not write "
+                         f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and no run; nothing there "
+                         "is replaced: choose a new or empty train.output_dir")
 
 
 def _lock(run_dir: Path):
