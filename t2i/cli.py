@@ -12,8 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
-from .sampling import (LIMITS, guide_metadata, new_out_folder, png_metadata, sampling_device, sampling_pipeline, save_new_png, slug,
-                       use_idle_cores)
+from .sampling import (LIMITS, guide_metadata, new_out_folder, png_metadata, sampling_device, sampling_pipeline,
+                       save_new_png, slug,
+                       staged_out, use_idle_cores)
 from .settings import (DEFAULTS, GUIDES, QUICK, SCHEDULERS, SERVER_LIMITS, SamplingSettings, check_word_weight,
                        generators)
 
@@ -54,7 +55,8 @@ def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[
         print(path)
         if args.heatmaps:
             from .attention.export import write_heatmap_outputs
-            write_heatmap_outputs(result.attention, i, image, out / f"{path.stem}-heatmaps", words=None)
+            with staged_out(out / f"{path.stem}-heatmaps") as stage:
+                write_heatmap_outputs(result.attention, i, image, stage, words=None)
 
 
 def _word_list(text: str | None) -> list[str] | None:
@@ -74,9 +76,10 @@ def cmd_heatmap(args) -> None:
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
     result = pipe(args.prompt, **settings.pipeline_kwargs(), generator=generators(settings.seeds(1)),
                   record_attention=recorder)
-    paths = write_heatmap_outputs(result.attention, 0, result.images[0], out, words=words, size=args.size)
+    with staged_out(out) as stage:  # a failed write leaves no half-written --out
+        paths = write_heatmap_outputs(result.attention, 0, result.images[0], stage, words=words, size=args.size)
     for path in paths.values():
-        print(path)
+        print(out / path.relative_to(stage))
 
 
 def cmd_effect(args) -> None:
@@ -89,8 +92,10 @@ def cmd_effect(args) -> None:
     out = new_out_folder(args.out, "effects", args.prompt, args.seed)
     pipe, settings = sampling_pipeline(args, progress=True)
     effects = word_effects(pipe, args.prompt, words, weight, settings)
-    for path in write_effect_outputs(effects, out, size=args.size).values():
-        print(path)
+    with staged_out(out) as stage:
+        paths = write_effect_outputs(effects, stage, size=args.size)
+    for path in paths.values():
+        print(out / path.relative_to(stage))
 
 
 def cmd_serve(args) -> None:

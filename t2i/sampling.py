@@ -3,12 +3,17 @@ files they write (names from prompts, never replacing a file, PNGs that carry th
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import itertools
 import json
 import os
 import re
+import shutil
+import tempfile
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
@@ -142,14 +147,52 @@ def new_name(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Iterator[str
 
 
 def save_new_png(image, folder: Path, stem: str, **save_kw) -> Path:
-    """Save as folder/stem.png, or stem-v2.png, ... never replacing a file (an exclusive create)."""
-    for name in new_name(folder, stem, (".png", "-heatmaps")):
+    """Save as folder/stem.png, or stem-v2.png, ... never replacing a file, atomically: the PNG goes to a
+    temporary file beside it, fsynced, that is linked to its name only when complete (an exclusive create), so
+    a full disk or a kill leaves no empty or half-written PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save_kw)
+    tmp = folder / f".{stem}.{os.getpid()}.png.tmp"
+    try:
+        _write_synced(tmp, buffer.getvalue())
+        for name in new_name(folder, stem, (".png", "-heatmaps")):
+            try:
+                os.link(tmp, folder / f"{name}.png")
+                return folder / f"{name}.png"
+            except FileExistsError:  # another run took the name since it was checked
+                continue
+    except OSError as e:
+        raise OSError(f"{e.strerror or e} while writing {folder / stem}.png; nothing of it was kept") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_out(out: Path) -> Iterator[Path]:
+    """Write the new folder `out` atomically: into a temporary folder beside it that is renamed into place when
+    complete (over a missing or empty `out` only). On any failure nothing of it is left."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # on out's disk
+    try:
+        yield stage
         try:
-            with open(folder / f"{name}.png", "xb") as f:
-                image.save(f, format="PNG", **save_kw)
-            return folder / f"{name}.png"
-        except FileExistsError:  # another run took the name since it was checked
-            continue
+            os.rename(stage, out)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise ValueError(f"{out} was filled by another run meanwhile; its files stay, these were not "
+                                 "written") from None
+            raise
+    except OSError as e:
+        raise OSError(f"{e.strerror or e} while writing {out}/; nothing of it was kept") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def png_metadata(**fields):

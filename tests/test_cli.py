@@ -245,3 +245,48 @@ def test_cosmetics_version_defaults_and_a_quiet_api(model_dir, capfd):
     capfd.readouterr()
     load_pipeline(model_dir)
     assert "Loading" not in capfd.readouterr().err and diffusers_logging.is_progress_bar_enabled()
+
+
+def test_a_full_disk_keeps_no_empty_png_nor_half_written_folder_and_names_the_file(model_dir, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """generate: the PNG the disk filled under is not kept (a rerun takes its name again, not -v2) and the error
+    names it; heatmap: no half-written --out is left to block the rerun."""
+    import io
+
+    import t2i.attention.heatmaps as heatmaps
+    import t2i.sampling as sampling
+
+    class Full(io.FileIO):  # the disk fills after the first 10 bytes
+        def write(self, data):
+            super().write(bytes(data)[:10])
+            raise OSError(28, "No space left on device")
+    opened = []
+
+    def second_png_fills_the_disk(path, mode="r", *a, **kw):
+        opened.append(path)
+        return Full(path, mode.replace("b", "")) if len(opened) == 2 else open(path, mode, *a, **kw)
+    monkeypatch.setattr(sampling, "open", second_png_fills_the_disk, raising=False)
+    out = tmp_path / "gen"
+    args = ["generate", "a red circle", "--model", str(model_dir), "--steps", "1", "--num-images", "3", "--out",
+            str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"t2i generate: error: No space left on device while writing "
+                                    f"{out}/a-red-circle-1.png; nothing of it was kept"), err
+    assert sorted(p.name for p in out.iterdir()) == ["a-red-circle-0.png"]
+    monkeypatch.undo()
+    assert main(args[:-4] + ["--seed", "1", "--num-images", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a-red-circle-0.png", "a-red-circle-1.png", "a-red-circle-2.png"]
+
+    def full(self, path):
+        open(path, "wb").write(b"\0" * 10)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(heatmaps.Heatmaps, "save", full)
+    args = ["heatmap", "a red circle", "--model", str(model_dir), "--steps", "1", "--out", str(tmp_path / "h")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"t2i heatmap: error: No space left on device while writing {tmp_path / 'h'}/; nothing of it was kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert (tmp_path / "h" / "maps.json").is_file() and not list(tmp_path.glob(".h.*"))
