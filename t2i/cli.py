@@ -13,8 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .sampling import (LIMITS, guide_metadata, new_out_folder, png_metadata, sampling_device, sampling_pipeline,
-                       save_new_png, slug,
-                       staged_out, use_idle_cores)
+                       save_new_png, slug, staged_out, use_idle_cores)
 from .settings import (DEFAULTS, GUIDES, QUICK, SCHEDULERS, SERVER_LIMITS, SamplingSettings, check_word_weight,
                        generators)
 
