@@ -229,6 +229,45 @@ def safetensors_damage(file: Path) -> str | None:
     return f"is cut short ({size} of {end} bytes)" if size != end else None
 
 
+def weights_mismatch(folder: Path, library: str, class_name: str) -> str | None:
+    """Whether the weights file of a pipeline component's `folder` holds the tensors its config.json's model
+    (`library`.`class_name`) has: its first missing or unexpected key, with the file, or None. The model is built
+    on the meta device (no memory, no weights); only the file's header is read."""
+    import importlib
+
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    files = [folder / name for name in ("diffusion_pytorch_model.safetensors", "model.safetensors")
+             if (folder / name).is_file()]
+    if not files or not library or not class_name:
+        return None
+    try:
+        cls = getattr(importlib.import_module(library), class_name)
+        with init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if hasattr(cls, "config_class"):  # transformers
+                model = cls(cls.config_class.from_pretrained(folder))
+            else:  # diffusers
+                model = cls.from_config(cls.load_config(folder))
+    except Exception:  # an unknown class or a broken config: the loader says what is wrong
+        return None
+    expected = set(model.state_dict())
+    with safe_open(files[0], "pt") as f:
+        held = set(f.keys())
+    ignored = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
+               *(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    missing = sorted(k for k in expected - held if not any(re.search(p, k) for p in ignored))
+    unexpected = sorted(k for k in held - expected if not any(re.search(p, k) for p in ignored))
+    more = lambda keys: f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""  # noqa: E731
+    if unexpected:
+        return (f"{files[0]} holds {unexpected[0]}, which the {class_name} of {folder / 'config.json'} does not "
+                f"have{more(unexpected)}: it is another model's weights; copy this component's own file")
+    if missing:
+        return (f"{files[0]} lacks {missing[0]}, which the {class_name} of {folder / 'config.json'} needs"
+                f"{more(missing)}: copy the pipeline folder again, or export it again from its run")
+    return None
+
+
 def staging_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f".checkpoint-{step:07d}.tmp"
 

@@ -141,6 +141,9 @@ def cmd_serve(args) -> None:
 
 def cmd_info(args) -> None:
     from .pipeline import load_pipeline
+    if args.folder and args.model and args.folder != args.model:
+        raise ValueError(f"two pipeline folders given ({args.folder} and --model {args.model}): pass one")
+    args.model = args.model or args.folder
     pipe = load_pipeline(args.model)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     print(f"pipeline: {args.model or 'default (shipped)'}")
@@ -314,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="print a pipeline's config and parameter counts")
-    i.add_argument("model", nargs="?", help="pipeline folder (default: the shipped model)")
+    i.add_argument("folder", nargs="?", help="pipeline folder (default: the shipped model)")
+    i.add_argument("--model", help="the same, as every other command takes it")
     i.set_defaults(func=cmd_info)
 
     t = sub.add_parser("train", help="train on the shapes world or an image folder")

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .checkpoint import safetensors_damage
+from .checkpoint import safetensors_damage, weights_mismatch
 from .diffusion import alpha_bar_at, predict_x0
 from .layout import BatchLayout
 from .settings import DEFAULTS, SCHEDULERS, GuideSettings, downsample_factor, max_inference_steps
@@ -391,6 +391,9 @@ def check_pipeline_folder(path: str) -> None:
             if problem:
                 raise ValueError(f"{os.path.join(path, c, weights)} {problem}: copy the pipeline folder again, or "
                                  "export it again from its run")
+        mismatch = weights_mismatch(Path(path, c), *(listed.get(c) or [None, None]))
+        if mismatch:
+            raise ValueError(mismatch)
 
 
 def _first_line(e: Exception) -> str:

@@ -290,3 +290,35 @@ def test_a_full_disk_keeps_no_empty_png_nor_half_written_folder_and_names_the_fi
     monkeypatch.undo()
     assert main(args) == 0
     assert (tmp_path / "h" / "maps.json").is_file() and not list(tmp_path.glob(".h.*"))
+
+
+@pytest.mark.parametrize("part", ["unet", "text_encoder"])
+@pytest.mark.parametrize("fault", ["missing", "another model's"])
+def test_valid_weights_of_another_model_or_missing_a_tensor_are_one_line_naming_the_file_and_key(
+        model_dir, tmp_path, capsys, part, fault):
+    """A valid safetensors file that lacks a tensor, or holds another component's tensors, is refused in one line
+    naming the file and the first missing or unexpected key, by info, generate and train.init_from (not
+    'Cannot copy out of meta tensor', nor a text encoder with random weights)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    weights = next((model / part).glob("*.safetensors"))
+    tensors = load_file(weights)
+    if fault == "missing":
+        key = sorted(tensors)[1]
+        del tensors[key]
+        why = f"lacks {key}"
+    else:
+        other = "text_encoder" if part == "unet" else "unet"
+        tensors = load_file(next((model / other).glob("*.safetensors")))
+        why = f"holds {sorted(tensors)[0]}, which"
+    save_file(tensors, weights)
+    for command in (["info", "--model", str(model)], ["generate", "x", "--model", str(model), "--out", str(tmp_path)],
+                    ["train", "model.preset=tiny", f"train.init_from={model}", f"train.output_dir={tmp_path / 'run'}"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        line = err.splitlines()[-1]
+        assert line.startswith(f"t2i {command[0]}: error: {weights} {why}"), err
+        assert "Traceback" not in err
