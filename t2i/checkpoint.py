@@ -93,10 +93,15 @@ class TrainingState:
         accelerator.wait_for_everyone()
         return Path(run_dir) / f"checkpoint-{self.step:07d}"
 
-    def load(self, path: str | Path, rank: int = 0, config: RunConfig | None = None) -> None:
+    def load(self, path: str | Path, rank: int = 0, config: RunConfig | None = None, world: int | None = None) -> None:
         """Restore everything from the checkpoint folder `path`, with process `rank`'s generators, after checking
-        that `config` differs from the checkpoint's only in RESUMABLE settings. The learning rate follows `config`."""
+        that `config` differs from the checkpoint's only in RESUMABLE settings and that it was saved by `world`
+        processes. The learning rate follows `config`."""
         path = Path(path)
+        saved_world = json.loads((path / "state.json").read_text())["world_size"]
+        if world is not None and saved_world != world:
+            raise ValueError(f"{path.name} was saved by {saved_world} processes and this run has {world}: resume with "
+                             f"{saved_world} (each process continues its own random numbers and share of the data)")
         if config is not None:
             saved = json.loads((path / "state.json").read_text())["config"]
             changes = resume_changes(saved, config)
@@ -201,14 +206,44 @@ def damage(path: str | Path) -> str | None:
         return f"state.json {'is missing' if isinstance(e, FileNotFoundError) else 'is unreadable'}"
     if not isinstance(state, dict):
         return f"state.json holds a {type(state).__name__}, not a checkpoint's state"
-    lacking = [k for k, kind in STATE_KEYS.items() if not isinstance(state.get(k), kind)]
+    lacking = [k for k, kind in STATE_KEYS.items()
+               if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
     files = state.get("files", [])
     if lacking or not (isinstance(files, list) and all(isinstance(name, str) for name in files)):
         return f"state.json lacks {', '.join(lacking) or 'a list of file names'}"
+    problem = state_problem(state, path.name)
+    if problem:
+        return f"state.json: {problem}"
     for name in dict.fromkeys([*CORE_FILES, *files]):
         problem = safetensors_damage(path / name)
         if problem:
             return f"{name} {problem}"
+    return None
+
+
+def state_problem(state: dict, name: str) -> str | None:
+    """What in a well-typed state.json contradicts itself or its folder `name` (checkpoint-N), or None: the step
+    is N, the LR schedule stands at it, the counts are counts, the optimizer has its groups, and the files list
+    the weights and every process's RNG."""
+    step, samples, world = state["step"], state["samples"], state["world_size"]
+    folder = CHECKPOINT.match(name)
+    if step < 1 or (folder and int(folder.group(1)) != step):
+        return f"step {step} is not {name}'s"
+    if samples < 0:
+        return f"samples {samples} is not a count of samples"
+    if world < 1:
+        return f"world_size {world} is not a number of processes"
+    groups, scalars = state["optimizer"].get("param_groups"), state["optimizer"].get("scalars")
+    if not (isinstance(groups, list) and groups and isinstance(scalars, dict)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        return "it lacks the optimizer's param_groups and scalars"
+    last = state["lr_schedule"].get("last_epoch")
+    if last != step or isinstance(last, bool):
+        return f"lr_schedule's last_epoch {last!r} is not its step {step}"
+    needed = [*CORE_FILES, *(f"rng-{i}.safetensors" for i in range(world))]
+    unlisted = [f for f in needed if f not in state["files"]]
+    if unlisted:
+        return f"it lists no {unlisted[0]}"
     return None
 
 
