@@ -8,8 +8,10 @@ import shlex
 import signal
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 from . import __version__
 from .sampling import (LIMITS, guide_metadata, new_out_folder, png_metadata, sampling_device, sampling_pipeline,
@@ -372,17 +374,39 @@ def _quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """SIGINT held back until the block ends, then raised as KeyboardInterrupt (main thread only)."""
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread: signals go elsewhere
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in SAMPLING_COMMANDS:  # waiting OpenMP threads sleep, not spin; read once, when torch loads
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if args.command != "train":
-        _quiet_loading()
     try:
+        if args.command in SAMPLING_COMMANDS:  # waiting OpenMP threads sleep, not spin; read once, when torch loads
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        with _sigint_deferred():  # Ctrl-C inside torch's C++ start-up would abort the process (SIGABRT)
+            import torch  # noqa: F401
+        if args.command != "train":
+            _quiet_loading()
         return args.func(args) or 0
     except (ValueError, OSError) as e:  # bad input, a missing file, a full disk: one clear line, no traceback
         print(f"t2i {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while importing, loading or sampling (train says more itself)
+        print(f"t2i {args.command}: stopped (Ctrl-C); the files written so far are kept", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

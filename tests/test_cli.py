@@ -322,3 +322,31 @@ def test_valid_weights_of_another_model_or_missing_a_tensor_are_one_line_naming_
         line = err.splitlines()[-1]
         assert line.startswith(f"t2i {command[0]}: error: {weights} {why}"), err
         assert "Traceback" not in err
+
+
+def test_ctrl_c_is_one_line_and_exit_130_at_any_moment(model_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a command imports, loads or samples: one line naming the command, exit status 130 (128 +
+    SIGINT), no traceback; a real SIGINT to `python -m t2i.cli generate` mid-run too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import t2i.cli as cli
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    for name in ("_quiet_loading", "sampling_pipeline"):  # before the command runs; while it loads
+        with monkeypatch.context() as m:
+            m.setattr(cli, name, interrupted)
+            assert main(["generate", "x", "--model", str(model_dir), "--out", str(tmp_path)]) == 130
+        assert capsys.readouterr().err == "t2i generate: stopped (Ctrl-C); the files written so far are kept\n"
+    for delay in (0.3, 1, 3):  # importing torch (a Ctrl-C in its C++ start-up aborted the process), loading, sampling
+        run = subprocess.Popen([sys.executable, "-m", "t2i.cli", "generate", "x", "--model", str(model_dir), "--steps",
+                                "400", "--num-images", "16", "--out", str(tmp_path)], stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        run.send_signal(signal.SIGINT)
+        err = run.communicate(timeout=60)[1]
+        assert (run.returncode, err.strip().splitlines()[-1]) == (
+            130, "t2i generate: stopped (Ctrl-C); the files written so far are kept"), (delay, err)
+        assert "Traceback" not in err

@@ -323,7 +323,7 @@ def test_a_hand_edited_state_json_is_a_damaged_checkpoint(tmp_path, state):
         (newest / "unet.safetensors").unlink()
     (newest / "state.json").write_text(json.dumps({**saved, "files": []}) if state == "files" else state)
     problem = {"{}": "state.json lacks step, samples", "[]": "state.json holds a list",
-               "files": "unet.safetensors is missing"}[state]
+               "files": "state.json: it lists no unet.safetensors"}[state]
     with pytest.raises(ValueError, match=rf"checkpoint-0000004 is damaged \({problem}"):
         train(cfg, resume=str(newest))
     with pytest.warns(UserWarning, match=rf"skipped checkpoint-0000004: {problem}.*checkpoint-0000002"):
