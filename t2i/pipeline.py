@@ -328,6 +328,7 @@ class T2IPipeline(DiffusionPipeline):
         if output_type != "pt":
             images = images.permute(0, 2, 3, 1).cpu().numpy()
             if output_type == "pil":
+                images = images[..., 0] if images.shape[-1] == 1 else images  # one channel: grayscale ("L")
                 images = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
         attention = recorder.heatmaps() if recorder is not None else None
         x0_previews = torch.stack(x0_previews) if x0_previews else None
@@ -366,6 +367,10 @@ def check_unet(unet) -> None:
     if extra:
         raise ValueError(f"T2IPipeline gives the UNet text states only, and this UNet has {', '.join(extra)}, "
                          "which needs more (SDXL's pooled text and time ids): use a UNet without it")
+    channels_in, channels_out = config.get("in_channels"), config.get("out_channels")
+    if channels_in != channels_out:
+        raise ValueError(f"the UNet predicts {channels_out} channel{'s' * (channels_out != 1)} for an input of "
+                         f"{channels_in}: a denoiser predicts as many channels as it takes (out_channels=in_channels)")
 
 
 def check_pipeline_folder(path: str) -> None:

@@ -262,3 +262,18 @@ def test_the_shipped_model_loads_through_diffusers_generic_loader():
     from t2i.pipeline import DEFAULT_MODEL
     loaded = DiffusionPipeline.from_pretrained(DEFAULT_MODEL, trust_remote_code=True)
     assert type(loaded) is T2IPipeline and loaded.unet.config.sample_size == 32
+
+
+def test_a_one_channel_unet_makes_grayscale_images_and_one_that_changes_the_channels_is_refused(pipe):
+    """1 channel in and out: grayscale ("L") images, not PIL's 'Cannot handle this data type'; a UNet whose output
+    has other channels than its input (3 in, 1 out) is refused when the pipeline is built."""
+    from t2i.pipeline import T2IPipeline
+    gray = T2IPipeline(tiny_diffusers_unet(in_channels=1, out_channels=1), pipe.text_encoder, pipe.tokenizer,
+                       pipe.scheduler)
+    gray.set_progress_bar_config(disable=True)
+    images = gray(["a red circle"] * 2, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert [(im.mode, im.size) for im in images] == [("L", (16, 16))] * 2
+    assert gray("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 1)
+    with pytest.raises(ValueError, match=r"^the UNet predicts 1 channel for an input of 3: a denoiser predicts as "
+                                         r"many channels as it takes \(out_channels=in_channels\)"):
+        T2IPipeline(tiny_diffusers_unet(out_channels=1), pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
