@@ -128,10 +128,14 @@ class SamplingSettings:
         sides = {side: None if getattr(self, side) is None else _side(name[side], getattr(self, side), limits, pipe)
                  for side in ("height", "width")}
         # 4. attention guidance: the boxes and the strengths (the words are checked against the prompt)
+        pairs = self.layout.items() if isinstance(self.layout, dict) else self.layout  # {word: box} or pairs
         layout = self.layout if isinstance(self.layout, bool) else tuple(
-            (word, check_box(word, box)) for word, box in self.layout)
+            (word, check_box(word, box)) for word, box in pairs)
+        excite = self.excite
+        if isinstance(excite, str):  # "red, circle": the words, not the letters
+            excite = tuple(w.strip() for w in excite.split(",") if w.strip())
         return replace(self, steps=steps, num_images=num_images, seed=seed, guidance=float(self.guidance), **sides,
-                       layout=layout, guide=self.guide.check())
+                       layout=layout, excite=excite, guide=self.guide.check())
 
     def seeds(self, count: int, first: int = 0) -> list[int]:
         """The seeds of images first .. first + count - 1: image i's is seed + i."""

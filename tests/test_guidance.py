@@ -223,3 +223,17 @@ def test_evaluate_guide_scores_the_model_alone_and_guided_side_by_side(tmp_path,
     report = json.loads(out.read_text())
     assert report["alone"]["config"]["guide"] is None and report["guided"]["config"]["guide"] == "layout"
     assert report["guided"]["split_images"] == report["alone"]["split_images"] > 0
+
+
+def test_the_python_api_takes_word_box_pairs_and_one_word_as_a_string():
+    """layout=[(word, box)] is the dict {word: box} (not an AttributeError), and excite="circle" is the word, not
+    its letters ("'c' is not a word"), in the pipeline and in SamplingSettings."""
+    pipe = tiny_pipeline()
+    settings = GuideSettings(fraction=0.25, iterations=1, step_size=0.5, threshold=1.0)
+    pairs = guided(pipe, layout=[("circle", TOP_LEFT)], guide=settings).images
+    assert np.array_equal(pairs, guided(pipe, layout={"circle": TOP_LEFT}, guide=settings).images)
+    assert not np.array_equal(pairs, guided(pipe).images)
+    one = guided(pipe, excite="circle", guide=settings).images
+    assert np.array_equal(one, guided(pipe, excite=["circle"], guide=settings).images)
+    kwargs = SamplingSettings(layout={"circle": [0, 0, 1, 1]}, excite="red, circle").check().pipeline_kwargs()
+    assert (kwargs["layout"], kwargs["excite"]) == ({"circle": (0.0, 0.0, 1.0, 1.0)}, ["red", "circle"])

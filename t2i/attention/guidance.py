@@ -118,9 +118,10 @@ def resolve_targets(tokens: list[list[str]], layout: bool | dict | list[dict] | 
     def per_prompt(x, kind: str) -> list:
         if x is None:
             return [None] * B
+        x = one_prompts(x, kind)
         if isinstance(x, dict) or (kind == "excite" and x and isinstance(x[0], str)):
             return [x] * B
-        x = list(x)
+        x = [one_prompts(entry, kind) for entry in x]
         if len(x) != B:
             raise ValueError(f"got {len(x)} {kind} entries for {B} prompt(s): pass one, or one per prompt")
         return x
@@ -134,6 +135,17 @@ def resolve_targets(tokens: list[list[str]], layout: bool | dict | list[dict] | 
         boxes.append([(resolve_word(toks, word)[1], check_box(word, box)) for word, box in (lay or {}).items()])
         excited.append([resolve_word(toks, word)[1] for word in (exc or [])])
     return GuideTargets(boxes, excited, [len(t) for t in tokens])
+
+
+def one_prompts(x, kind: str):
+    """One prompt's guidance as resolve_targets reads it: (word, box) pairs as {word: box}; a string of excited
+    words ("red, circle") as their list. Anything else as it came."""
+    if kind == "excite" and isinstance(x, str):
+        return [w.strip() for w in x.split(",") if w.strip()]
+    if kind == "layout" and isinstance(x, (list, tuple)) and x and all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str) for pair in x):
+        return dict(x)
+    return x
 
 
 def guided_latents(unet, x: torch.Tensor, t, layout: BatchLayout, ctx: torch.Tensor, mask: torch.Tensor,
