@@ -8,14 +8,12 @@ import shlex
 import signal
 import sys
 import warnings
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 from . import __version__
 from .sampling import (LIMITS, guide_metadata, new_out_folder, png_metadata, sampling_device, sampling_pipeline,
-                       save_new_png, slug, staged_out, use_idle_cores)
+                       save_new_png, sigint_deferred, slug, staged_out, use_idle_cores)
 from .settings import (DEFAULTS, GUIDES, QUICK, SCHEDULERS, SERVER_LIMITS, SamplingSettings, check_word_weight,
                        generators)
 
@@ -374,30 +372,15 @@ def _quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
-@contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """SIGINT held back until the block ends, then raised as KeyboardInterrupt (main thread only)."""
-    caught: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    except ValueError:  # not the main thread: signals go elsewhere
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in SAMPLING_COMMANDS:  # waiting OpenMP threads sleep, not spin; read once, when torch loads
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        with _sigint_deferred():  # Ctrl-C inside torch's C++ start-up would abort the process (SIGABRT)
-            import torch  # noqa: F401
+        with sigint_deferred():  # a Ctrl-C in torch's C++ start-up aborts the process; in the libraries' imports
+            import torch  # noqa: F401  (some catch everything), it would be lost
+            if args.command in (*SAMPLING_COMMANDS, "info"):
+                from . import pipeline  # noqa: F401
         if args.command != "train":
             _quiet_loading()
         return args.func(args) or 0

@@ -24,7 +24,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .checkpoint import safetensors_damage, weights_mismatch
 from .diffusion import alpha_bar_at, predict_x0
 from .layout import BatchLayout
-from .settings import DEFAULTS, SCHEDULERS, GuideSettings, downsample_factor, max_inference_steps
+from .settings import (DEFAULTS, SCHEDULERS, GuideSettings, downsample_factor, max_inference_steps,
+                       min_inference_steps)
 from .text import PromptEncoding, PromptTruncated, encode_prompts, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
 
@@ -134,10 +135,11 @@ class T2IPipeline(DiffusionPipeline):
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
         scheduler = scheduler or self.scheduler
-        most = max_inference_steps(scheduler)
-        if not 1 <= num_inference_steps <= most:
-            raise ValueError(f"num_inference_steps must be between 1 and {most} for {type(scheduler).__name__} "
-                             f"(fewer than its training timesteps), got {num_inference_steps}")
+        least, most = min_inference_steps(scheduler), max_inference_steps(scheduler)
+        if not least <= num_inference_steps <= most:
+            raise ValueError(f"num_inference_steps must be between {least} and {most} for {type(scheduler).__name__} "
+                             f"(fewer give a flat grey or noisy image; more than its training timesteps fail), got "
+                             f"{num_inference_steps}")
         if guidance_scale > 1.0 and self.config.caption_dropout == 0:
             warnings.warn("this model was trained without caption dropout, so it has no unconditional "
                           "prediction to guide against; use guidance_scale=1.0", stacklevel=3)
@@ -263,6 +265,9 @@ class T2IPipeline(DiffusionPipeline):
         # 2. encode the prompt, repeated for each image: rows as BatchLayout says, [uncond x B*n, cond x B*n]
         enc = self.encode_prompt(prompt, negative_prompt, guided, prompt_embeds, negative_prompt_embeds,
                                  prompt_attention_mask, negative_prompt_attention_mask)
+        if not torch.isfinite(enc.hidden_states).all():
+            raise ValueError("the text encoder returned NaN or inf for these prompts: its weights are damaged; copy "
+                             "the pipeline folder again, or export it again from its run")
         n = num_images_per_prompt
         ctx = enc.hidden_states.repeat_interleave(n, dim=0).to(dtype)
         mask = enc.attention_mask.repeat_interleave(n, dim=0)
@@ -323,7 +328,12 @@ class T2IPipeline(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     x, ctx = self.run_step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, x, ctx)
 
-        # 5. decode: pixel space in [-1, 1] -> [0, 1]
+        # 5. decode: pixel space in [-1, 1] -> [0, 1]; NaN would pass for black
+        broken = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten().tolist()
+        if broken:
+            raise ValueError(f"sampling returned NaN or inf for image{'s' * (len(broken) > 1)} "
+                             f"{', '.join(map(str, broken))} of {B}: lower the guidance scale or take another "
+                             "scheduler; if it persists, the UNet's weights are damaged")
         images = (x.float() / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             images = images.permute(0, 2, 3, 1).cpu().numpy()

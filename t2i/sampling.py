@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import unicodedata
 from contextlib import contextmanager
@@ -121,7 +122,8 @@ def sampling_pipeline(args, progress: bool = False, base: SamplingSettings = DEF
     from .pipeline import load_pipeline
     check_options(args, base)
     device = sampling_device(args.device)
-    pipe = load_pipeline(args.model, device)
+    with sigint_deferred():  # a Ctrl-C while loading stops the command right after, not inside the libraries
+        pipe = load_pipeline(args.model, device)
     if getattr(args, "precision", "fp32") == "bf16":
         pipe.autocast_dtype = torch.bfloat16
     settings = sampling_settings(args, base).check(LIMITS, pipe, names=OPTIONS)
@@ -130,6 +132,24 @@ def sampling_pipeline(args, progress: bool = False, base: SamplingSettings = DEF
     if progress:
         pipe.set_progress_bar_config(desc="sampling", unit="step", leave=False)
     return pipe, settings
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """SIGINT (Ctrl-C) held back until the block ends, then raised as KeyboardInterrupt: in torch's C++ start-up
+    it would abort the process, and some libraries' imports and loaders catch every exception. Main thread only."""
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread: signals go elsewhere
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def slug(text: str, n: int = 40) -> str:

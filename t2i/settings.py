@@ -24,7 +24,12 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
+# the fewest steps that give an image, not a flat grey (euler, heun at 1) or noise (ddpm at 1, ddim at 1-2, heun
+# at 2-3); measured on the shipped model (docs/results.md, reliability round 3). Schedulers not named here: 1.
+MIN_STEPS = {"DDPMScheduler": 2, "DDIMScheduler": 3, "EulerDiscreteScheduler": 2,
+             "EulerAncestralDiscreteScheduler": 2, "HeunDiscreteScheduler": 4}
 SEEDS = 2**64  # a torch generator's seed is from 0 to 2**64 - 1
+MAX_GUIDANCE = 100.0  # |guidance scale|: far past any use (3 to 15), short of overflowing to NaN (1e308 did)
 MAX_SIZE_FACTOR = 8  # height and width: at most 8x the model's sample size (pixel space: memory grows with the area)
 
 
@@ -36,7 +41,7 @@ class SamplingLimits:
     max_steps: int | None = None
     max_images: int | None = None                               # images per prompt
     max_side: int | None = None                                 # px, height and width
-    guidance: tuple[float, float] = (-math.inf, math.inf)       # any finite scale; 1: no guidance
+    guidance: tuple[float, float] = (-MAX_GUIDANCE, MAX_GUIDANCE)  # 1: no guidance
     word_weight: tuple[float, float] = (0.0, math.inf)          # 0 silences a word
 
 
@@ -107,11 +112,16 @@ class SamplingSettings:
         the run draws from seed, seed + 1, ... (default: num_images), each a torch generator's seed."""
         name = {f.name: f.name for f in fields(self)} | (names or {})
         # 1. the counts: steps (within the limit and the model's scheduler), images, seed
-        most_steps = limits.max_steps
+        most_steps, sampler = limits.max_steps, self.scheduler
         if pipe is not None:
             model_most = max_inference_steps(pipe.scheduler)
             most_steps = model_most if most_steps is None else min(most_steps, model_most)
-        steps = _whole(name["steps"], self.steps, 1, most_steps)
+            sampler = sampler or pipe.scheduler
+        least = 1 if sampler is None else min_inference_steps(sampler)
+        too_few = least > 1 and is_whole(self.steps) and self.steps < least
+        steps = _whole(name["steps"], self.steps, least, most_steps,
+                       f" for the {_short_name(sampler)} scheduler (fewer give a flat grey or noisy image)" if too_few
+                       else "")
         num_images = _whole(name["num_images"], self.num_images, 1, limits.max_images)
         images = num_images if images is None else images
         seed = _whole(name["seed"], self.seed, 0, SEEDS - images,
@@ -119,8 +129,8 @@ class SamplingSettings:
         # 2. guidance and the scheduler's name
         low, high = limits.guidance
         if not _number(self.guidance) or not low <= self.guidance <= high:
-            span = ("a finite number" if math.isinf(low) and math.isinf(high)
-                    else f"a number from {low:g} (none) to {high:g}")
+            span = (f"a number from {low:g} (none) to {high:g}" if low == 1
+                    else f"a finite number from {low:g} to {high:g} (1: none; beyond, the images overflow to NaN)")
             raise ValueError(f"{name['guidance']} must be {span}, got {self.guidance}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -175,6 +185,21 @@ def max_inference_steps(scheduler) -> int:
     many, DPM-Solver++ and UniPC repeat a timestep and return NaN; beyond, DDPM and DDIM refuse and
     DPM-Solver++ fails with an IndexError)."""
     return scheduler.config.num_train_timesteps - 1
+
+
+def min_inference_steps(scheduler) -> int:
+    """The fewest sampling steps that give an image with `scheduler` (a SCHEDULERS name, or an instance)."""
+    cls = SCHEDULERS[scheduler][0] if isinstance(scheduler, str) and scheduler in SCHEDULERS else (
+        scheduler if isinstance(scheduler, str) else type(scheduler).__name__)
+    return MIN_STEPS.get(cls, 1)
+
+
+def _short_name(scheduler) -> str:
+    """A scheduler's SCHEDULERS name (for messages), else its class name."""
+    if isinstance(scheduler, str):
+        return scheduler
+    cls = type(scheduler).__name__
+    return next((name for name, (c, extra) in SCHEDULERS.items() if c == cls and not extra), cls)
 
 
 def downsample_factor(unet) -> int:

@@ -9,7 +9,7 @@ from conftest import tiny_pipeline
 
 
 def test_generate_writes_pngs_with_metadata(model_dir, tmp_path, capsys):
-    rc = main(["generate", "a red circle", "a blue square", "--model", str(model_dir), "--steps", "2",
+    rc = main(["generate", "a red circle", "a blue square", "--model", str(model_dir), "--steps", "3",
                "--seed", "7", "--num-images", "2", "--scheduler", "ddim", "--out", str(tmp_path), "--upscale", "2",
                "--device", "cpu"])
     assert rc == 0
@@ -19,7 +19,7 @@ def test_generate_writes_pngs_with_metadata(model_dir, tmp_path, capsys):
     im = Image.open(tmp_path / "a-blue-square-9.png")
     assert im.size == (32, 32)
     meta = im.text
-    assert meta["prompt"] == "a blue square" and meta["seed"] == "9" and meta["steps"] == "2"
+    assert meta["prompt"] == "a blue square" and meta["seed"] == "9" and meta["steps"] == "3"
     assert meta["scheduler"] == "ddim" and meta["model"] == str(model_dir) and json.loads(meta["guidance"]) == 3.0
 
 
@@ -76,7 +76,7 @@ def no_sampling(monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["generate", "x", "--steps", "0"], "--steps must be a whole number at least 1, got 0"),
     (["generate", "x", "--steps", "-1"], "--steps must be a whole number at least 1, got -1"),
-    (["generate", "x", "--steps", "2000"], "--steps must be a whole number from 1 to 999"),
+    (["generate", "x", "--steps", "2000"], "--steps must be a whole number from 2 to 999"),
     (["generate", "x", "--steps", "1000", "--scheduler", "dpm"], "--steps must be a whole number from 1 to 999"),
     (["generate", "x", "--height", "0"], "--height must be a whole number at least 1, got 0"),
     (["generate", "x", "--width", "100000"], "from 2 to 128 px (8x the model's sample size 16)"),
@@ -96,7 +96,7 @@ def no_sampling(monkeypatch):
     (["heatmap", "x", "--height", "100000"], "from 2 to 128 px (8x the model's sample size 16)"),
     (["heatmap", "x", "--size", "0"], "--size must be at least 32, got 0"),
     (["heatmap", "x", "--device", "cuda"], "--device cuda: no CUDA GPU is available"),
-    (["evaluate", "--steps", "5000"], "--steps must be a whole number from 1 to 999"),
+    (["evaluate", "--steps", "5000"], "--steps must be a whole number from 2 to 999"),
     (["evaluate", "--device", "cuda:0"], "--device cuda:0: no CUDA GPU is available"),
 ])
 def test_bad_options_are_one_line_before_any_work(argv, message, model_dir, tmp_path, capsys, monkeypatch,
@@ -112,7 +112,7 @@ def test_bad_options_are_one_line_before_any_work(argv, message, model_dir, tmp_
 
 def test_files_are_never_overwritten_and_any_script_names_its_file(model_dir, tmp_path, capsys):
     def generate(*prompts, seed="0"):
-        assert main(["generate", *prompts, "--model", str(model_dir), "--steps", "1", "--seed", seed,
+        assert main(["generate", *prompts, "--model", str(model_dir), "--steps", "2", "--seed", seed,
                      "--out", str(tmp_path), "--device", "cpu"]) == 0
         return [line.rsplit("/", 1)[-1] for line in capsys.readouterr().out.split("\n") if line]
 
@@ -125,7 +125,7 @@ def test_files_are_never_overwritten_and_any_script_names_its_file(model_dir, tm
     assert names[0] == "红色的圆-5.png" and len(set(names)) == 3 and all(n.startswith("prompt-") for n in names[1:])
     assert Image.open(tmp_path / names[1]).text["prompt"] == "🔴"
     (tmp_path / "a-red-circle-9-heatmaps").mkdir()                     # a stale heatmaps folder is not reused
-    assert main(["generate", "a red circle", "--model", str(model_dir), "--steps", "1", "--seed", "9", "--heatmaps",
+    assert main(["generate", "a red circle", "--model", str(model_dir), "--steps", "2", "--seed", "9", "--heatmaps",
                  "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert "a-red-circle-9-v2.png" in capsys.readouterr().out
     assert not any((tmp_path / "a-red-circle-9-heatmaps").iterdir())
@@ -147,7 +147,7 @@ def test_sampling_commands_run_openmp_threads_passive(model_dir, tmp_path):
     import sys
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env["OMP_DISPLAY_ENV"] = "VERBOSE"                     # libgomp prints its settings when it starts
-    run = subprocess.run([sys.executable, "-m", "t2i.cli", "generate", "x", "--model", str(model_dir), "--steps", "1",
+    run = subprocess.run([sys.executable, "-m", "t2i.cli", "generate", "x", "--model", str(model_dir), "--steps", "2",
                           "--out", str(tmp_path), "--device", "cpu"], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
@@ -173,10 +173,10 @@ def test_help_shows_the_sampling_defaults():
 
 
 def test_unquoted_multi_word_prompt_warns(model_dir, tmp_path, capsys):
-    assert main(["generate", "a", "red", "circle", "--model", str(model_dir), "--steps", "1", "--out", str(tmp_path),
+    assert main(["generate", "a", "red", "circle", "--model", str(model_dir), "--steps", "2", "--out", str(tmp_path),
                  "--device", "cpu"]) == 0
     assert "3 one-word prompts" in capsys.readouterr().err and len(list(tmp_path.glob("*.png"))) == 3
-    assert main(["generate", "a red circle", "a blue square", "--model", str(model_dir), "--steps", "1",
+    assert main(["generate", "a red circle", "a blue square", "--model", str(model_dir), "--steps", "2",
                  "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert "one-word" not in capsys.readouterr().err
 
@@ -204,11 +204,11 @@ def test_generate_samples_in_batches_so_memory_is_flat(model_dir, tmp_path, monk
                                                                              call(self, prompt, **kw))[1])
     monkeypatch.setattr(cli, "GENERATE_BATCH", 3)
     assert main(["generate", "a red circle", "a blue square", "--num-images", "4", "--model", str(model_dir),
-                 "--steps", "1", "--seed", "5", "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
+                 "--steps", "2", "--seed", "5", "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
     assert sizes == [3, 3, 2]
     assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == sorted(
         [f"a-red-circle-{s}.png" for s in (5, 6, 7, 8)] + [f"a-blue-square-{s}.png" for s in (9, 10, 11, 12)])
-    assert main(["generate", "a blue square", "--model", str(model_dir), "--steps", "1", "--seed", "10",
+    assert main(["generate", "a blue square", "--model", str(model_dir), "--steps", "2", "--seed", "10",
                  "--out", str(tmp_path / "b"), "--device", "cpu"]) == 0
     assert Image.open(tmp_path / "b" / "a-blue-square-10.png").tobytes() == \
         Image.open(tmp_path / "a" / "a-blue-square-10.png").tobytes()
@@ -267,7 +267,7 @@ def test_a_full_disk_keeps_no_empty_png_nor_half_written_folder_and_names_the_fi
         return Full(path, mode.replace("b", "")) if len(opened) == 2 else open(path, mode, *a, **kw)
     monkeypatch.setattr(sampling, "open", second_png_fills_the_disk, raising=False)
     out = tmp_path / "gen"
-    args = ["generate", "a red circle", "--model", str(model_dir), "--steps", "1", "--num-images", "3", "--out",
+    args = ["generate", "a red circle", "--model", str(model_dir), "--steps", "2", "--num-images", "3", "--out",
             str(out)]
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -282,7 +282,7 @@ def test_a_full_disk_keeps_no_empty_png_nor_half_written_folder_and_names_the_fi
         open(path, "wb").write(b"\0" * 10)
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(heatmaps.Heatmaps, "save", full)
-    args = ["heatmap", "a red circle", "--model", str(model_dir), "--steps", "1", "--out", str(tmp_path / "h")]
+    args = ["heatmap", "a red circle", "--model", str(model_dir), "--steps", "2", "--out", str(tmp_path / "h")]
     assert main(args) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"t2i heatmap: error: No space left on device while writing {tmp_path / 'h'}/; nothing of it was kept")
@@ -341,7 +341,7 @@ def test_ctrl_c_is_one_line_and_exit_130_at_any_moment(model_dir, tmp_path, monk
             m.setattr(cli, name, interrupted)
             assert main(["generate", "x", "--model", str(model_dir), "--out", str(tmp_path)]) == 130
         assert capsys.readouterr().err == "t2i generate: stopped (Ctrl-C); the files written so far are kept\n"
-    for delay in (0.3, 1, 3):  # importing torch (a Ctrl-C in its C++ start-up aborted the process), loading, sampling
+    for delay in (0.3, 2.5, 5):  # importing torch (a Ctrl-C in its C++ start-up aborted the process), loading, sampling
         run = subprocess.Popen([sys.executable, "-m", "t2i.cli", "generate", "x", "--model", str(model_dir), "--steps",
                                 "400", "--num-images", "16", "--out", str(tmp_path)], stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
