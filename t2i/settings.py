@@ -234,8 +234,11 @@ def _number(x) -> bool:
 
 
 def is_whole(x) -> bool:
-    """A finite int or float with no fraction (a page's number inputs send floats), not a bool."""
-    return _number(x) and float(x) == int(x)
+    """An int, or a finite float with no fraction (a page's number inputs send floats), not a bool. An int is
+    never made a float: above 2**53 that would change it (seeds go to 2**64 - 1)."""
+    if isinstance(x, int):
+        return not isinstance(x, bool)
+    return _number(x) and float(x).is_integer()
 
 
 def _whole(name: str, value, least: int, most: int | None, why: str = "") -> int:

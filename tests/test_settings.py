@@ -145,3 +145,21 @@ def test_each_scheduler_has_its_fewest_steps_and_says_so(scheduler, least, model
     assert SamplingSettings(steps=least, scheduler=scheduler).check().steps == least
     image = tiny_pipeline()("a red circle", num_inference_steps=least, scheduler=scheduler, output_type="np").images
     assert image.shape == (1, 16, 16, 3)
+
+
+def test_seeds_above_2_to_the_53_are_whole_numbers(model_dir, tmp_path, capsys):
+    """2**53 + 1 and 2**64 - 1 are whole numbers (not refused with 'from 0 to 18446744073709551615, got
+    9007199254740993'); a float seed must still be whole; generate writes the seed it was given."""
+    from t2i.cli import main
+    from t2i.settings import is_whole
+    for seed in (2**53 + 1, 2**64 - 1):
+        assert SamplingSettings(seed=seed).check().seed == seed
+        assert is_whole(seed)
+    assert not is_whole(1.5) and is_whole(2.0) and not is_whole(True)
+    with pytest.raises(ValueError, match="got 1.5"):
+        SamplingSettings(seed=1.5).check()
+    for command in (["generate", "a red circle"], ["heatmap", "a red circle"]):
+        out = tmp_path / command[0]
+        assert main([*command, "--model", str(model_dir), "--steps", "2", "--seed", str(2**53 + 1), "--out",
+                     str(out)]) == 0, capsys.readouterr().err
+    assert Image.open(tmp_path / "generate" / f"a-red-circle-{2**53 + 1}.png").text["seed"] == str(2**53 + 1)
