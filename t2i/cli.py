@@ -18,7 +18,6 @@ from .settings import (DEFAULTS, GUIDES, QUICK, SCHEDULERS, SERVER_LIMITS, Sampl
                        generators)
 
 SAMPLING_COMMANDS = ("generate", "heatmap", "effect", "evaluate", "serve")
-GENERATE_BATCH = 16  # images per pipeline call of `t2i generate`
 
 
 def cmd_generate(args) -> None:
@@ -33,12 +32,11 @@ def cmd_generate(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     n = settings.num_images
     jobs = list(zip([p for p in args.prompt for _ in range(n)], settings.seeds(len(args.prompt) * n)))
-    one_each = replace(settings, num_images=1)  # each batch lists every image's prompt
-    for start in range(0, len(jobs), GENERATE_BATCH):  # memory stays flat in the number of images
-        batch = jobs[start:start + GENERATE_BATCH]
-        result = pipe([prompt for prompt, _ in batch], **one_each.pipeline_kwargs(),
-                      generator=generators(seed for _, seed in batch), record_attention=args.heatmaps)
-        _save_generated(args, settings, result, batch, out, model, scheduler)
+    one = replace(settings, num_images=1)
+    for prompt, seed in jobs:  # one image per call: batched float sums differ from a single image's by 1/255, and
+        result = pipe([prompt], **one.pipeline_kwargs(),  # its PNG's metadata must regenerate it bit for bit
+                      generator=generators([seed]), record_attention=args.heatmaps)
+        _save_generated(args, settings, result, [(prompt, seed)], out, model, scheduler)
 
 
 def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[str, int]], out: Path, model: str,
@@ -270,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the first image, from 0 to 2**64 - 1; image i uses "
                    "seed+i (default: 0)")
     g.add_argument("--num-images", type=int, default=1, help=f"images per prompt, at most {LIMITS.max_images}, sampled "
-                   f"{GENERATE_BATCH} at a time (default: 1)")
+                   "one at a time, so that each PNG's settings regenerate it bit for bit (default: 1)")
     g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG (default: 4)")
     g.add_argument("--heatmaps", action="store_true", help="also write per-word attention heatmaps")
     g.add_argument("--out", default="outputs", help="output folder; no file in it is replaced (default: outputs)")
