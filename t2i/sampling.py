@@ -23,7 +23,8 @@ from .settings import DEFAULTS, SamplingLimits, SamplingSettings
 
 BOUNDS = {"upscale": (1, 16), "size": (32, 2048)}  # the drawings' options: (least, most)
 OPTIONS = {"steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler", "negative": "--negative",
-           "height": "--height", "width": "--width", "num_images": "--num-images", "seed": "--seed"}  # setting: option
+           "height": "--height", "width": "--width", "num_images": "--num-images", "seed": "--seed",
+           "layout": "--layout"}  # setting: option
 LIMITS = SamplingLimits(max_images=1000)  # the command line may ask for whatever the model can do, in batches
 
 

@@ -87,6 +87,18 @@ def check_box(word: str, box) -> Box:
     return x0, y0, x1, y1
 
 
+def one_box_each(pairs, name: str = "layout") -> list:
+    """(word, box) pairs as a list, or a ValueError when a word has two boxes (the last would win in silence)."""
+    pairs, seen = list(pairs), set()
+    for pair in pairs:
+        word = pair[0] if isinstance(pair, (tuple, list)) and pair else pair
+        if word in seen:
+            raise ValueError(f"{name} gives {word!r} two boxes; give each word one (the second {word} of a prompt "
+                             f"is {word}#2)")
+        seen.add(word)
+    return pairs
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """One sampling run's settings. Image i of a run is drawn from seed + i (the seed policy of every
@@ -140,7 +152,7 @@ class SamplingSettings:
         # 4. attention guidance: the boxes and the strengths (the words are checked against the prompt)
         pairs = self.layout.items() if isinstance(self.layout, dict) else self.layout  # {word: box} or pairs
         layout = self.layout if isinstance(self.layout, bool) else tuple(
-            (word, check_box(word, box)) for word, box in pairs)
+            (word, check_box(word, box)) for word, box in one_box_each(pairs, name["layout"]))
         excite = self.excite
         if isinstance(excite, str):  # "red, circle": the words, not the letters
             excite = tuple(w.strip() for w in excite.split(",") if w.strip())

@@ -194,6 +194,8 @@ def test_generate_guides_from_the_prompt_or_from_boxes_and_records_it(model_dir,
     (["--layout", "circle=0,0,1"], "--layout must be WORD=X0,Y0,X1,Y1"),
     (["--layout", "circle=0,0,2,1"], "the box of 'circle' must have 0 <= x0 < x1 <= 1"),
     (["--layout", "dog=0,0,1,1"], "'dog' is not a word of the prompt"),
+    (["--layout", "circle=0,0,0.5,0.5", "--layout", "circle=0.5,0.5,1,1"],
+     "--layout gives 'circle' two boxes; give each word one (the second circle of a prompt is circle#2)"),
     (["--excite", "dog"], "'dog' is not a word of the prompt"),
 ])
 def test_bad_guidance_options_are_one_line(model_dir, tmp_path, capsys, option, message):
@@ -235,5 +237,9 @@ def test_the_python_api_takes_word_box_pairs_and_one_word_as_a_string():
     assert not np.array_equal(pairs, guided(pipe).images)
     one = guided(pipe, excite="circle", guide=settings).images
     assert np.array_equal(one, guided(pipe, excite=["circle"], guide=settings).images)
+    with pytest.raises(ValueError, match="^layout gives 'circle' two boxes; give each word one"):
+        SamplingSettings(layout=(("circle", TOP_LEFT), ("circle", (0.5, 0.5, 1, 1)))).check()
+    with pytest.raises(ValueError, match="^layout gives 'circle' two boxes; give each word one"):
+        pipe("a red circle", num_inference_steps=2, layout=[("circle", TOP_LEFT), ("circle", (0.5, 0.5, 1, 1))])
     kwargs = SamplingSettings(layout={"circle": [0, 0, 1, 1]}, excite="red, circle").check().pipeline_kwargs()
     assert (kwargs["layout"], kwargs["excite"]) == ({"circle": (0.0, 0.0, 1.0, 1.0)}, ["red", "circle"])

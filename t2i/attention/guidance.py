@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import BatchLayout, query_grid
-from ..settings import Box, GuideSettings, check_box
+from ..settings import Box, GuideSettings, check_box, one_box_each
 from .heatmaps import prompt_text, resolve_word
 from .processors import attached, cross_attention_modules, suspended
 
@@ -144,7 +144,7 @@ def one_prompts(x, kind: str):
         return [w.strip() for w in x.split(",") if w.strip()]
     if kind == "layout" and isinstance(x, (list, tuple)) and x and all(
             isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str) for pair in x):
-        return dict(x)
+        return dict(one_box_each(x))
     return x
 
 
