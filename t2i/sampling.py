@@ -35,8 +35,11 @@ def sampling_settings(args, base: SamplingSettings = DEFAULTS) -> SamplingSettin
     given = {name: getattr(args, flag[2:].replace("-", "_"), None) for name, flag in OPTIONS.items()}
     from_prompt = getattr(args, "guide", False) or None
     given["layout"] = parse_layout(args.layout) if getattr(args, "layout", None) else from_prompt
-    words = [w.strip() for w in (getattr(args, "excite", None) or "").split(",") if w.strip()]
-    given["excite"] = True if words == ["all"] else tuple(words) or None
+    excite = getattr(args, "excite", None)
+    words = [w.strip() for w in (excite or "").split(",") if w.strip()]
+    if excite is not None and not words:
+        raise ValueError("--excite needs words of the prompt, e.g. --excite red,circle, or all")
+    given["excite"] = True if [w.lower() for w in words] == ["all"] else tuple(words) or None
     return replace(base, **{name: value for name, value in given.items() if value is not None})
 
 

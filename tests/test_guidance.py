@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import tiny_diffusers_unet, tiny_pipeline
 
 from t2i.attention.guidance import box_mask, layout_energy, peak_attention, prompt_guidance
@@ -243,3 +244,29 @@ def test_the_python_api_takes_word_box_pairs_and_one_word_as_a_string():
         pipe("a red circle", num_inference_steps=2, layout=[("circle", TOP_LEFT), ("circle", (0.5, 0.5, 1, 1))])
     kwargs = SamplingSettings(layout={"circle": [0, 0, 1, 1]}, excite="red, circle").check().pipeline_kwargs()
     assert (kwargs["layout"], kwargs["excite"]) == ({"circle": (0.0, 0.0, 1.0, 1.0)}, ["red", "circle"])
+
+
+@pytest.mark.parametrize("option, message", [
+    (["a red circle above and below a blue square", "--guide"],
+     "'a red circle above and below a blue square' puts circle both above and below square: guidance from the "
+     "prompt needs relations that agree; drop one, or give the boxes with --layout WORD=X0,Y0,X1,Y1"),
+    (["a red dog", "--excite", "all"], "found no object (circle, square, triangle, diamond) in 'a red dog': --excite "
+     "all reads shapes-world prompts; name the words instead (--excite WORD,WORD, or excite=[word, ...] in Python)"),
+    (["a red circle", "--excite", ""], "--excite needs words of the prompt, e.g. --excite red,circle, or all"),
+    (["a red circle", "--excite", " , "], "--excite needs words of the prompt, e.g. --excite red,circle, or all"),
+])
+def test_guidance_messages_name_what_the_user_gave(tmp_path, capsys, option, message):
+    """Contradicting relations are named, not blamed on a box the user never gave; --excite all on a prompt with no
+    shapes suggests --excite words, not --layout; an empty --excite is refused, not ignored."""
+    from t2i.cli import main  # the shipped model: its tokenizer has every word of these prompts
+    assert main(["generate", *option, "--steps", "2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"t2i generate: error: {message}"], err
+
+
+def test_excite_all_is_any_case(model_dir, tmp_path):
+    from t2i.cli import main
+    for spelling in ("all", "ALL", "All"):
+        assert main(["generate", "a red circle", "--excite", spelling, "--model", str(model_dir), "--steps", "2",
+                     "--out", str(tmp_path / spelling)]) == 0
+    assert json.loads(Image.open(tmp_path / "ALL" / "a-red-circle-0.png").text["excite"]) is True

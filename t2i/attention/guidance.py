@@ -127,7 +127,7 @@ def resolve_targets(tokens: list[list[str]], layout: bool | dict | list[dict] | 
         return x
 
     if layout is True or excite is True:                     # from the prompts' own words
-        parsed = [prompt_guidance(prompt_text(toks)) for toks in tokens]
+        parsed = [prompt_guidance(prompt_text(toks), for_layout=layout is True) for toks in tokens]
         layout = [boxes for boxes, _ in parsed] if layout is True else layout
         excite = [words for _, words in parsed] if excite is True else excite
     boxes, excited = [], []
@@ -218,13 +218,13 @@ def _intersect(a: Box, b: Box) -> Box:
     return max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
 
 
-def prompt_guidance(prompt: str) -> tuple[dict[str, Box], list[str]]:
+def prompt_guidance(prompt: str, for_layout: bool = True) -> tuple[dict[str, Box], list[str]]:
     """({word label: box}, words to excite) from a shapes-world prompt: each object (a shape noun and the
     colour and size words before it) goes into the grid cell a position phrase beside it names, and "A above
     B", "A to the left of B" (and their mixes) put A and B in the two halves; every object's colour and noun
     is excited. Both the colour and the noun get the box: in models trained without grounding the colour
     word's map finds the object far more often than the noun's (docs/results.md). Labels count repeats
-    ('circle#2')."""
+    ('circle#2'). `for_layout`: the boxes are wanted (else only the words), which a prompt's error suggests."""
     from ..data.shapes import PALETTE, SHAPES, SIZES
     words = re.findall(r"[a-z]+", prompt.lower())
     labels, seen = [], {}
@@ -238,10 +238,13 @@ def prompt_guidance(prompt: str) -> tuple[dict[str, Box], list[str]]:
             while start > 0 and words[start - 1] in PALETTE.keys() | SIZES.keys():
                 start -= 1
             objects.append((start, i))
-    if not objects:
+    if not objects and for_layout:
         raise ValueError(f"found no object ({', '.join(SHAPES)}) in {prompt!r}: guidance from the prompt reads "
                          "shapes-world prompts; give the boxes instead (--layout WORD=X0,Y0,X1,Y1, or layout={word: box} "
                          "in Python)")
+    if not objects:
+        raise ValueError(f"found no object ({', '.join(SHAPES)}) in {prompt!r}: --excite all reads shapes-world "
+                         "prompts; name the words instead (--excite WORD,WORD, or excite=[word, ...] in Python)")
     boxes: list[Box | None] = [None] * len(objects)
     phrases, i = _position_phrases(), 0
     while i < len(words):                                   # position phrases, each to the object beside it
@@ -265,6 +268,10 @@ def prompt_guidance(prompt: str) -> tuple[dict[str, Box], list[str]]:
             a, b = (0, 0, 1, 1), (0, 0, 1, 1)
             for r in rels:
                 a, b = _intersect(a, _RELATIONS[r]), _intersect(b, _RELATIONS[_OPPOSITE[r]])
+            if a[0] >= a[2] or a[1] >= a[3]:  # "above and below": no box is both
+                raise ValueError(f"{prompt!r} puts {words[objects[k][1]]} both {' and '.join(rels)} "
+                                 f"{words[objects[k + 1][1]]}: guidance from the prompt needs relations that agree; "
+                                 "drop one, or give the boxes with --layout WORD=X0,Y0,X1,Y1")
             boxes[k], boxes[k + 1] = boxes[k] or a, boxes[k + 1] or b
     layout, excite = {}, []
     for (start, noun), box in zip(objects, boxes):
