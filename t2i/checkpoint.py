@@ -43,6 +43,7 @@ STATE_KEYS = {"step": int, "samples": int, "world_size": int, "optimizer": dict,
 CORE_FILES = ("unet.safetensors", "ema.safetensors", "optimizer.safetensors")  # in every checkpoint, listed or not
 NOT_A_RUN = ("config.yaml", "tokenizer", "text_encoder", "previews", "tensorboard")  # with no checkpoint nor pipeline
 RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "text_encoder", "previews", "tensorboard")  # beside its checkpoints
+ALL_DAMAGED = "start over with --overwrite (deletes them), or train into another train.output_dir"
 STARTED = ".t2i-run"  # written by a fresh start: what is beside it, t2i wrote (a folder without it is the user's)
 OWN_FILES = (".lock", STARTED, "position.jsonl", *NOT_A_RUN)  # what t2i writes into a run folder before a checkpoint
 
@@ -176,6 +177,9 @@ def resolve_resume(run_dir: str | Path, resume: str, main: bool = True) -> Path:
                              f"checkpoint, or with --resume latest, which takes the newest undamaged one")
         return path
     found = checkpoints(run_dir)
+    if not found and any(Path(run_dir).glob("checkpoint-*.damaged")):
+        raise ValueError(f"--resume latest: every checkpoint in {run_dir} is damaged (moved aside to .damaged): "
+                         f"{ALL_DAMAGED}")
     if not found:
         raise ValueError(f"--resume latest: no checkpoint in {run_dir}; start a fresh run without --resume")
     skipped = []
@@ -189,7 +193,8 @@ def resolve_resume(run_dir: str | Path, resume: str, main: bool = True) -> Path:
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
     else:
-        raise ValueError(f"--resume latest: every checkpoint in {run_dir} is damaged ({'; '.join(skipped)})")
+        raise ValueError(f"--resume latest: every checkpoint in {run_dir} is damaged ({'; '.join(skipped)}): "
+                         f"{ALL_DAMAGED}")
     if skipped:
         warnings.warn(f"--resume latest skipped {'; '.join(skipped)} (moved aside to .damaged); resuming from "
                       f"{path.name}", stacklevel=2)
@@ -205,7 +210,9 @@ def damage(path: str | Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"state.json {'is missing' if isinstance(e, FileNotFoundError) else 'is unreadable'}"
     if not isinstance(state, dict):
-        return f"state.json holds a {type(state).__name__}, not a checkpoint's state"
+        kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+                list: "a list"}.get(type(state), type(state).__name__)
+        return f"state.json holds {kind}, not a checkpoint's state"
     lacking = [k for k, kind in STATE_KEYS.items()
                if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
     files = state.get("files", [])
@@ -254,6 +261,9 @@ def safetensors_damage(file: Path) -> str | None:
         return "is missing" if size is None else "is empty"
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if size > 8 and f.read(1) != b"{":  # a header is JSON: random or other bytes, not a file cut short
+            return "is not a safetensors file (its header is no JSON)"
+        f.seek(8)
         if 8 + n > size:
             return f"is cut short ({size} bytes, less than its header)"
         try:
@@ -440,6 +450,10 @@ def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite
         if started and old and not resume and not overwrite:
             warnings.warn(f"train.output_dir {run_dir} holds no checkpoint, only what a start that failed left "
                           f"({', '.join(p.name for p in old)}): replacing it", stacklevel=3)
+        if old and not resume and not overwrite and not started and not found and \
+                not (run_dir / "pipeline").exists():
+            raise ValueError(f"train.output_dir {run_dir} holds a run whose every checkpoint is damaged "
+                             f"({', '.join(p.name for p in old if p.name.endswith('.damaged'))}): {ALL_DAMAGED}")
         if old and not resume and not overwrite and not started:
             what = found[-1].name if found else ", ".join(p.name for p in old)
             raise ValueError(f"train.output_dir {run_dir} holds a run ({what}): continue it with --resume latest, "
@@ -505,6 +519,14 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"{name} at step {step}: saved {checkpoint}")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: training stops at once; `signum` gives the exit status (128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopOnSignal:
     """SIGINT (Ctrl-C) and SIGTERM (what a cluster sends before preemption) ask the loop to save a checkpoint
     and stop at the end of the step; a second signal stops at once (a save under way is atomic). Installed
@@ -525,7 +547,7 @@ class StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping (send "
               "it again to stop at once)", file=sys.stderr, flush=True)

@@ -177,10 +177,10 @@ def cmd_train(args) -> int | None:
     except Interrupted as e:
         print(f"t2i train: {e}; continue with: {again}", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a second signal (StoppedAtOnce names it), or Ctrl-C before the loop
         print(f"t2i train: stopped at once; the last complete checkpoint is kept. Continue with: {again}",
               file=sys.stderr)
-        return 128 + signal.SIGINT
+        return 128 + getattr(e, "signum", signal.SIGINT)
     print(f"exported pipeline: {path}" if path else f"stopped at step {args.stop_at}; continue with --resume latest")
     return None
 
@@ -371,7 +371,12 @@ def _quiet_loading() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # section.key=value after an option (--resume latest train.max_steps=...)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command in SAMPLING_COMMANDS:  # waiting OpenMP threads sleep, not spin; read once, when torch loads
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -258,3 +258,40 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(tmp_path):
     with pytest.raises(ValueError, match="^checkpoint-0000002 was saved by 2 processes and this run has 1: resume "
                                          "with 2"):
         train(cfg, resume="latest")
+
+
+def test_cosmetics_of_damaged_runs_and_files(tmp_path, capsys):
+    """Issue 25: every checkpoint damaged points at --overwrite from both sides (not 'start fresh' one way and
+    'resume' the other); state.json null is 'null', not 'a NoneType'; random bytes are no safetensors file, not
+    'cut short'; a double SIGTERM exits 143, not 130; overrides may follow --resume latest."""
+    from t2i.cli import main
+    cfg = tiny_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "train.report_to=none")
+    train(cfg, stop_at=2)
+    path = tmp_path / "checkpoint-0000002"
+    (path / "unet.safetensors").write_bytes(os.urandom(4000))
+    assert ckpt.damage(path) == "unet.safetensors is not a safetensors file (its header is no JSON)"
+    for resume in ("latest", "latest", None):
+        with pytest.raises(ValueError, match=r"every checkpoint .*is damaged .*start over with --overwrite \(deletes "
+                                             r"them\), or train into another train.output_dir"):
+            train(cfg, resume=resume)
+    (tmp_path / "checkpoint-0000002.damaged" / "state.json").write_text("null")
+    assert ckpt.damage(tmp_path / "checkpoint-0000002.damaged") == "state.json holds null, not a checkpoint's state"
+    stop = ckpt.StopOnSignal()
+    stop._handle(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        stop._handle(signal.SIGTERM, None)
+    assert getattr(stopped.value, "signum", None) == signal.SIGTERM
+    import t2i.train
+
+    def second_sigterm(*a, **kw):
+        raise stopped.value
+    real, t2i.train.train = t2i.train.train, second_sigterm
+    try:
+        assert main(["train", *TINY_RUN, f"train.output_dir={tmp_path / 'other'}"]) == 128 + signal.SIGTERM
+    finally:
+        t2i.train.train = real
+    capsys.readouterr()
+    args = ["train", *TINY_RUN, "--dry-run", "--resume", "latest", "train.max_steps=7", "train.lr=2e-4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "lr: 0.0002" in out
