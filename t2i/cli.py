@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra  # section.key=value after an option (--resume latest train.max_steps=...)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    shown = warnings.formatwarning
+    warnings.formatwarning = _warning_format(args.command, shown)
     try:
         if args.command in SAMPLING_COMMANDS:  # waiting OpenMP threads sleep, not spin; read once, when torch loads
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -393,6 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while importing, loading or sampling (train says more itself)
         print(f"t2i {args.command}: stopped (Ctrl-C); the files written so far are kept", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        warnings.formatwarning = shown
+
+
+def _warning_format(command: str, default):
+    """t2i's own warnings as one line in its words ("t2i train: warning: ..."), without the file, line and
+    source (contextlib.py:517 for a warning raised in a context manager); other libraries' as they are."""
+    package = str(Path(__file__).parent)
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and (filename.startswith(package) or filename.endswith("contextlib.py")):
+            return f"t2i {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+    return format_warning
 
 
 if __name__ == "__main__":

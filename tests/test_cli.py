@@ -352,3 +352,17 @@ def test_ctrl_c_is_one_line_and_exit_130_at_any_moment(model_dir, tmp_path, monk
         assert (run.returncode, err.strip().splitlines()[-1]) == (
             130, "t2i generate: stopped (Ctrl-C); the files written so far are kept"), (delay, err)
         assert "Traceback" not in err
+
+
+def test_a_warning_is_one_line_in_t2is_words(tmp_path):
+    """Not `.../pipeline.py:142: UserWarning: ...` with its source line (nor contextlib.py's): the message alone."""
+    import subprocess
+    import sys
+    model = tmp_path / "model"
+    tiny_pipeline(caption_dropout=0.0).save_pretrained(model)
+    run = subprocess.run([sys.executable, "-W", "default", "-m", "t2i.cli", "generate", "x", "--model", str(model),
+                          "--steps", "2", "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if "caption dropout" in line or "warnings.warn" in line]
+    assert lines == ["t2i generate: warning: this model was trained without caption dropout, so it has no "
+                     "unconditional prediction to guide against; use guidance_scale=1.0"], run.stderr
