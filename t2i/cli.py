@@ -25,9 +25,7 @@ def cmd_generate(args) -> None:
         print(f"t2i generate: warning: {len(args.prompt)} one-word prompts make one image each; for one image of "
               f"\"{' '.join(args.prompt)}\", quote it", file=sys.stderr)
     pipe, settings = sampling_pipeline(args, progress=True)
-    model = args.model or "default"
-    from .pipeline import scheduler_name
-    scheduler = settings.scheduler or scheduler_name(pipe.scheduler)
+    scheduler = _used_scheduler(pipe, settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = settings.num_images
@@ -36,17 +34,15 @@ def cmd_generate(args) -> None:
     for prompt, seed in jobs:  # one image per call: batched float sums differ from a single image's by 1/255, and
         result = pipe([prompt], **one.pipeline_kwargs(),  # its PNG's metadata must regenerate it bit for bit
                       generator=generators([seed]), record_attention=args.heatmaps)
-        _save_generated(args, settings, result, [(prompt, seed)], out, model, scheduler)
+        _save_generated(args, settings, result, [(prompt, seed)], out, scheduler)
 
 
-def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[str, int]], out: Path, model: str,
+def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[str, int]], out: Path,
                     scheduler: str) -> None:
     """Each image of one batch of `t2i generate` as a PNG with its settings (and its heatmaps)."""
     from PIL import Image
     for i, (image, (prompt, seed)) in enumerate(zip(result.images, batch)):
-        meta = dict(prompt=prompt, negative_prompt=settings.negative or "", seed=seed, steps=settings.steps,
-                    guidance=settings.guidance, scheduler=scheduler, model=model, height=image.height,
-                    width=image.width, upscale=args.upscale, precision=args.precision, **guide_metadata(settings))
+        meta = _image_metadata(args, settings, prompt, seed, scheduler, image, args.upscale)
         big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
         path = save_new_png(big, out, f"{slug(prompt)}-{seed}", pnginfo=png_metadata(**meta))
         print(path)
@@ -54,6 +50,20 @@ def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[
             from .attention.export import write_heatmap_outputs
             with staged_out(out / f"{path.stem}-heatmaps") as stage:
                 write_heatmap_outputs(result.attention, i, image, stage, words=None)
+
+
+def _image_metadata(args, settings: SamplingSettings, prompt: str, seed: int, scheduler: str, image, upscale: int,
+                    **extra):
+    """The PNG text fields `t2i generate` regenerates an image from: its prompt, seed and settings."""
+    return dict(prompt=prompt, negative_prompt=settings.negative or "", seed=seed, steps=settings.steps,
+                        guidance=settings.guidance, scheduler=scheduler, model=args.model or "default",
+                        height=image.height, width=image.width, upscale=upscale, precision=args.precision,
+                        **guide_metadata(settings), **extra)
+
+
+def _used_scheduler(pipe, settings: SamplingSettings) -> str:
+    from .pipeline import scheduler_name
+    return settings.scheduler or scheduler_name(pipe.scheduler)
 
 
 def _word_list(text: str | None) -> list[str] | None:
@@ -73,8 +83,11 @@ def cmd_heatmap(args) -> None:
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
     result = pipe(args.prompt, **settings.pipeline_kwargs(), generator=generators(settings.seeds(1)),
                   record_attention=recorder)
+    image = result.images[0]
+    meta = _image_metadata(args, settings, args.prompt, settings.seed, _used_scheduler(pipe, settings), image,
+                           args.size // max(image.size))
     with staged_out(out) as stage:  # a failed write leaves no half-written --out
-        paths = write_heatmap_outputs(result.attention, 0, result.images[0], stage, words=words, size=args.size)
+        paths = write_heatmap_outputs(result.attention, 0, image, stage, words=words, size=args.size, metadata=meta)
     for path in paths.values():
         print(out / path.relative_to(stage))
 
@@ -89,8 +102,12 @@ def cmd_effect(args) -> None:
     out = new_out_folder(args.out, "effects", args.prompt, args.seed)
     pipe, settings = sampling_pipeline(args, progress=True)
     effects = word_effects(pipe, args.prompt, words, weight, settings)
+    meta = _image_metadata(args, settings, args.prompt, settings.seed, _used_scheduler(pipe, settings), effects.image,
+                           args.size // max(effects.image.size),
+                           batch=f"row 0 of {1 + len(effects.images)}, beside each word reweighted: sampled alone, "
+                                 "a pixel may differ by 1/255")
     with staged_out(out) as stage:
-        paths = write_effect_outputs(effects, stage, size=args.size)
+        paths = write_effect_outputs(effects, stage, size=args.size, metadata=meta)
     for path in paths.values():
         print(out / path.relative_to(stage))
 
@@ -225,10 +242,12 @@ def cmd_evaluate(args) -> None:
     elif args.model and add_evaluation(args.model, report.format_table()):
         print(f"added the table to {Path(args.model) / 'README.md'}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(args.json).resolve().parent
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
         with open(args.json, "x") as f:
             f.write(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        print(f"wrote {Path(args.json).resolve()}" + (f" (created the folder {folder})" if created else ""))
 
 
 def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAULTS, size: bool = True,

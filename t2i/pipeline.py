@@ -391,8 +391,15 @@ def check_pipeline_folder(path: str) -> None:
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
         raise ValueError(f"{path!r} has no model_index.json: pass a folder written by T2IPipeline.save_pretrained")
-    with open(index) as f:
-        listed = json.load(f)
+    try:
+        with open(index) as f:
+            listed = json.load(f)
+    except ValueError as e:  # not JSON, or not text
+        raise ValueError(f"{index} is not valid JSON ({str(e).splitlines()[0]}): copy the pipeline folder again, or "
+                         "export it again from its run") from None
+    if not isinstance(listed, dict):
+        raise ValueError(f"{index} holds no components (a JSON object naming them is expected): copy the pipeline "
+                         "folder again, or export it again from its run")
     missing = [c for c in COMPONENTS if c not in listed or not os.path.isdir(os.path.join(path, c))]
     if missing:
         raise ValueError(f"pipeline folder {path!r} is missing component(s) {missing}; "

@@ -366,3 +366,33 @@ def test_a_warning_is_one_line_in_t2is_words(tmp_path):
     lines = [line for line in run.stderr.splitlines() if "caption dropout" in line or "warnings.warn" in line]
     assert lines == ["t2i generate: warning: this model was trained without caption dropout, so it has no "
                      "unconditional prediction to guide against; use guidance_scale=1.0"], run.stderr
+
+
+def test_heatmap_and_effect_pngs_carry_the_settings_that_regenerate_them(model_dir, tmp_path):
+    """image.png of `heatmap` and `effect` (and the reweighted images, with their word_weights) record the prompt,
+    seed and settings, as generate's PNGs do; generate from them gives the same pixels."""
+    assert main(["heatmap", "a red circle", "--model", str(model_dir), "--steps", "2", "--seed", "4", "--size", "64",
+                 "--out", str(tmp_path / "h")]) == 0
+    assert main(["effect", "a red circle", "--words", "red", "--model", str(model_dir), "--steps", "2", "--seed", "4",
+                 "--size", "64", "--out", str(tmp_path / "e")]) == 0
+    heat = Image.open(tmp_path / "h" / "image.png")
+    meta = heat.text
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["model"], meta["upscale"]) == (
+        "a red circle", "4", "2", str(model_dir), "4")
+    assert Image.open(tmp_path / "e" / "image.png").text["seed"] == "4"
+    assert json.loads(Image.open(tmp_path / "e" / "word-red-weighted.png").text["word_weights"]) == {"red": 0.0}
+    assert main(["generate", meta["prompt"], "--model", meta["model"], "--steps", meta["steps"], "--seed", meta["seed"],
+                 "--upscale", meta["upscale"], "--out", str(tmp_path / "g")]) == 0
+    assert Image.open(tmp_path / "g" / "a-red-circle-4.png").convert("RGB").tobytes() == heat.convert("RGB").tobytes()
+
+
+@pytest.mark.parametrize("index", ["{", "[]"])
+def test_a_broken_model_index_is_one_line_that_names_it(model_dir, tmp_path, capsys, index):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    (model / "model_index.json").write_text(index)
+    assert main(["info", "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"t2i info: error: {model / 'model_index.json'} ") and err.count("\n") == 1, err
+    assert err.rstrip().endswith("copy the pipeline folder again, or export it again from its run")
