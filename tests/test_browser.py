@@ -97,7 +97,7 @@ def test_the_page_generates_shows_a_words_map_scrubs_steps_and_silences_a_word(s
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
             # 5. bad input is a message in the page, not a stack trace
-            _set_number(page, "steps", "1")
+            _set_number(page, "steps", "2")
             page.fill("#prompt textarea", "")
             page.click("#generate")
             page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')",
@@ -112,7 +112,7 @@ def test_the_page_generates_shows_a_words_map_scrubs_steps_and_silences_a_word(s
             page.click("#generate")
             page.wait_for_function("document.querySelector('#message').innerText.includes('attention guidance')",
                                    timeout=60_000)
-            assert "1 steps" in page.inner_text("#message") and "Traceback" not in page.inner_text("body")
+            assert "2 steps" in page.inner_text("#message") and "Traceback" not in page.inner_text("body")
         finally:
             browser.close()
     print(f"\npage generate: {generate_s:.2f} s; requests refused (not loopback): {len(outside)}; "
