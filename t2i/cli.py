@@ -24,8 +24,11 @@ def cmd_generate(args) -> None:
     if len(args.prompt) > 1 and all(len(p.split()) == 1 for p in args.prompt):
         print(f"t2i generate: warning: {len(args.prompt)} one-word prompts make one image each; for one image of "
               f"\"{' '.join(args.prompt)}\", quote it", file=sys.stderr)
+    weights = _word_weights(args.word_weights)
     pipe, settings = sampling_pipeline(args, progress=True)
     scheduler = _used_scheduler(pipe, settings)
+    for prompt in args.prompt if weights else []:
+        pipe.word_labels(prompt, list(weights))  # a word not in a prompt fails before sampling
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = settings.num_images
@@ -33,7 +36,7 @@ def cmd_generate(args) -> None:
     one = replace(settings, num_images=1)
     for prompt, seed in jobs:  # one image per call: batched float sums differ from a single image's by 1/255, and
         result = pipe([prompt], **one.pipeline_kwargs(),  # its PNG's metadata must regenerate it bit for bit
-                      generator=generators([seed]), record_attention=args.heatmaps)
+                      generator=generators([seed]), record_attention=args.heatmaps, word_weights=weights)
         _save_generated(args, settings, result, [(prompt, seed)], out, scheduler)
 
 
@@ -42,7 +45,9 @@ def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[
     """Each image of one batch of `t2i generate` as a PNG with its settings (and its heatmaps)."""
     from PIL import Image
     for i, (image, (prompt, seed)) in enumerate(zip(result.images, batch)):
-        meta = _image_metadata(args, settings, prompt, seed, scheduler, image, args.upscale)
+        weights = _word_weights(args.word_weights)
+        meta = _image_metadata(args, settings, prompt, seed, scheduler, image, args.upscale,
+                               **({"word_weights": weights} if weights else {}))
         big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
         path = save_new_png(big, out, f"{slug(prompt)}-{seed}", pnginfo=png_metadata(**meta))
         print(path)
@@ -64,6 +69,23 @@ def _image_metadata(args, settings: SamplingSettings, prompt: str, seed: int, sc
 def _used_scheduler(pipe, settings: SamplingSettings) -> str:
     from .pipeline import scheduler_name
     return settings.scheduler or scheduler_name(pipe.scheduler)
+
+
+def _word_weights(text: str | None) -> dict[str, float] | None:
+    """--word-weights 'red=0,circle=2' -> {'red': 0.0, 'circle': 2.0}; None or blank -> None."""
+    weights = {}
+    for item in [i.strip() for i in (text or "").split(",") if i.strip()]:
+        word, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not word.strip() or weight is None:
+            raise ValueError(f"--word-weights must be WORD=WEIGHT, comma-separated, e.g. red=0,circle=2; got {item!r}")
+        if word.strip() in weights:
+            raise ValueError(f"--word-weights gives {word.strip()!r} two weights; give each word one")
+        weights[word.strip()] = check_word_weight(word.strip(), weight, name=f"the weight of {word.strip()!r}")
+    return weights or None
 
 
 def _word_list(text: str | None) -> list[str] | None:
@@ -290,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "one at a time, so that each PNG's settings regenerate it bit for bit (default: 1)")
     g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG (default: 4)")
     g.add_argument("--heatmaps", action="store_true", help="also write per-word attention heatmaps")
+    g.add_argument("--word-weights", metavar="WORD=W,...", help="multiply each word's attention by its weight "
+                   "(prompt-to-prompt reweighting, conditional branch; 0 silences it), e.g. red=0,circle=2: what "
+                   "the explorer's weight slider does, recorded in the PNG")
     g.add_argument("--out", default="outputs", help="output folder; no file in it is replaced (default: outputs)")
     g.set_defaults(func=cmd_generate)
 

@@ -218,7 +218,9 @@ class Explorer:
         path.parent.mkdir(parents=True, exist_ok=True)       # kept_results may have pruned the folder
         image.save(path, pnginfo=png_metadata(prompt=r.prompt, negative_prompt=r.negative, seed=r.seed + i,
                                               steps=r.steps, guidance=r.guidance, scheduler=result.scheduler,
-                                              model=self.models[r.model] or "default", word_weights=weights))
+                                              height=image.height, width=image.width, upscale=1, precision="fp32",
+                                              model=self.models[r.model] or "default", word_weights=weights,
+                                              **guide_metadata(r.sampling)))
         result.files[f"reweighted:{i}"] = path
 
     # -- 3. drawing from a result ----------------------------------------------------------------

@@ -235,3 +235,27 @@ def test_a_size_above_the_models_own_is_said(explorer):
     big = explorer.generate(Request("a red circle", steps=2, size=32))
     assert explorer.above_native(big) == ("the model was trained at 16 px; at 32 px it tends to repeat or stretch "
                                           "what it learned")
+
+
+def test_a_reweighted_download_is_remade_by_generate_from_its_metadata(explorer, tmp_path):
+    """Issue 25 item 9: the reweighted PNG records height, width and upscale beside its word weights, and
+    `t2i generate --word-weights` takes them: the command line remakes it pixel for pixel."""
+    import json
+
+    from t2i.cli import main
+    result = explorer.generate(Request("a red circle", steps=2, seed=3, size=32))
+    explorer.reweight(result, "red", 0.0)
+    explorer.reweight(result, "circle", 2.0)
+    meta = Image.open(result.files["reweighted:0"]).text
+    assert (meta["height"], meta["width"], meta["upscale"]) == ("32", "32", "1")
+    weights = json.loads(meta["word_weights"])
+    assert weights == {"red": 0.0, "circle": 2.0}
+    assert main(["generate", meta["prompt"], "--model", meta["model"], "--seed", meta["seed"], "--steps", meta["steps"],
+                 "--guidance", meta["guidance"], "--scheduler", meta["scheduler"], "--height", meta["height"],
+                 "--width", meta["width"], "--upscale", meta["upscale"], "--out", str(tmp_path),
+                 "--word-weights", ",".join(f"{w}={v:g}" for w, v in weights.items())]) == 0
+    made = tmp_path / "a-red-circle-3.png"
+    assert Image.open(made).tobytes() == Image.open(result.files["reweighted:0"]).tobytes()
+    assert json.loads(Image.open(made).text["word_weights"]) == weights
+    assert main(["generate", "a red circle", "--model", meta["model"], "--word-weights", "dog=0", "--out",
+                 str(tmp_path / "x")]) == 2
