@@ -61,7 +61,7 @@ class Request:
 
     prompt: str
     negative: str = ""
-    seed: int = QUICK.seed
+    seed: int | str = QUICK.seed  # the page sends text: digits are read as the exact whole number they are
     steps: int = QUICK.steps
     guidance: float = QUICK.guidance
     scheduler: str = MODEL_DEFAULT
@@ -157,6 +157,9 @@ class Explorer:
         for name, text in (("prompt", r.prompt), ("negative prompt", r.negative or "")):
             if len(text) > lim.max_prompt_chars:
                 raise ValueError(f"the {name} has {len(text)} characters; at most {lim.max_prompt_chars}")
+        if isinstance(r.seed, str):  # digits: the exact number, any size; anything else is refused by the check
+            text = r.seed.strip()
+            r = replace(r, seed=int(text) if re.fullmatch(r"[+-]?\d+", text) else _number_or_text(text))
         model = r.model or self.default_model
         pipe = self.pipeline(model)
         size = pipe.unet.config.sample_size if r.size is None else r.size
@@ -289,6 +292,14 @@ class Explorer:
             self._write_reweighted(result, changed, i, weights)
         effect = effect_map(result.images[i], changed)
         return upscale(changed, DISPLAY), overlay(result.images[i], effect_heat(effect), size=DISPLAY), weights
+
+
+def _number_or_text(text: str):
+    """'1.5' -> 1.5 (refused as not whole, in the seed's words); 'abc' -> 'abc' (refused as it was typed)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _index(result: Result, index: int) -> int:

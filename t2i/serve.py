@@ -87,8 +87,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 prompt = gr.Textbox(label="prompt", value="a red circle above a blue square", elem_id="prompt")
                 negative = gr.Textbox(label="negative prompt", elem_id="negative")
                 with gr.Row():
-                    # no minimum: the explorer checks the seed, in its own words
-                    seed = gr.Number(label="seed", value=first.seed, precision=0, elem_id="seed")
+                    # text, not a number box: a page's numbers are floats, exact only up to 2**53 (seeds go to
+                    # 2**64 - 1); the explorer reads and checks it, in its own words
+                    seed = gr.Textbox(label="seed", value=str(first.seed), max_lines=1, elem_id="seed")
                     size = gr.Number(label="size (px)", value=pipe.unet.config.sample_size, precision=0,
                                      elem_id="size")
                 steps = Slider(1, lim.max_steps, value=min(first.steps, lim.max_steps), step=1, label="steps",

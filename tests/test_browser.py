@@ -32,8 +32,9 @@ def _pixels(page, element_id: str) -> bytes:
 
 
 def _set_number(page, element_id: str, value: str) -> None:
-    """Type into a gr.Slider's number box and leave it, as a person does (fires input and release)."""
-    box = page.locator(f"#{element_id} input[type=number]")
+    """Type into a gr.Slider's number box (or the seed's text box) and leave it, as a person does (fires input
+    and release)."""
+    box = page.locator(f"#{element_id} input[type=number], #{element_id} textarea, #{element_id} input[type=text]")
     box.fill(value)
     box.press("Enter")
     box.blur()
@@ -181,5 +182,33 @@ def test_step_drags_and_bad_values_as_a_user_meets_them(served):
                                        timeout=30_000)
                 assert _img(page, "image") == image and not page.locator(".toast-body").count()
                 _set_number(page, element_id, "1" if element_id == "step" else "0")
+        finally:
+            browser.close()
+
+
+def test_seeds_travel_as_text_end_to_end(served):
+    """Issue 25 items 5 and 22: a seed above 2**53 runs as typed (a number box made 9007199254740993 ...992 and
+    refused 2**64 - 1 as 18446744073709552000), and 1.5 is refused as steps 2.5 is, not rounded to 2."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#prompt textarea", "a red circle")
+            _set_number(page, "steps", "2")
+            for seed in ("9007199254740993", "18446744073709551615"):
+                _set_number(page, "seed", seed)
+                page.click("#generate")
+                page.wait_for_function(f"document.querySelector('#message').innerText.includes('seed {seed}:')",
+                                       timeout=60_000)
+                assert f"red-circle-{seed}\n.png" in page.inner_text("#files")  # the name, the extension apart
+            _set_number(page, "seed", "1.5")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')",
+                                   timeout=30_000)
+            assert "the seed must be a whole number from 0 to 18446744073709551615, got 1.5" in page.inner_text("#message")
         finally:
             browser.close()
