@@ -27,7 +27,6 @@ CSS = """
 """
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 FAILED = "**Something went wrong on the server** (the details are in its log)."
-GUIDANCE_SLIDER_MAX = 10  # the page's slider stops here; the API takes guidance up to the server's limit
 
 
 def _page_errors(message_box):
@@ -92,11 +91,15 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     seed = gr.Textbox(label="seed", value=str(first.seed), max_lines=1, elem_id="seed")
                     size = gr.Number(label="size (px)", value=pipe.unet.config.sample_size, precision=0,
                                      elem_id="size")
-                steps = Slider(1, lim.max_steps, value=min(first.steps, lim.max_steps), step=1, label="steps",
-                               elem_id="steps")
-                guidance = Slider(least_guidance, min(GUIDANCE_SLIDER_MAX, most_guidance), value=first.guidance,
-                                  step=0.5, label="guidance", elem_id="guidance")
-                count = Slider(1, lim.max_images, value=first.num_images, step=1, label="images", elem_id="count")
+                # number boxes with no bounds of their own: a slider clamped a typed 0 or 100000 in silence; the
+                # explorer refuses what is out of range, in its own words
+                with gr.Row():
+                    steps = gr.Number(value=min(first.steps, lim.max_steps), label=f"steps (up to {lim.max_steps})",
+                                      elem_id="steps")
+                    guidance = gr.Number(value=first.guidance, step=0.5,
+                                         label=f"guidance ({least_guidance:g} to {most_guidance:g})", elem_id="guidance")
+                    count = gr.Number(value=first.num_images, label=f"images (up to {lim.max_images})",
+                                      elem_id="count")
                 with gr.Accordion("attention guidance (slower)", open=False, elem_id="guidance-panel"):
                     with gr.Row():
                         place = gr.Checkbox(label="place objects where the prompt says", elem_id="place")

@@ -212,3 +212,34 @@ def test_seeds_travel_as_text_end_to_end(served):
             assert "the seed must be a whole number from 0 to 18446744073709551615, got 1.5" in page.inner_text("#message")
         finally:
             browser.close()
+
+
+def test_typed_values_out_of_range_are_refused_in_words_not_changed(served):
+    """Issue 25 item 4: steps 0 or 100000, an emptied steps box, guidance -5 or 1e9, images 0 or 50 ran as 1, 50,
+    1, 1, 10, 1, 4 in silence (the sliders clamped what was typed); each is t2i's message now, the result kept."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#prompt textarea", "a red circle")
+            _set_number(page, "steps", "2")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')", timeout=60_000)
+            image = _img(page, "image")
+            for element_id, value, said in (("steps", "0", "got 0"), ("steps", "100000", "got 100000"),
+                                            ("steps", "", "steps must be"), ("guidance", "-5", "got -5"),
+                                            ("guidance", "1e9", "got 1000000000"), ("count", "0", "got 0"),
+                                            ("count", "50", "got 50")):
+                _set_number(page, element_id, value)
+                page.click("#generate")
+                page.wait_for_function(f"document.querySelector('#message').innerText.includes('Cannot do that')"
+                                       f" && document.querySelector('#message').innerText.includes({said!r})",
+                                       timeout=30_000)
+                assert _img(page, "image") == image, (element_id, value)
+                _set_number(page, element_id, {"steps": "2", "guidance": "3", "count": "1"}[element_id])
+        finally:
+            browser.close()
