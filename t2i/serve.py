@@ -19,10 +19,11 @@ except ImportError as e:  # an optional extra
 from .explorer import ALL, MODEL_DEFAULT, Explorer, Request
 from .settings import SCHEDULERS
 
-CSS = """
+CSS = """  /* the chips' radio inputs stay focusable (Tab, arrow keys), only unseen */
 .pixelated img { image-rendering: pixelated; }
-#words input[type=radio] { display: none; }
-#words label { border-radius: 999px; padding: 4px 14px; cursor: pointer; }
+#words input[type=radio] { position: absolute; opacity: 0; width: 1px; height: 1px; margin: 0; }
+#words label { border-radius: 999px; padding: 4px 14px; cursor: pointer; position: relative; }
+#words label:focus-within { outline: 2px solid var(--color-accent); outline-offset: 2px; }
 #words label.selected { background: var(--color-accent); color: white; }
 """
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])

@@ -243,3 +243,36 @@ def test_typed_values_out_of_range_are_refused_in_words_not_changed(served):
                 _set_number(page, element_id, {"steps": "2", "guidance": "3", "count": "1"}[element_id])
         finally:
             browser.close()
+
+
+def test_the_word_chips_are_reached_and_chosen_with_the_keyboard(served):
+    """Issue 25 item 3: the chips were hidden radio inputs (display: none), so Tab skipped them; now Tab reaches
+    each chip in turn and Space chooses one, whose map is drawn."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#prompt textarea", "a red circle")
+            _set_number(page, "steps", "2")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
+                                   timeout=60_000)
+            page.focus("#generate button, button#generate")
+            for _ in range(60):  # Tab on from Generate until the focus is on a word chip
+                page.keyboard.press("Tab")
+                if page.evaluate("!!document.activeElement.closest('#words')"):
+                    break
+            focused = "document.activeElement.closest('#words') && document.activeElement.value"
+            assert page.evaluate(focused) == "a"
+            page.keyboard.press("Tab")                 # each chip is a stop (Gradio names each radio apart)
+            page.keyboard.press("Tab")
+            assert page.evaluate(focused) == "circle"
+            page.keyboard.press("Space")               # and Space chooses it
+            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: circle')",
+                                   timeout=30_000)
+        finally:
+            browser.close()
