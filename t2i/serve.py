@@ -127,8 +127,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     reweighted = gr.Image(label="reweighted", type="pil", interactive=False, elem_id="reweighted",
                                           elem_classes="pixelated")
                 words = gr.Radio([], label="words: click one", elem_id="words")
-                weight = Slider(*lim.sampling.word_weight, value=1, step=0.1,
-                                label="weight of the word (regenerates, same seed)", elem_id="weight")
+                low, high = lim.sampling.word_weight  # a number box: typing and the arrow keys regenerate too,
+                weight = gr.Number(value=1, step=0.1, elem_id="weight",  # and a typed 5 is said, not clamped
+                                   label=f"weight of the word, {low:g} to {high:g} (regenerates, same seed)")
                 with gr.Row():
                     resolution = gr.Radio([ALL], value=ALL, label="maps from the layers at", elem_id="resolution")
                     which = gr.Radio(["1"], value="1", label="image", elem_id="which")
@@ -218,8 +219,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         for moved in (step.input, step.release):  # a drag's last position always draws, after the ones before it
             moved(on_step, view_in, [x0, step_map, message], api_name=False, trigger_mode="always_last",
                   concurrency_limit=1, concurrency_id="step")
-        weight.release(on_weight, [state, words, which, weight], [reweighted, effect, files, message],
-                       api_name="reweight", concurrency_id="sampling")
+        weight.input(on_weight, [state, words, which, weight], [reweighted, effect, files, message],
+                     api_name="reweight", concurrency_id="sampling", trigger_mode="always_last")
     app.queue(max_size=lim.max_queue, default_concurrency_limit=lim.concurrency)
     return app
 

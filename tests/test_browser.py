@@ -276,3 +276,34 @@ def test_the_word_chips_are_reached_and_chosen_with_the_keyboard(served):
                                    timeout=30_000)
         finally:
             browser.close()
+
+
+def test_the_weight_regenerates_from_the_keyboard_and_a_typed_5_is_said(served):
+    """Issue 25 item 3: typing 0 (without leaving the box) and the arrow keys regenerate, as releasing a drag
+    did; a typed 5 is t2i's message (the slider clamped it to 3 in silence)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#prompt textarea", "a red circle")
+            _set_number(page, "steps", "2")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
+                                   timeout=60_000)
+            box = page.locator("#weight input[type=number]")
+            box.fill("0")                                                   # typed, focus stays in the box
+            page.wait_for_function("document.querySelector('#message').innerText.includes('regenerated with red x 0')",
+                                   timeout=30_000)
+            box.press("ArrowUp")                                            # 0 -> 0.1
+            page.wait_for_function("document.querySelector('#message').innerText.includes('regenerated with red x 0.1')",
+                                   timeout=30_000)
+            box.fill("5")
+            page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')"
+                                   " && document.querySelector('#message').innerText.includes('from 0 to 3')",
+                                   timeout=30_000)
+        finally:
+            browser.close()
