@@ -224,7 +224,8 @@ class Explorer:
                                               height=image.height, width=image.width, upscale=1, precision="fp32",
                                               model=self.models[r.model] or "default", word_weights=weights,
                                               **guide_metadata(r.sampling)))
-        result.files[f"reweighted:{i}"] = path
+        result.files[f"reweighted:{i}:{slug(said)}"] = path  # every reweighting stays among the downloads,
+        result.files[f"reweighted:{i}"] = path                # and this key names the latest
 
     # -- 3. drawing from a result ----------------------------------------------------------------
     def image(self, result: Result, index: int = 0) -> Image.Image:

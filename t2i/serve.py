@@ -24,10 +24,13 @@ CSS = """  /* the chips' radio inputs stay focusable (Tab, arrow keys), only uns
 #words input[type=radio] { position: absolute; opacity: 0; width: 1px; height: 1px; margin: 0; }
 #words label { border-radius: 999px; padding: 4px 14px; cursor: pointer; position: relative; }
 #words label:focus-within { outline: 2px solid var(--color-accent); outline-offset: 2px; }
+#files .label-clear-button { display: none; }
+#files .stem { white-space: normal; word-break: break-all; overflow: visible; text-overflow: clip; }
 #words label.selected { background: var(--color-accent); color: white; }
 """
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 FAILED = "**Something went wrong on the server** (the details are in its log)."
+VIEW_BUTTONS = ["fullscreen"]  # no Share (Spaces only), no Download (a 256 px webp, no metadata: the PNGs are below)
 
 
 def _page_errors(message_box):
@@ -68,6 +71,11 @@ def _lenient_slider() -> type:
 Slider = _lenient_slider()
 
 
+def _downloads(result) -> list[str]:
+    """The result's files, each once (the latest reweighted PNG has two keys)."""
+    return list(dict.fromkeys(str(p) for p in result.files.values()))
+
+
 def _image(i: str | None) -> int:
     return int(i or 1) - 1                                   # the image chooser counts from 1
 
@@ -97,8 +105,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 with gr.Row():
                     steps = gr.Number(value=min(first.steps, lim.max_steps), label=f"steps (up to {lim.max_steps})",
                                       elem_id="steps")
-                    guidance = gr.Number(value=first.guidance, step=0.5,
-                                         label=f"guidance ({least_guidance:g} to {most_guidance:g})", elem_id="guidance")
+                    guidance = gr.Number(value=first.guidance, step=0.5, elem_id="guidance",
+                                         label=f"guidance ({least_guidance:g} to {most_guidance:g})")
                     count = gr.Number(value=first.num_images, label=f"images (up to {lim.max_images})",
                                       elem_id="count")
                 with gr.Accordion("attention guidance (slower)", open=False, elem_id="guidance-panel"):
@@ -118,14 +126,14 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                                 interactive=False, elem_id="files")
             with gr.Column(scale=3):
                 with gr.Row():
-                    image = gr.Image(label="image", type="pil", interactive=False, elem_id="image",
-                                     elem_classes="pixelated")
-                    attention = gr.Image(label="attention", type="pil", interactive=False, elem_id="overlay",
-                                         elem_classes="pixelated")
-                    effect = gr.Image(label="effect", type="pil", interactive=False, elem_id="effect",
-                                      elem_classes="pixelated")
-                    reweighted = gr.Image(label="reweighted", type="pil", interactive=False, elem_id="reweighted",
-                                          elem_classes="pixelated")
+                    image = gr.Image(label="image", type="pil", interactive=False, buttons=VIEW_BUTTONS,
+                                     elem_id="image", elem_classes="pixelated")
+                    attention = gr.Image(label="attention", type="pil", interactive=False, buttons=VIEW_BUTTONS,
+                                         elem_id="overlay", elem_classes="pixelated")
+                    effect = gr.Image(label="effect", type="pil", interactive=False, buttons=VIEW_BUTTONS,
+                                      elem_id="effect", elem_classes="pixelated")
+                    reweighted = gr.Image(label="reweighted", type="pil", interactive=False, buttons=VIEW_BUTTONS,
+                                          elem_id="reweighted", elem_classes="pixelated")
                 words = gr.Radio([], label="words: click one", elem_id="words")
                 low, high = lim.sampling.word_weight  # a number box: typing and the arrow keys regenerate too,
                 weight = gr.Number(value=1, step=0.1, elem_id="weight",  # and a typed 5 is said, not clamped
@@ -136,10 +144,10 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 step = Slider(1, 2, value=1, step=1, label="step", elem_id="step")
                 with gr.Row():
                     x0 = gr.Image(label="x0: the predicted clean image at this step", type="pil", interactive=False,
-                                  elem_id="x0", elem_classes="pixelated")
+                                  buttons=VIEW_BUTTONS, elem_id="x0", elem_classes="pixelated")
                     step_map = gr.Image(label="the word's map at this step", type="pil", interactive=False,
-                                        elem_id="stepmap", elem_classes="pixelated")
-                grid = gr.Image(label="all words", type="pil", interactive=False, elem_id="grid",
+                                        buttons=VIEW_BUTTONS, elem_id="stepmap", elem_classes="pixelated")
+                grid = gr.Image(label="all words", type="pil", interactive=False, buttons=VIEW_BUTTONS, elem_id="grid",
                                 elem_classes="pixelated")
 
         views = [image, attention, grid, x0, step_map]
@@ -169,7 +177,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             result = explorer.generate(request, progress=lambda i, n: progress((i, n), desc="sampling"))
             word = result.first_word
             n = result.request.steps
-            files_ = [str(p) for p in result.files.values()]
+            files_ = _downloads(result)
             return {state: result, **draw(result, word, 0, ALL, n - 1),
                     words: gr.Radio(choices=result.words, value=word),
                     resolution: gr.Radio(choices=result.filters, value=ALL),
@@ -204,7 +212,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             said = ", ".join(f"{w} x {v:g}" for w, v in used.items()) or "every word at 1"
             return {reweighted: gr.Image(changed, label=f"reweighted: {said}"),
                     effect: gr.Image(shown, label=f"effect of {said}"), message: f"regenerated with {said}",
-                    files: [str(p) for p in result.files.values()]}               # the reweighted PNG among them
+                    files: _downloads(result)}                                    # the reweighted PNGs among them
 
         inputs = [prompt, negative, seed, steps, guidance, scheduler, model, size, count, place, excite, boxes]
         everything = [state, *views, words, resolution, which, step, weight, effect, reweighted, files, message]

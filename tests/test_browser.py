@@ -307,3 +307,40 @@ def test_the_weight_regenerates_from_the_keyboard_and_a_typed_5_is_said(served):
                                    timeout=30_000)
         finally:
             browser.close()
+
+
+def test_image_toolbars_and_downloads_do_not_mislead(served):
+    """Issue 25 item 7: no Share button (it only said 'Must be on Spaces to share') nor the images' own Download
+    (a 256 px image.webp without metadata: the downloads list has the PNGs); the list shows whole names, offers
+    no 'Remove this file', and keeps every reweighted PNG, not only the latest."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#prompt textarea", "a red circle")
+            _set_number(page, "steps", "2")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
+                                   timeout=60_000)
+            box = page.locator("#weight input[type=number]")
+            for value, said in (("0", "red x 0"), ("2", "red x 2")):
+                box.fill(value)
+                page.wait_for_function(f"document.querySelector('#message').innerText.includes('regenerated with "
+                                       f"{said}')", timeout=30_000)
+            page.wait_for_function("document.querySelectorAll('#files td.filename').length == 4", timeout=10_000)
+            names = page.eval_on_selector_all("#files td.filename", "tds => tds.map(td => td.getAttribute('aria-label'))")
+            assert {"a-red-circle-0-redx0.png", "a-red-circle-0-redx2.png"} <= set(names), names
+            views = ["image", "overlay", "effect", "reweighted", "x0", "stepmap", "grid"]
+            for view in views:
+                for button in ("Share", "Download"):
+                    assert not page.locator(f"#{view} button[aria-label={button}]").count(), (view, button)
+            assert not any(b.is_visible() for b in page.locator("#files button[aria-label='Remove this file']").all())
+            cut = page.eval_on_selector_all("#files .stem", "els => els.filter(e => e.scrollWidth > e.clientWidth)"
+                                                           ".map(e => e.textContent)")
+            assert cut == [], cut
+        finally:
+            browser.close()

@@ -129,9 +129,10 @@ class ShardDataset(CaptionedImages):
             except Exception as e:
                 if not _full_disk(e):
                     raise
-                raise OSError(f"no space left on the disk of the datasets cache (HF_DATASETS_CACHE="
-                              f"{datasets.config.HF_DATASETS_CACHE}) while converting the Parquet files of {self.root}: "
-                              "free space there, or set HF_DATASETS_CACHE to a folder on a disk with room") from None
+                cache = datasets.config.HF_DATASETS_CACHE
+                raise OSError(f"no space left on the disk of the datasets cache (HF_DATASETS_CACHE={cache}) while "
+                              f"converting the Parquet files of {self.root}: free space there, or set "
+                              "HF_DATASETS_CACHE to a folder on a disk with room") from None
         else:
             raise ValueError(f"{str(self.root)!r} holds no shards (no state.json of datasets' save_to_disk, no "
                              "*.parquet files); write them with `t2i make-dataset shards --from FOLDER --out DIR`.")
