@@ -24,12 +24,14 @@ CSS = """  /* the chips' radio inputs stay focusable (Tab, arrow keys), only uns
 #words input[type=radio] { position: absolute; opacity: 0; width: 1px; height: 1px; margin: 0; }
 #words label { border-radius: 999px; padding: 4px 14px; cursor: pointer; position: relative; }
 #words label:focus-within { outline: 2px solid var(--color-accent); outline-offset: 2px; }
+#message { min-height: 3.5em; }  /* room for the progress bar and the queue position before any message */
 #files .label-clear-button { display: none; }
 #files .stem { white-space: normal; word-break: break-all; overflow: visible; text-overflow: clip; }
 #words label.selected { background: var(--color-accent); color: white; }
 """
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 FAILED = "**Something went wrong on the server** (the details are in its log)."
+SHOW_MESSAGE = "() => document.querySelector('#message').scrollIntoView({block: 'nearest'})"
 VIEW_BUTTONS = ["fullscreen"]  # no Share (Spaces only), no Download (a 256 px webp, no metadata: the PNGs are below)
 
 
@@ -217,10 +219,11 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         inputs = [prompt, negative, seed, steps, guidance, scheduler, model, size, count, place, excite, boxes]
         everything = [state, *views, words, resolution, which, step, weight, effect, reweighted, files, message]
         # one progress display, in the message; the earlier result stays in view until the new one replaces it
-        generate.click(on_generate, inputs, everything, api_name="generate", concurrency_id="sampling",
-                       show_progress_on=message)
-        prompt.submit(on_generate, inputs, everything, api_name=False, concurrency_id="sampling",
-                      show_progress_on=message)
+        for submitted in (generate.click(on_generate, inputs, everything, api_name="generate",
+                                         concurrency_id="sampling", show_progress_on=message),
+                          prompt.submit(on_generate, inputs, everything, api_name=False, concurrency_id="sampling",
+                                        show_progress_on=message)):
+            submitted.then(None, js=SHOW_MESSAGE)  # an error below the window's edge looked like a dead button
         view_in, view_out = [state, words, which, resolution, step], [*views, weight, message]
         for chooser in (words, which, resolution):
             chooser.input(on_view, view_in, view_out, api_name=False, concurrency_limit=4)

@@ -344,3 +344,33 @@ def test_image_toolbars_and_downloads_do_not_mislead(served):
             assert cut == [], cut
         finally:
             browser.close()
+
+
+def test_progress_and_messages_are_where_the_eye_is(served):
+    """Issue 25 items 1 and 2: on a fresh page the message area was 0 px tall and hid the progress bar (and the
+    queue position); an error with the guidance panel open landed below the window's bottom edge."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#prompt textarea", "a red circle")
+            _set_number(page, "steps", "8")
+            page.click("#generate")                                          # the first Generate of the page
+            page.wait_for_function("(() => { const t = document.querySelector('#message [data-testid=status-tracker]');"
+                                   " return t && !t.classList.contains('hide') && Math.min(t.getBoundingClientRect()"
+                                   ".height, document.querySelector('#message').getBoundingClientRect().height) > 20"
+                                   " })()", timeout=30_000, polling=10)
+            page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')", timeout=60_000)
+            page.click("text=attention guidance (slower)")
+            page.fill("#boxes textarea, #boxes input", "circle=0,0,2,1")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')",
+                                   timeout=30_000)
+            page.wait_for_function("(() => { const r = document.querySelector('#message').getBoundingClientRect();"
+                                   " return r.top >= 0 && r.bottom <= window.innerHeight })()", timeout=5_000)
+        finally:
+            browser.close()
