@@ -21,7 +21,7 @@ from PIL import Image
 
 from .attention import AttentionRecorder, Heatmaps
 from .attention.effects import effect_map
-from .attention.overlay import effect_heat, grid_image, overlay, upscale
+from .attention.overlay import EFFECT_FLOOR, effect_heat, grid_image, overlay, upscale
 from .pipeline import check_pipeline_folder, load_pipeline, scheduler_name
 from .sampling import guide_metadata, parse_layout, png_metadata, slug
 from .settings import (QUICK, SERVER_LIMITS, SamplingLimits, SamplingSettings, check_word_weight,
@@ -95,6 +95,7 @@ class Result:
     files: dict[str, Path]                   # 'png:<i>' (with its metadata) and 'heatmaps' downloads
     seconds: float
     weights: dict[str, float] = field(default_factory=dict)   # the page's current word weights
+    effect_scale: str = ""                   # what the last effect map's brightest means, with its size
 
     @property
     def words(self) -> list[str]:
@@ -292,6 +293,9 @@ class Explorer:
                                record_attention=True).images[0]   # recorded as the original was: same arithmetic
             self._write_reweighted(result, changed, i, weights)
         effect = effect_map(result.images[i], changed)
+        peak, mean = float(effect.max()), float(effect.mean())
+        result.effect_scale = (f"brightest = a change of {max(peak, EFFECT_FLOOR):.0%} of full; largest {peak:.0%}, "
+                               f"mean {mean:.1%}")
         return upscale(changed, DISPLAY), overlay(result.images[i], effect_heat(effect), size=DISPLAY), weights
 
 

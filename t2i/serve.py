@@ -31,6 +31,7 @@ CSS = """  /* the chips' radio inputs stay focusable (Tab, arrow keys), only uns
 """
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 FAILED = "**Something went wrong on the server** (the details are in its log)."
+OWN_SCALE = "its own scale: brightest = its most"  # each attention map is stretched to its own peak
 SHOW_MESSAGE = "() => document.querySelector('#message').scrollIntoView({block: 'nearest'})"
 VIEW_BUTTONS = ["fullscreen"]  # no Share (Spaces only), no Download (a 256 px webp, no metadata: the PNGs are below)
 
@@ -161,15 +162,17 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 raise ValueError(f"the step must be a whole number from 1 to {n}, got {at + 1}")
             shown_x0, shown_map = explorer.step_view(result, at, word, index, res)
             return {x0: gr.Image(shown_x0, label=f"x0: the predicted clean image at step {at + 1}/{n}"),
-                    step_map: gr.Image(shown_map, label=f"{word} at step {at + 1}/{n}" if word else "map at this step")}
+                    step_map: gr.Image(shown_map, label=f"{word} at step {at + 1}/{n} ({OWN_SCALE})" if word
+                                       else "map at this step")}
 
         def draw(result, word, index, res, at):
             """Every view of one image, word, resolution and step (0-based)."""
             return {image: explorer.image(result, index),
                     attention: gr.Image(explorer.word_overlay(result, word, index, res) if word else None,
-                                        label=f"attention: {word} (its own scale: brightest = its most)" if word
-                                        else "attention"),
-                    grid: explorer.grid(result, index, res), **draw_step(result, word, index, res, at)}
+                                        label=f"attention: {word} ({OWN_SCALE})" if word else "attention"),
+                    grid: gr.Image(explorer.grid(result, index, res),
+                                   label="all words (each map on its own scale: brightest = that word's most)"),
+                    **draw_step(result, word, index, res, at)}
 
         @_page_errors(message)
         def on_generate(prompt_, negative_, seed_, steps_, guidance_, scheduler_, model_, size_, count_, place_,
@@ -213,7 +216,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             changed, shown, used = explorer.reweight(result, word, value, _image(index))
             said = ", ".join(f"{w} x {v:g}" for w, v in used.items()) or "every word at 1"
             return {reweighted: gr.Image(changed, label=f"reweighted: {said}"),
-                    effect: gr.Image(shown, label=f"effect of {said}"), message: f"regenerated with {said}",
+                    effect: gr.Image(shown, label=f"effect of {said} ({result.effect_scale})"),
+                    message: f"regenerated with {said}",
                     files: _downloads(result)}                                    # the reweighted PNGs among them
 
         inputs = [prompt, negative, seed, steps, guidance, scheduler, model, size, count, place, excite, boxes]

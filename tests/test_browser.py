@@ -1,6 +1,7 @@
 """`t2i serve` end to end in a real headless Chromium (Debian's `chromium`, driven by Playwright through
 executable_path; Playwright never downloads a browser): type a prompt, generate, click a word, scrub the
 steps, silence a colour word, generate once with attention guidance; every request of the page goes to loopback only."""
+import re
 import shutil
 import time
 from pathlib import Path
@@ -372,5 +373,30 @@ def test_progress_and_messages_are_where_the_eye_is(served):
                                    timeout=30_000)
             page.wait_for_function("(() => { const r = document.querySelector('#message').getBoundingClientRect();"
                                    " return r.top >= 0 && r.bottom <= window.innerHeight })()", timeout=5_000)
+        finally:
+            browser.close()
+
+
+def test_every_map_says_its_scale_and_an_effect_its_size(served):
+    """Issue 25 item 8: the step map, the effect map and the all-words grid said nothing of their scale, and an
+    effect of red x 0 was a faint outline with no number."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#prompt textarea", "a red circle")
+            _set_number(page, "steps", "2")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
+                                   timeout=60_000)
+            assert "its own scale" in page.inner_text("#stepmap") and "own scale" in page.inner_text("#grid")
+            page.locator("#weight input[type=number]").fill("0")
+            page.wait_for_function("document.querySelector('#effect').innerText.includes('brightest')", timeout=30_000)
+            label = page.inner_text("#effect")
+            assert re.search(r"brightest = a change of \d+% .*largest \d+%, mean \d+(\.\d)?%", label), label
         finally:
             browser.close()
