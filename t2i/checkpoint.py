@@ -43,6 +43,9 @@ STATE_KEYS = {"step": int, "samples": int, "world_size": int, "optimizer": dict,
 CORE_FILES = ("unet.safetensors", "ema.safetensors", "optimizer.safetensors")  # in every checkpoint, listed or not
 NOT_A_RUN = ("config.yaml", "tokenizer", "text_encoder", "previews", "tensorboard")  # with no checkpoint nor pipeline
 RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "text_encoder", "previews", "tensorboard")  # beside its checkpoints
+ALL_DAMAGED = "start over with --overwrite (deletes them), or train into another train.output_dir"
+STARTED = ".t2i-run"  # written by a fresh start: what is beside it, t2i wrote (a folder without it is the user's)
+OWN_FILES = (".lock", STARTED, "position.jsonl", *NOT_A_RUN)  # what t2i writes into a run folder before a checkpoint
 
 
 @dataclass
@@ -91,10 +94,15 @@ class TrainingState:
         accelerator.wait_for_everyone()
         return Path(run_dir) / f"checkpoint-{self.step:07d}"
 
-    def load(self, path: str | Path, rank: int = 0, config: RunConfig | None = None) -> None:
+    def load(self, path: str | Path, rank: int = 0, config: RunConfig | None = None, world: int | None = None) -> None:
         """Restore everything from the checkpoint folder `path`, with process `rank`'s generators, after checking
-        that `config` differs from the checkpoint's only in RESUMABLE settings. The learning rate follows `config`."""
+        that `config` differs from the checkpoint's only in RESUMABLE settings and that it was saved by `world`
+        processes. The learning rate follows `config`."""
         path = Path(path)
+        saved_world = json.loads((path / "state.json").read_text())["world_size"]
+        if world is not None and saved_world != world:
+            raise ValueError(f"{path.name} was saved by {saved_world} processes and this run has {world}: resume with "
+                             f"{saved_world} (each process continues its own random numbers and share of the data)")
         if config is not None:
             saved = json.loads((path / "state.json").read_text())["config"]
             changes = resume_changes(saved, config)
@@ -169,6 +177,9 @@ def resolve_resume(run_dir: str | Path, resume: str, main: bool = True) -> Path:
                              f"checkpoint, or with --resume latest, which takes the newest undamaged one")
         return path
     found = checkpoints(run_dir)
+    if not found and any(Path(run_dir).glob("checkpoint-*.damaged")):
+        raise ValueError(f"--resume latest: every checkpoint in {run_dir} is damaged (moved aside to .damaged): "
+                         f"{ALL_DAMAGED}")
     if not found:
         raise ValueError(f"--resume latest: no checkpoint in {run_dir}; start a fresh run without --resume")
     skipped = []
@@ -182,7 +193,8 @@ def resolve_resume(run_dir: str | Path, resume: str, main: bool = True) -> Path:
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
     else:
-        raise ValueError(f"--resume latest: every checkpoint in {run_dir} is damaged ({'; '.join(skipped)})")
+        raise ValueError(f"--resume latest: every checkpoint in {run_dir} is damaged ({'; '.join(skipped)}): "
+                         f"{ALL_DAMAGED}")
     if skipped:
         warnings.warn(f"--resume latest skipped {'; '.join(skipped)} (moved aside to .damaged); resuming from "
                       f"{path.name}", stacklevel=2)
@@ -198,15 +210,47 @@ def damage(path: str | Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"state.json {'is missing' if isinstance(e, FileNotFoundError) else 'is unreadable'}"
     if not isinstance(state, dict):
-        return f"state.json holds a {type(state).__name__}, not a checkpoint's state"
-    lacking = [k for k, kind in STATE_KEYS.items() if not isinstance(state.get(k), kind)]
+        kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+                list: "a list"}.get(type(state), type(state).__name__)
+        return f"state.json holds {kind}, not a checkpoint's state"
+    lacking = [k for k, kind in STATE_KEYS.items()
+               if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
     files = state.get("files", [])
     if lacking or not (isinstance(files, list) and all(isinstance(name, str) for name in files)):
         return f"state.json lacks {', '.join(lacking) or 'a list of file names'}"
+    problem = state_problem(state, path.name)
+    if problem:
+        return f"state.json: {problem}"
     for name in dict.fromkeys([*CORE_FILES, *files]):
         problem = safetensors_damage(path / name)
         if problem:
             return f"{name} {problem}"
+    return None
+
+
+def state_problem(state: dict, name: str) -> str | None:
+    """What in a well-typed state.json contradicts itself or its folder `name` (checkpoint-N), or None: the step
+    is N, the LR schedule stands at it, the counts are counts, the optimizer has its groups, and the files list
+    the weights and every process's RNG."""
+    step, samples, world = state["step"], state["samples"], state["world_size"]
+    folder = CHECKPOINT.match(name)
+    if step < 1 or (folder and int(folder.group(1)) != step):
+        return f"step {step} is not {name}'s"
+    if samples < 0:
+        return f"samples {samples} is not a count of samples"
+    if world < 1:
+        return f"world_size {world} is not a number of processes"
+    groups, scalars = state["optimizer"].get("param_groups"), state["optimizer"].get("scalars")
+    if not (isinstance(groups, list) and groups and isinstance(scalars, dict)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        return "it lacks the optimizer's param_groups and scalars"
+    last = state["lr_schedule"].get("last_epoch")
+    if last != step or isinstance(last, bool):
+        return f"lr_schedule's last_epoch {last!r} is not its step {step}"
+    needed = [*CORE_FILES, *(f"rng-{i}.safetensors" for i in range(world))]
+    unlisted = [f for f in needed if f not in state["files"]]
+    if unlisted:
+        return f"it lists no {unlisted[0]}"
     return None
 
 
@@ -217,6 +261,9 @@ def safetensors_damage(file: Path) -> str | None:
         return "is missing" if size is None else "is empty"
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if size > 8 and f.read(1) != b"{":  # a header is JSON: random or other bytes, not a file cut short
+            return "is not a safetensors file (its header is no JSON)"
+        f.seek(8)
         if 8 + n > size:
             return f"is cut short ({size} bytes, less than its header)"
         try:
@@ -225,6 +272,45 @@ def safetensors_damage(file: Path) -> str | None:
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             return "has a damaged header"
     return f"is cut short ({size} of {end} bytes)" if size != end else None
+
+
+def weights_mismatch(folder: Path, library: str, class_name: str) -> str | None:
+    """Whether the weights file of a pipeline component's `folder` holds the tensors its config.json's model
+    (`library`.`class_name`) has: its first missing or unexpected key, with the file, or None. The model is built
+    on the meta device (no memory, no weights); only the file's header is read."""
+    import importlib
+
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    files = [folder / name for name in ("diffusion_pytorch_model.safetensors", "model.safetensors")
+             if (folder / name).is_file()]
+    if not files or not library or not class_name:
+        return None
+    try:
+        cls = getattr(importlib.import_module(library), class_name)
+        with init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if hasattr(cls, "config_class"):  # transformers
+                model = cls(cls.config_class.from_pretrained(folder))
+            else:  # diffusers
+                model = cls.from_config(cls.load_config(folder))
+    except Exception:  # an unknown class or a broken config: the loader says what is wrong
+        return None
+    expected = set(model.state_dict())
+    with safe_open(files[0], "pt") as f:
+        held = set(f.keys())
+    ignored = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
+               *(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    missing = sorted(k for k in expected - held if not any(re.search(p, k) for p in ignored))
+    unexpected = sorted(k for k in held - expected if not any(re.search(p, k) for p in ignored))
+    more = lambda keys: f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""  # noqa: E731
+    if unexpected:
+        return (f"{files[0]} holds {unexpected[0]}, which the {class_name} of {folder / 'config.json'} does not "
+                f"have{more(unexpected)}: it is another model's weights; copy this component's own file")
+    if missing:
+        return (f"{files[0]} lacks {missing[0]}, which the {class_name} of {folder / 'config.json'} needs"
+                f"{more(missing)}: copy the pipeline folder again, or export it again from its run")
+    return None
 
 
 def staging_dir(run_dir: str | Path, step: int) -> Path:
@@ -352,16 +438,22 @@ def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite
         yield
         return
     run_dir = Path(run_dir)
+    if not resume:
+        _refuse_foreign_files(run_dir)  # before the lock: a refused folder is left as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(run_dir)
     try:
         found = checkpoints(run_dir)
         old = found + sorted(run_dir.glob("checkpoint-*.damaged")) + [
             run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-        started = not [p for p in old if p.name not in NOT_A_RUN]  # no checkpoint: a start that failed, not a run
+        started = not [p for p in old if p.name not in NOT_A_RUN]  # no checkpoint: a start that failed (marked)
         if started and old and not resume and not overwrite:
             warnings.warn(f"train.output_dir {run_dir} holds no checkpoint, only what a start that failed left "
                           f"({', '.join(p.name for p in old)}): replacing it", stacklevel=3)
+        if old and not resume and not overwrite and not started and not found and \
+                not (run_dir / "pipeline").exists():
+            raise ValueError(f"train.output_dir {run_dir} holds a run whose every checkpoint is damaged "
+                             f"({', '.join(p.name for p in old if p.name.endswith('.damaged'))}): {ALL_DAMAGED}")
         if old and not resume and not overwrite and not started:
             what = found[-1].name if found else ", ".join(p.name for p in old)
             raise ValueError(f"train.output_dir {run_dir} holds a run ({what}): continue it with --resume latest, "
@@ -369,6 +461,8 @@ def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite
                              "another train.output_dir")
         for path in old if overwrite or (started and not resume) else []:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if not resume:
+            write_synced(run_dir / STARTED, b"t2i train started a run here; what it wrote may be replaced\n")
         for stage in run_dir.glob(".checkpoint-*.tmp"):
             shutil.rmtree(stage, ignore_errors=True)
         for stage in run_dir.glob(".pipeline.*"):  # an export killed half-way
@@ -377,6 +471,22 @@ def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite
     finally:
         lock.truncate(0)
         lock.close()
+
+
+def _refuse_foreign_files(run_dir: Path) -> None:
+    """A folder with no run (no checkpoint nor pipeline) may hold only what a start of t2i wrote there, marked
+    by STARTED; anything else (a pipeline folder, the user's own config.yaml) is refused, never replaced."""
+    if not run_dir.is_dir() or checkpoints(run_dir) or (run_dir / "pipeline").exists() or any(
+            run_dir.glob("checkpoint-*.damaged")):
+        return
+    marked = (run_dir / STARTED).is_file()
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in (".lock", STARTED) and not (marked and p.name in OWN_FILES)
+                     and not p.name.startswith((".checkpoint-", ".pipeline.")))
+    if foreign:
+        raise ValueError(f"train.output_dir {run_dir} holds files that t2i train did not write "
+                         f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and no run; nothing there "
+                         "is replaced: choose a new or empty train.output_dir")
 
 
 def _lock(run_dir: Path):
@@ -409,6 +519,14 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"{name} at step {step}: saved {checkpoint}")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: training stops at once; `signum` gives the exit status (128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopOnSignal:
     """SIGINT (Ctrl-C) and SIGTERM (what a cluster sends before preemption) ask the loop to save a checkpoint
     and stop at the end of the step; a second signal stops at once (a save under way is atomic). Installed
@@ -429,7 +547,7 @@ class StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping (send "
               "it again to stop at once)", file=sys.stderr, flush=True)

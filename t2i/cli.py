@@ -12,49 +12,80 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
-from .sampling import (LIMITS, guide_metadata, new_out_folder, png_metadata, sampling_device, sampling_pipeline, save_new_png, slug,
-                       use_idle_cores)
+from .sampling import (LIMITS, guide_metadata, new_out_folder, png_metadata, sampling_device, sampling_pipeline,
+                       save_new_png, sigint_deferred, slug, staged_out, use_idle_cores)
 from .settings import (DEFAULTS, GUIDES, QUICK, SCHEDULERS, SERVER_LIMITS, SamplingSettings, check_word_weight,
                        generators)
 
 SAMPLING_COMMANDS = ("generate", "heatmap", "effect", "evaluate", "serve")
-GENERATE_BATCH = 16  # images per pipeline call of `t2i generate`
 
 
 def cmd_generate(args) -> None:
     if len(args.prompt) > 1 and all(len(p.split()) == 1 for p in args.prompt):
         print(f"t2i generate: warning: {len(args.prompt)} one-word prompts make one image each; for one image of "
               f"\"{' '.join(args.prompt)}\", quote it", file=sys.stderr)
+    weights = _word_weights(args.word_weights)
     pipe, settings = sampling_pipeline(args, progress=True)
-    model = args.model or "default"
-    from .pipeline import scheduler_name
-    scheduler = settings.scheduler or scheduler_name(pipe.scheduler, pipe.image_space)
+    scheduler = _used_scheduler(pipe, settings)
+    for prompt in args.prompt if weights else []:
+        pipe.word_labels(prompt, list(weights))  # a word not in a prompt fails before sampling
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = settings.num_images
     jobs = list(zip([p for p in args.prompt for _ in range(n)], settings.seeds(len(args.prompt) * n)))
-    one_each = replace(settings, num_images=1)  # each batch lists every image's prompt
-    for start in range(0, len(jobs), GENERATE_BATCH):  # memory stays flat in the number of images
-        batch = jobs[start:start + GENERATE_BATCH]
-        result = pipe([prompt for prompt, _ in batch], **one_each.pipeline_kwargs(),
-                      generator=generators(seed for _, seed in batch), record_attention=args.heatmaps)
-        _save_generated(args, settings, result, batch, out, model, scheduler)
+    one = replace(settings, num_images=1)
+    for prompt, seed in jobs:  # one image per call: batched float sums differ from a single image's by 1/255, and
+        result = pipe([prompt], **one.pipeline_kwargs(),  # its PNG's metadata must regenerate it bit for bit
+                      generator=generators([seed]), record_attention=args.heatmaps, word_weights=weights)
+        _save_generated(args, settings, result, [(prompt, seed)], out, scheduler)
 
 
-def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[str, int]], out: Path, model: str,
+def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[str, int]], out: Path,
                     scheduler: str) -> None:
     """Each image of one batch of `t2i generate` as a PNG with its settings (and its heatmaps)."""
     from PIL import Image
     for i, (image, (prompt, seed)) in enumerate(zip(result.images, batch)):
-        meta = dict(prompt=prompt, negative_prompt=settings.negative or "", seed=seed, steps=settings.steps,
-                    guidance=settings.guidance, scheduler=scheduler, model=model, height=image.height,
-                    width=image.width, upscale=args.upscale, precision=args.precision, **guide_metadata(settings))
+        weights = _word_weights(args.word_weights)
+        meta = _image_metadata(args, settings, prompt, seed, scheduler, image, args.upscale,
+                               **({"word_weights": weights} if weights else {}))
         big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
         path = save_new_png(big, out, f"{slug(prompt)}-{seed}", pnginfo=png_metadata(**meta))
         print(path)
         if args.heatmaps:
             from .attention.export import write_heatmap_outputs
-            write_heatmap_outputs(result.attention, i, image, out / f"{path.stem}-heatmaps", words=None)
+            with staged_out(out / f"{path.stem}-heatmaps") as stage:
+                write_heatmap_outputs(result.attention, i, image, stage, words=None)
+
+
+def _image_metadata(args, settings: SamplingSettings, prompt: str, seed: int, scheduler: str, image, upscale: int,
+                    **extra):
+    """The PNG text fields `t2i generate` regenerates an image from: its prompt, seed and settings."""
+    return dict(prompt=prompt, negative_prompt=settings.negative or "", seed=seed, steps=settings.steps,
+                        guidance=settings.guidance, scheduler=scheduler, model=args.model or "default",
+                        height=image.height, width=image.width, upscale=upscale, precision=args.precision,
+                        **guide_metadata(settings), **extra)
+
+
+def _used_scheduler(pipe, settings: SamplingSettings) -> str:
+    from .pipeline import scheduler_name
+    return settings.scheduler or scheduler_name(pipe.scheduler, pipe.image_space)
+
+
+def _word_weights(text: str | None) -> dict[str, float] | None:
+    """--word-weights 'red=0,circle=2' -> {'red': 0.0, 'circle': 2.0}; None or blank -> None."""
+    weights = {}
+    for item in [i.strip() for i in (text or "").split(",") if i.strip()]:
+        word, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not word.strip() or weight is None:
+            raise ValueError(f"--word-weights must be WORD=WEIGHT, comma-separated, e.g. red=0,circle=2; got {item!r}")
+        if word.strip() in weights:
+            raise ValueError(f"--word-weights gives {word.strip()!r} two weights; give each word one")
+        weights[word.strip()] = check_word_weight(word.strip(), weight, name=f"the weight of {word.strip()!r}")
+    return weights or None
 
 
 def _word_list(text: str | None) -> list[str] | None:
@@ -74,9 +105,13 @@ def cmd_heatmap(args) -> None:
     recorder = AttentionRecorder(layers=args.layers, timeline=args.gif)
     result = pipe(args.prompt, **settings.pipeline_kwargs(), generator=generators(settings.seeds(1)),
                   record_attention=recorder)
-    paths = write_heatmap_outputs(result.attention, 0, result.images[0], out, words=words, size=args.size)
+    image = result.images[0]
+    meta = _image_metadata(args, settings, args.prompt, settings.seed, _used_scheduler(pipe, settings), image,
+                           args.size // max(image.size))
+    with staged_out(out) as stage:  # a failed write leaves no half-written --out
+        paths = write_heatmap_outputs(result.attention, 0, image, stage, words=words, size=args.size, metadata=meta)
     for path in paths.values():
-        print(path)
+        print(out / path.relative_to(stage))
 
 
 def cmd_effect(args) -> None:
@@ -89,8 +124,14 @@ def cmd_effect(args) -> None:
     out = new_out_folder(args.out, "effects", args.prompt, args.seed)
     pipe, settings = sampling_pipeline(args, progress=True)
     effects = word_effects(pipe, args.prompt, words, weight, settings, reweight_text=not args.cross_attention_only)
-    for path in write_effect_outputs(effects, out, size=args.size).values():
-        print(path)
+    meta = _image_metadata(args, settings, args.prompt, settings.seed, _used_scheduler(pipe, settings), effects.image,
+                           args.size // max(effects.image.size),
+                           batch=f"row 0 of {1 + len(effects.images)}, beside each word reweighted: sampled alone, "
+                                 "a pixel may differ by 1/255")
+    with staged_out(out) as stage:
+        paths = write_effect_outputs(effects, stage, size=args.size, metadata=meta)
+    for path in paths.values():
+        print(out / path.relative_to(stage))
 
 
 def cmd_serve(args) -> None:
@@ -137,6 +178,9 @@ def cmd_serve(args) -> None:
 
 def cmd_info(args) -> None:
     from .pipeline import load_pipeline, scheduler_name
+    if args.folder and args.model and args.folder != args.model:
+        raise ValueError(f"two pipeline folders given ({args.folder} and --model {args.model}): pass one")
+    args.model = args.model or args.folder
     pipe = load_pipeline(args.model)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     print(f"pipeline: {args.model or 'default (shipped)'}")
@@ -180,10 +224,10 @@ def cmd_train(args) -> int | None:
     except Interrupted as e:
         print(f"t2i train: {e}; continue with: {again}", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a second signal (StoppedAtOnce names it), or Ctrl-C before the loop
         print(f"t2i train: stopped at once; the last complete checkpoint is kept. Continue with: {again}",
               file=sys.stderr)
-        return 128 + signal.SIGINT
+        return 128 + getattr(e, "signum", signal.SIGINT)
     print(f"exported pipeline: {path}" if path else f"stopped at step {args.stop_at}; continue with --resume latest")
     return None
 
@@ -239,10 +283,12 @@ def cmd_evaluate(args) -> None:
     elif args.model and add_evaluation(args.model, report.format_table()):
         print(f"added the table to {Path(args.model) / 'README.md'}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(args.json).resolve().parent
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
         with open(args.json, "x") as f:
             f.write(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        print(f"wrote {Path(args.json).resolve()}" + (f" (created the folder {folder})" if created else ""))
 
 
 def _sampling_options(p: argparse.ArgumentParser, base: SamplingSettings = DEFAULTS, size: bool = True,
@@ -285,9 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the first image, from 0 to 2**64 - 1; image i uses "
                    "seed+i (default: 0)")
     g.add_argument("--num-images", type=int, default=1, help=f"images per prompt, at most {LIMITS.max_images}, sampled "
-                   f"{GENERATE_BATCH} at a time (default: 1)")
+                   "one at a time, so that each PNG's settings regenerate it bit for bit (default: 1)")
     g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG (default: 4)")
     g.add_argument("--heatmaps", action="store_true", help="also write per-word attention heatmaps")
+    g.add_argument("--word-weights", metavar="WORD=W,...", help="multiply each word's attention by its weight "
+                   "(prompt-to-prompt reweighting, conditional branch; 0 silences it), e.g. red=0,circle=2: what "
+                   "the explorer's weight slider does, recorded in the PNG")
     g.add_argument("--out", default="outputs", help="output folder; no file in it is replaced (default: outputs)")
     g.set_defaults(func=cmd_generate)
 
@@ -337,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="print a pipeline's config and parameter counts")
-    i.add_argument("model", nargs="?", help="pipeline folder (default: the shipped model)")
+    i.add_argument("folder", nargs="?", help="pipeline folder (default: the shipped model)")
+    i.add_argument("--model", help="the same, as every other command takes it")
     i.set_defaults(func=cmd_info)
 
     t = sub.add_parser("train", help="train on the shapes world or an image folder")
@@ -395,18 +445,46 @@ def _quiet_loading() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command in SAMPLING_COMMANDS:  # waiting OpenMP threads sleep, not spin; read once, when torch loads
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if args.command != "train":
-        _quiet_loading()
-        for module in ("diffusers", "transformers", "huggingface_hub"):  # their deprecations are not the user's
-            warnings.filterwarnings("ignore", module=module)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # section.key=value after an option (--resume latest train.max_steps=...)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    shown = warnings.formatwarning
+    warnings.formatwarning = _warning_format(args.command, shown)
     try:
+        if args.command in SAMPLING_COMMANDS:  # waiting OpenMP threads sleep, not spin; read once, when torch loads
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        with sigint_deferred():  # a Ctrl-C in torch's C++ start-up aborts the process; in the libraries' imports
+            import torch  # noqa: F401  (some catch everything), it would be lost
+            if args.command in (*SAMPLING_COMMANDS, "info"):
+                from . import pipeline  # noqa: F401
+        if args.command != "train":
+            _quiet_loading()
+            for module in ("diffusers", "transformers", "huggingface_hub"):  # their deprecations are not the user's
+                warnings.filterwarnings("ignore", module=module)
         return args.func(args) or 0
     except (ValueError, OSError) as e:  # bad input, a missing file, a full disk: one clear line, no traceback
         print(f"t2i {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while importing, loading or sampling (train says more itself)
+        print(f"t2i {args.command}: stopped (Ctrl-C); the files written so far are kept", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        warnings.formatwarning = shown
+
+
+def _warning_format(command: str, default):
+    """t2i's own warnings as one line in its words ("t2i train: warning: ..."), without the file, line and
+    source (contextlib.py:517 for a warning raised in a context manager); other libraries' as they are."""
+    package = str(Path(__file__).parent)
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and (filename.startswith(package) or filename.endswith("contextlib.py")):
+            return f"t2i {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+    return format_warning
 
 
 if __name__ == "__main__":

@@ -167,8 +167,9 @@ class RunConfig:
             (self.noise.bias_steps is None or self.noise.bias_steps >= 0,
              "noise.bias_steps must be >= 0 (or null: biased for the whole run)"),
             (self.noise.bias_ramp >= 0, "noise.bias_ramp must be >= 0"),
-            (math.isfinite(self.noise.snr_shift) and self.noise.snr_shift > 0,
-             "noise.snr_shift must be a finite number > 0 (1: the beta schedule as it is)"),
+            (0.1 <= self.noise.snr_shift <= 100,
+             "noise.snr_shift must be from 0.1 to 100 (1: the beta schedule as it is; at 0.01 the schedule no longer "
+             "ends in noise and sampling returns NaN or grey)"),
             (0 <= self.data.position_prob <= 1, "data.position_prob must be in [0, 1]"),
             (self.data.wording in ("templates", "grammar"), "data.wording must be 'templates' or 'grammar'"),
             (0 <= self.data.grammar_share <= 1, "data.grammar_share must be in [0, 1]"),

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .attention import AttentionRecorder, Heatmaps
 from .attention.effects import effect_map
-from .attention.overlay import effect_heat, grid_image, overlay, upscale
+from .attention.overlay import EFFECT_FLOOR, effect_heat, grid_image, overlay, upscale
 from .pipeline import check_pipeline_folder, load_pipeline, scheduler_name
 from .stable_diffusion import local_folder
 from .sampling import guide_metadata, parse_layout, png_metadata, slug
@@ -62,7 +62,7 @@ class Request:
 
     prompt: str
     negative: str = ""
-    seed: int = QUICK.seed
+    seed: int | str = QUICK.seed  # the page sends text: digits are read as the exact whole number they are
     steps: int = QUICK.steps
     guidance: float = QUICK.guidance
     scheduler: str = MODEL_DEFAULT
@@ -96,6 +96,7 @@ class Result:
     files: dict[str, Path]                   # 'png:<i>' (with its metadata) and 'heatmaps' downloads
     seconds: float
     weights: dict[str, float] = field(default_factory=dict)   # the page's current word weights
+    effect_scale: str = ""                   # what the last effect map's brightest means, with its size
 
     @property
     def words(self) -> list[str]:
@@ -167,6 +168,9 @@ class Explorer:
         for name, text in (("prompt", r.prompt), ("negative prompt", r.negative or "")):
             if len(text) > lim.max_prompt_chars:
                 raise ValueError(f"the {name} has {len(text)} characters; at most {lim.max_prompt_chars}")
+        if isinstance(r.seed, str):  # digits: the exact number, any size; anything else is refused by the check
+            text = r.seed.strip()
+            r = replace(r, seed=int(text) if re.fullmatch(r"[+-]?\d+", text) else _number_or_text(text))
         model = r.model or self.default_model
         pipe = self.pipeline(model)
         size = pipe.native_size if r.size is None else r.size
@@ -228,8 +232,11 @@ class Explorer:
         path.parent.mkdir(parents=True, exist_ok=True)       # kept_results may have pruned the folder
         image.save(path, pnginfo=png_metadata(prompt=r.prompt, negative_prompt=r.negative, seed=r.seed + i,
                                               steps=r.steps, guidance=r.guidance, scheduler=result.scheduler,
-                                              model=self.models[r.model] or "default", word_weights=weights))
-        result.files[f"reweighted:{i}"] = path
+                                              height=image.height, width=image.width, upscale=1, precision="fp32",
+                                              model=self.models[r.model] or "default", word_weights=weights,
+                                              **guide_metadata(r.sampling)))
+        result.files[f"reweighted:{i}:{slug(said)}"] = path  # every reweighting stays among the downloads,
+        result.files[f"reweighted:{i}"] = path                # and this key names the latest
 
     # -- 3. drawing from a result ----------------------------------------------------------------
     def image(self, result: Result, index: int = 0) -> Image.Image:
@@ -296,7 +303,18 @@ class Explorer:
                                record_attention=True).images[0]   # recorded as the original was: same arithmetic
             self._write_reweighted(result, changed, i, weights)
         effect = effect_map(result.images[i], changed)
+        peak, mean = float(effect.max()), float(effect.mean())
+        result.effect_scale = (f"brightest = a change of {max(peak, EFFECT_FLOOR):.0%} of full; largest {peak:.0%}, "
+                               f"mean {mean:.1%}")
         return upscale(changed, DISPLAY), overlay(result.images[i], effect_heat(effect), size=DISPLAY), weights
+
+
+def _number_or_text(text: str):
+    """'1.5' -> 1.5 (refused as not whole, in the seed's words); 'abc' -> 'abc' (refused as it was typed)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _index(result: Result, index: int) -> int:

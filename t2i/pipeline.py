@@ -23,13 +23,13 @@ from PIL import Image
 from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .checkpoint import safetensors_damage
+from .checkpoint import safetensors_damage, weights_mismatch
 from .conditioning import CLIPText, SDXLText, T2IText, UNetConditioning, cat_encodings, unet_prediction
 from .diffusion import alpha_bar_at, predict_x0
 from .image_space import PixelSpace, image_space, native_size, size_multiple
 from .layout import BatchLayout
 from .stable_diffusion import check_folder, is_diffusers_folder, load_components, local_folder, quiet_third_party
-from .settings import DEFAULTS, SCHEDULERS, GuideSettings, max_inference_steps
+from .settings import DEFAULTS, SCHEDULERS, GuideSettings, max_inference_steps, min_inference_steps
 from .text import PromptEncoding, PromptTruncated, token_strings, tokenize
 from .unet import T2IUNet  # noqa: F401  (diffusers loads saved "t2i.unet" components only once imported)
 
@@ -171,10 +171,11 @@ class T2IPipeline(DiffusionPipeline):
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
         scheduler = scheduler or self.scheduler
-        most = max_inference_steps(scheduler)
-        if not 1 <= num_inference_steps <= most:
-            raise ValueError(f"num_inference_steps must be between 1 and {most} for {type(scheduler).__name__} "
-                             f"(fewer than its training timesteps), got {num_inference_steps}")
+        least, most = min_inference_steps(scheduler), max_inference_steps(scheduler)
+        if not least <= num_inference_steps <= most:
+            raise ValueError(f"num_inference_steps must be between {least} and {most} for {type(scheduler).__name__} "
+                             f"(fewer give a flat grey or noisy image; more than its training timesteps fail), got "
+                             f"{num_inference_steps}")
         if guidance_scale > 1.0 and self.config.caption_dropout == 0:
             warnings.warn("this model was trained without caption dropout, so it has no unconditional "
                           "prediction to guide against; use guidance_scale=1.0", stacklevel=3)
@@ -351,6 +352,9 @@ class T2IPipeline(DiffusionPipeline):
         # 2. encode the prompt, repeated for each image: rows as BatchLayout says, [uncond x B*n, cond x B*n]
         enc = self.encode_prompt(prompt, negative_prompt, guided, prompt_embeds, negative_prompt_embeds,
                                  prompt_attention_mask, negative_prompt_attention_mask, clip_skip)
+        if not torch.isfinite(enc.hidden_states).all():
+            raise ValueError("the text encoder returned NaN or inf for these prompts: its weights are damaged; copy "
+                             "the pipeline folder again, or export it again from its run")
         n = num_images_per_prompt
         B = len(prompt) * n
         if word_weights and reweight_text and prompt_embeds is None:  # the words out of the text path's mixing too
@@ -402,11 +406,17 @@ class T2IPipeline(DiffusionPipeline):
                                                   cond.states)
                     cond = cond.with_states(states)
 
-        # 5. decode: to images in [0, 1]
+        # 5. decode: to images in [0, 1]; NaN would pass for black
+        broken = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten().tolist()
+        if broken:
+            raise ValueError(f"sampling returned NaN or inf for image{'s' * (len(broken) > 1)} "
+                             f"{', '.join(map(str, broken))} of {B}: lower the guidance scale or take another "
+                             "scheduler; if it persists, the UNet's weights are damaged")
         images = space.decode(x)
         if output_type != "pt":
             images = images.permute(0, 2, 3, 1).cpu().numpy()
             if output_type == "pil":
+                images = images[..., 0] if images.shape[-1] == 1 else images  # one channel: grayscale ("L")
                 images = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
         attention = recorder.heatmaps() if recorder is not None else None
         x0_previews = torch.stack(x0_previews) if x0_previews else None
@@ -452,6 +462,10 @@ def check_unet(unet, sdxl: bool = False) -> None:
                          "t2i.load_pipeline(folder)): use a UNet without it")
     if sdxl and config.get("addition_embed_type") != "text_time":
         raise ValueError("an SDXL pipeline needs a UNet with addition_embed_type='text_time'")
+    channels_in, channels_out = config.get("in_channels"), config.get("out_channels")
+    if channels_in != channels_out:
+        raise ValueError(f"the UNet predicts {channels_out} channel{'s' * (channels_out != 1)} for an input of "
+                         f"{channels_in}: a denoiser predicts as many channels as it takes (out_channels=in_channels)")
 
 
 def check_pipeline_folder(path: str) -> None:
@@ -462,8 +476,15 @@ def check_pipeline_folder(path: str) -> None:
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
         raise ValueError(f"{path!r} has no model_index.json: pass a folder written by T2IPipeline.save_pretrained")
-    with open(index) as f:
-        listed = json.load(f)
+    try:
+        with open(index) as f:
+            listed = json.load(f)
+    except ValueError as e:  # not JSON, or not text
+        raise ValueError(f"{index} is not valid JSON ({str(e).splitlines()[0]}): copy the pipeline folder again, or "
+                         "export it again from its run") from None
+    if not isinstance(listed, dict):
+        raise ValueError(f"{index} holds no components (a JSON object naming them is expected): copy the pipeline "
+                         "folder again, or export it again from its run")
     if is_diffusers_folder(listed):  # Stable Diffusion in diffusers' layout, or a folder t2i says it cannot open
         check_folder(path, listed)
         return
@@ -480,6 +501,9 @@ def check_pipeline_folder(path: str) -> None:
             if problem:
                 raise ValueError(f"{os.path.join(path, c, weights)} {problem}: copy the pipeline folder again, or "
                                  "export it again from its run")
+        mismatch = weights_mismatch(Path(path, c), *(listed.get(c) or [None, None]))
+        if mismatch:
+            raise ValueError(mismatch)
 
 
 def _first_line(e: Exception) -> str:

@@ -3,12 +3,18 @@ files they write (names from prompts, never replacing a file, PNGs that carry th
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import itertools
 import json
 import os
 import re
+import shutil
+import signal
+import tempfile
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +23,8 @@ from .settings import DEFAULTS, SamplingLimits, SamplingSettings
 
 BOUNDS = {"upscale": (1, 16), "size": (32, 2048)}  # the drawings' options: (least, most)
 OPTIONS = {"steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler", "negative": "--negative",
-           "height": "--height", "width": "--width", "num_images": "--num-images", "seed": "--seed"}  # setting: option
+           "height": "--height", "width": "--width", "num_images": "--num-images", "seed": "--seed",
+           "layout": "--layout"}  # setting: option
 LIMITS = SamplingLimits(max_images=1000)  # the command line may ask for whatever the model can do, in batches
 
 
@@ -28,8 +35,11 @@ def sampling_settings(args, base: SamplingSettings = DEFAULTS) -> SamplingSettin
     given = {name: getattr(args, flag[2:].replace("-", "_"), None) for name, flag in OPTIONS.items()}
     from_prompt = getattr(args, "guide", False) or None
     given["layout"] = parse_layout(args.layout) if getattr(args, "layout", None) else from_prompt
-    words = [w.strip() for w in (getattr(args, "excite", None) or "").split(",") if w.strip()]
-    given["excite"] = True if words == ["all"] else tuple(words) or None
+    excite = getattr(args, "excite", None)
+    words = [w.strip() for w in (excite or "").split(",") if w.strip()]
+    if excite is not None and not words:
+        raise ValueError("--excite needs words of the prompt, e.g. --excite red,circle, or all")
+    given["excite"] = True if [w.lower() for w in words] == ["all"] else tuple(words) or None
     return replace(base, **{name: value for name, value in given.items() if value is not None})
 
 
@@ -116,7 +126,8 @@ def sampling_pipeline(args, progress: bool = False, base: SamplingSettings = DEF
     from .pipeline import load_pipeline
     check_options(args, base)
     device = sampling_device(args.device)
-    pipe = load_pipeline(args.model, device)
+    with sigint_deferred():  # a Ctrl-C while loading stops the command right after, not inside the libraries
+        pipe = load_pipeline(args.model, device)
     pipe.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(args, "precision", "fp32"))
     settings = sampling_settings(args, base).check(LIMITS, pipe, names=OPTIONS)
     if device.type == "cpu":
@@ -124,6 +135,24 @@ def sampling_pipeline(args, progress: bool = False, base: SamplingSettings = DEF
     if progress:
         pipe.set_progress_bar_config(desc="sampling", unit="step", leave=False)
     return pipe, settings
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """SIGINT (Ctrl-C) held back until the block ends, then raised as KeyboardInterrupt: in torch's C++ start-up
+    it would abort the process, and some libraries' imports and loaders catch every exception. Main thread only."""
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread: signals go elsewhere
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -141,14 +170,52 @@ def new_name(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Iterator[str
 
 
 def save_new_png(image, folder: Path, stem: str, **save_kw) -> Path:
-    """Save as folder/stem.png, or stem-v2.png, ... never replacing a file (an exclusive create)."""
-    for name in new_name(folder, stem, (".png", "-heatmaps")):
+    """Save as folder/stem.png, or stem-v2.png, ... never replacing a file, atomically: the PNG goes to a
+    temporary file beside it, fsynced, that is linked to its name only when complete (an exclusive create), so
+    a full disk or a kill leaves no empty or half-written PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save_kw)
+    tmp = folder / f".{stem}.{os.getpid()}.png.tmp"
+    try:
+        _write_synced(tmp, buffer.getvalue())
+        for name in new_name(folder, stem, (".png", "-heatmaps")):
+            try:
+                os.link(tmp, folder / f"{name}.png")
+                return folder / f"{name}.png"
+            except FileExistsError:  # another run took the name since it was checked
+                continue
+    except OSError as e:
+        raise OSError(f"{e.strerror or e} while writing {folder / stem}.png; nothing of it was kept") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_out(out: Path) -> Iterator[Path]:
+    """Write the new folder `out` atomically: into a temporary folder beside it that is renamed into place when
+    complete (over a missing or empty `out` only). On any failure nothing of it is left."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # on out's disk
+    try:
+        yield stage
         try:
-            with open(folder / f"{name}.png", "xb") as f:
-                image.save(f, format="PNG", **save_kw)
-            return folder / f"{name}.png"
-        except FileExistsError:  # another run took the name since it was checked
-            continue
+            os.rename(stage, out)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise ValueError(f"{out} was filled by another run meanwhile; its files stay, these were not "
+                                 "written") from None
+            raise
+    except OSError as e:
+        raise OSError(f"{e.strerror or e} while writing {out}/; nothing of it was kept") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def png_metadata(**fields):

@@ -19,15 +19,21 @@ except ImportError as e:  # an optional extra
 from .explorer import ALL, MODEL_DEFAULT, Explorer, Request
 from .settings import SCHEDULERS
 
-CSS = """
+CSS = """  /* the chips' radio inputs stay focusable (Tab, arrow keys), only unseen */
 .pixelated img { image-rendering: pixelated; }
-#words input[type=radio] { display: none; }
-#words label { border-radius: 999px; padding: 4px 14px; cursor: pointer; }
+#words input[type=radio] { position: absolute; opacity: 0; width: 1px; height: 1px; margin: 0; }
+#words label { border-radius: 999px; padding: 4px 14px; cursor: pointer; position: relative; }
+#words label:focus-within { outline: 2px solid var(--color-accent); outline-offset: 2px; }
+#message { min-height: 3.5em; }  /* room for the progress bar and the queue position before any message */
+#files .label-clear-button { display: none; }
+#files .stem { white-space: normal; word-break: break-all; overflow: visible; text-overflow: clip; }
 #words label.selected { background: var(--color-accent); color: white; }
 """
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 FAILED = "**Something went wrong on the server** (the details are in its log)."
-GUIDANCE_SLIDER_MAX = 10  # the page's slider stops here; the API takes guidance up to the server's limit
+OWN_SCALE = "its own scale: brightest = its most"  # each attention map is stretched to its own peak
+SHOW_MESSAGE = "() => document.querySelector('#message').scrollIntoView({block: 'nearest'})"
+VIEW_BUTTONS = ["fullscreen"]  # no Share (Spaces only), no Download (a 256 px webp, no metadata: the PNGs are below)
 
 
 def _page_errors(message_box):
@@ -68,6 +74,11 @@ def _lenient_slider() -> type:
 Slider = _lenient_slider()
 
 
+def _downloads(result) -> list[str]:
+    """The result's files, each once (the latest reweighted PNG has two keys)."""
+    return list(dict.fromkeys(str(p) for p in result.files.values()))
+
+
 def _image(i: str | None) -> int:
     return int(i or 1) - 1                                   # the image chooser counts from 1
 
@@ -87,15 +98,20 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 prompt = gr.Textbox(label="prompt", value="a red circle above a blue square", elem_id="prompt")
                 negative = gr.Textbox(label="negative prompt", elem_id="negative")
                 with gr.Row():
-                    # no minimum: the explorer checks the seed, in its own words
-                    seed = gr.Number(label="seed", value=first.seed, precision=0, elem_id="seed")
+                    # text, not a number box: a page's numbers are floats, exact only up to 2**53 (seeds go to
+                    # 2**64 - 1); the explorer reads and checks it, in its own words
+                    seed = gr.Textbox(label="seed", value=str(first.seed), max_lines=1, elem_id="seed")
                     size = gr.Number(label=f"size (px, a multiple of {pipe.size_multiple})", value=pipe.native_size,
                                      precision=0, step=pipe.size_multiple, elem_id="size")
-                steps = Slider(1, lim.max_steps, value=min(first.steps, lim.max_steps), step=1, label="steps",
-                               elem_id="steps")
-                guidance = Slider(least_guidance, min(GUIDANCE_SLIDER_MAX, most_guidance), value=first.guidance,
-                                  step=0.5, label="guidance", elem_id="guidance")
-                count = Slider(1, lim.max_images, value=first.num_images, step=1, label="images", elem_id="count")
+                # number boxes with no bounds of their own: a slider clamped a typed 0 or 100000 in silence; the
+                # explorer refuses what is out of range, in its own words
+                with gr.Row():
+                    steps = gr.Number(value=min(first.steps, lim.max_steps), label=f"steps (up to {lim.max_steps})",
+                                      elem_id="steps")
+                    guidance = gr.Number(value=first.guidance, step=0.5, elem_id="guidance",
+                                         label=f"guidance ({least_guidance:g} to {most_guidance:g})")
+                    count = gr.Number(value=first.num_images, label=f"images (up to {lim.max_images})",
+                                      elem_id="count")
                 with gr.Accordion("attention guidance (slower)", open=False, elem_id="guidance-panel"):
                     with gr.Row():
                         place = gr.Checkbox(label="place objects where the prompt says", elem_id="place")
@@ -113,27 +129,28 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                                 interactive=False, elem_id="files")
             with gr.Column(scale=3):
                 with gr.Row():
-                    image = gr.Image(label="image", type="pil", interactive=False, elem_id="image",
-                                     elem_classes="pixelated")
-                    attention = gr.Image(label="attention", type="pil", interactive=False, elem_id="overlay",
-                                         elem_classes="pixelated")
-                    effect = gr.Image(label="effect", type="pil", interactive=False, elem_id="effect",
-                                      elem_classes="pixelated")
-                    reweighted = gr.Image(label="reweighted", type="pil", interactive=False, elem_id="reweighted",
-                                          elem_classes="pixelated")
+                    image = gr.Image(label="image", type="pil", interactive=False, buttons=VIEW_BUTTONS,
+                                     elem_id="image", elem_classes="pixelated")
+                    attention = gr.Image(label="attention", type="pil", interactive=False, buttons=VIEW_BUTTONS,
+                                         elem_id="overlay", elem_classes="pixelated")
+                    effect = gr.Image(label="effect", type="pil", interactive=False, buttons=VIEW_BUTTONS,
+                                      elem_id="effect", elem_classes="pixelated")
+                    reweighted = gr.Image(label="reweighted", type="pil", interactive=False, buttons=VIEW_BUTTONS,
+                                          elem_id="reweighted", elem_classes="pixelated")
                 words = gr.Radio([], label="words: click one", elem_id="words")
-                weight = Slider(*lim.sampling.word_weight, value=1, step=0.1,
-                                label="weight of the word (regenerates, same seed)", elem_id="weight")
+                low, high = lim.sampling.word_weight  # a number box: typing and the arrow keys regenerate too,
+                weight = gr.Number(value=1, step=0.1, elem_id="weight",  # and a typed 5 is said, not clamped
+                                   label=f"weight of the word, {low:g} to {high:g} (regenerates, same seed)")
                 with gr.Row():
                     resolution = gr.Radio([ALL], value=ALL, label="maps from the layers at", elem_id="resolution")
                     which = gr.Radio(["1"], value="1", label="image", elem_id="which")
                 step = Slider(1, 2, value=1, step=1, label="step", elem_id="step")
                 with gr.Row():
                     x0 = gr.Image(label="x0: the predicted clean image at this step", type="pil", interactive=False,
-                                  elem_id="x0", elem_classes="pixelated")
+                                  buttons=VIEW_BUTTONS, elem_id="x0", elem_classes="pixelated")
                     step_map = gr.Image(label="the word's map at this step", type="pil", interactive=False,
-                                        elem_id="stepmap", elem_classes="pixelated")
-                grid = gr.Image(label="all words", type="pil", interactive=False, elem_id="grid",
+                                        buttons=VIEW_BUTTONS, elem_id="stepmap", elem_classes="pixelated")
+                grid = gr.Image(label="all words", type="pil", interactive=False, buttons=VIEW_BUTTONS, elem_id="grid",
                                 elem_classes="pixelated")
 
         views = [image, attention, grid, x0, step_map]
@@ -145,15 +162,17 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 raise ValueError(f"the step must be a whole number from 1 to {n}, got {at + 1}")
             shown_x0, shown_map = explorer.step_view(result, at, word, index, res)
             return {x0: gr.Image(shown_x0, label=f"x0: the predicted clean image at step {at + 1}/{n}"),
-                    step_map: gr.Image(shown_map, label=f"{word} at step {at + 1}/{n}" if word else "map at this step")}
+                    step_map: gr.Image(shown_map, label=f"{word} at step {at + 1}/{n} ({OWN_SCALE})" if word
+                                       else "map at this step")}
 
         def draw(result, word, index, res, at):
             """Every view of one image, word, resolution and step (0-based)."""
             return {image: explorer.image(result, index),
                     attention: gr.Image(explorer.word_overlay(result, word, index, res) if word else None,
-                                        label=f"attention: {word} (its own scale: brightest = its most)" if word
-                                        else "attention"),
-                    grid: explorer.grid(result, index, res), **draw_step(result, word, index, res, at)}
+                                        label=f"attention: {word} ({OWN_SCALE})" if word else "attention"),
+                    grid: gr.Image(explorer.grid(result, index, res),
+                                   label="all words (each map on its own scale: brightest = that word's most)"),
+                    **draw_step(result, word, index, res, at)}
 
         @_page_errors(message)
         def on_generate(prompt_, negative_, seed_, steps_, guidance_, scheduler_, model_, size_, count_, place_,
@@ -163,7 +182,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             result = explorer.generate(request, progress=lambda i, n: progress((i, n), desc="sampling"))
             word = result.first_word
             n = result.request.steps
-            files_ = [str(p) for p in result.files.values()]
+            files_ = _downloads(result)
             return {state: result, **draw(result, word, 0, ALL, n - 1),
                     words: gr.Radio(choices=result.words, value=word),
                     resolution: gr.Radio(choices=result.filters, value=ALL),
@@ -197,24 +216,26 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             changed, shown, used = explorer.reweight(result, word, value, _image(index))
             said = ", ".join(f"{w} x {v:g}" for w, v in used.items()) or "every word at 1"
             return {reweighted: gr.Image(changed, label=f"reweighted: {said}"),
-                    effect: gr.Image(shown, label=f"effect of {said}"), message: f"regenerated with {said}",
-                    files: [str(p) for p in result.files.values()]}               # the reweighted PNG among them
+                    effect: gr.Image(shown, label=f"effect of {said} ({result.effect_scale})"),
+                    message: f"regenerated with {said}",
+                    files: _downloads(result)}                                    # the reweighted PNGs among them
 
         inputs = [prompt, negative, seed, steps, guidance, scheduler, model, size, count, place, excite, boxes]
         everything = [state, *views, words, resolution, which, step, weight, effect, reweighted, files, message]
         # one progress display, in the message; the earlier result stays in view until the new one replaces it
-        generate.click(on_generate, inputs, everything, api_name="generate", concurrency_id="sampling",
-                       show_progress_on=message)
-        prompt.submit(on_generate, inputs, everything, api_name=False, concurrency_id="sampling",
-                      show_progress_on=message)
+        for submitted in (generate.click(on_generate, inputs, everything, api_name="generate",
+                                         concurrency_id="sampling", show_progress_on=message),
+                          prompt.submit(on_generate, inputs, everything, api_name=False, concurrency_id="sampling",
+                                        show_progress_on=message)):
+            submitted.then(None, js=SHOW_MESSAGE)  # an error below the window's edge looked like a dead button
         view_in, view_out = [state, words, which, resolution, step], [*views, weight, message]
         for chooser in (words, which, resolution):
             chooser.input(on_view, view_in, view_out, api_name=False, concurrency_limit=4)
         for moved in (step.input, step.release):  # a drag's last position always draws, after the ones before it
             moved(on_step, view_in, [x0, step_map, message], api_name=False, trigger_mode="always_last",
                   concurrency_limit=1, concurrency_id="step")
-        weight.release(on_weight, [state, words, which, weight], [reweighted, effect, files, message],
-                       api_name="reweight", concurrency_id="sampling")
+        weight.input(on_weight, [state, words, which, weight], [reweighted, effect, files, message],
+                     api_name="reweight", concurrency_id="sampling", trigger_mode="always_last")
     app.queue(max_size=lim.max_queue, default_concurrency_limit=lim.concurrency)
     return app
 

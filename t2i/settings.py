@@ -25,7 +25,12 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),   # Stable Diffusion 1.x's own (PLMS)
 }
+# the fewest steps that give an image, not a flat grey (euler, heun at 1) or noise (ddpm at 1, ddim at 1-2, heun
+# at 2-3); measured on the shipped model (docs/results.md, reliability round 3). Schedulers not named here: 1.
+MIN_STEPS = {"DDPMScheduler": 2, "DDIMScheduler": 3, "EulerDiscreteScheduler": 2,
+             "EulerAncestralDiscreteScheduler": 2, "HeunDiscreteScheduler": 4}
 SEEDS = 2**64  # a torch generator's seed is from 0 to 2**64 - 1
+MAX_GUIDANCE = 100.0  # |guidance scale|: far past any use (3 to 15), short of overflowing to NaN (1e308 did)
 MAX_SIZE_FACTOR = 8  # height and width: at most 8x the model's sample size (pixel space: memory grows with the area)
 
 
@@ -37,7 +42,7 @@ class SamplingLimits:
     max_steps: int | None = None
     max_images: int | None = None                               # images per prompt
     max_side: int | None = None                                 # px, height and width
-    guidance: tuple[float, float] = (-math.inf, math.inf)       # any finite scale; 1: no guidance
+    guidance: tuple[float, float] = (-MAX_GUIDANCE, MAX_GUIDANCE)  # 1: no guidance
     word_weight: tuple[float, float] = (0.0, math.inf)          # 0 silences a word
 
 
@@ -83,6 +88,18 @@ def check_box(word: str, box) -> Box:
     return x0, y0, x1, y1
 
 
+def one_box_each(pairs, name: str = "layout") -> list:
+    """(word, box) pairs as a list, or a ValueError when a word has two boxes (the last would win in silence)."""
+    pairs, seen = list(pairs), set()
+    for pair in pairs:
+        word = pair[0] if isinstance(pair, (tuple, list)) and pair else pair
+        if word in seen:
+            raise ValueError(f"{name} gives {word!r} two boxes; give each word one (the second {word} of a prompt "
+                             f"is {word}#2)")
+        seen.add(word)
+    return pairs
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """One sampling run's settings. Image i of a run is drawn from seed + i (the seed policy of every
@@ -108,11 +125,16 @@ class SamplingSettings:
         the run draws from seed, seed + 1, ... (default: num_images), each a torch generator's seed."""
         name = {f.name: f.name for f in fields(self)} | (names or {})
         # 1. the counts: steps (within the limit and the model's scheduler), images, seed
-        most_steps = limits.max_steps
+        most_steps, sampler = limits.max_steps, self.scheduler
         if pipe is not None:
             model_most = max_inference_steps(pipe.scheduler)
             most_steps = model_most if most_steps is None else min(most_steps, model_most)
-        steps = _whole(name["steps"], self.steps, 1, most_steps)
+            sampler = sampler or pipe.scheduler
+        least = 1 if sampler is None else min_inference_steps(sampler)
+        too_few = least > 1 and is_whole(self.steps) and self.steps < least
+        steps = _whole(name["steps"], self.steps, least, most_steps,
+                       f" for the {_short_name(sampler)} scheduler (fewer give a flat grey or noisy image)" if too_few
+                       else "")
         num_images = _whole(name["num_images"], self.num_images, 1, limits.max_images)
         images = num_images if images is None else images
         seed = _whole(name["seed"], self.seed, 0, SEEDS - images,
@@ -120,8 +142,8 @@ class SamplingSettings:
         # 2. guidance and the scheduler's name
         low, high = limits.guidance
         if not _number(self.guidance) or not low <= self.guidance <= high:
-            span = ("a finite number" if math.isinf(low) and math.isinf(high)
-                    else f"a number from {low:g} (none) to {high:g}")
+            span = (f"a number from {low:g} (none) to {high:g}" if low == 1
+                    else f"a finite number from {low:g} to {high:g} (1: none; beyond, the images overflow to NaN)")
             raise ValueError(f"{name['guidance']} must be {span}, got {self.guidance}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -129,10 +151,14 @@ class SamplingSettings:
         sides = {side: None if getattr(self, side) is None else _side(name[side], getattr(self, side), limits, pipe)
                  for side in ("height", "width")}
         # 4. attention guidance: the boxes and the strengths (the words are checked against the prompt)
+        pairs = self.layout.items() if isinstance(self.layout, dict) else self.layout  # {word: box} or pairs
         layout = self.layout if isinstance(self.layout, bool) else tuple(
-            (word, check_box(word, box)) for word, box in self.layout)
+            (word, check_box(word, box)) for word, box in one_box_each(pairs, name["layout"]))
+        excite = self.excite
+        if isinstance(excite, str):  # "red, circle": the words, not the letters
+            excite = tuple(w.strip() for w in excite.split(",") if w.strip())
         return replace(self, steps=steps, num_images=num_images, seed=seed, guidance=float(self.guidance), **sides,
-                       layout=layout, guide=self.guide.check())
+                       layout=layout, excite=excite, guide=self.guide.check())
 
     def seeds(self, count: int, first: int = 0) -> list[int]:
         """The seeds of images first .. first + count - 1: image i's is seed + i."""
@@ -174,6 +200,21 @@ def max_inference_steps(scheduler) -> int:
     return scheduler.config.num_train_timesteps - 1
 
 
+def min_inference_steps(scheduler) -> int:
+    """The fewest sampling steps that give an image with `scheduler` (a SCHEDULERS name, or an instance)."""
+    cls = SCHEDULERS[scheduler][0] if isinstance(scheduler, str) and scheduler in SCHEDULERS else (
+        scheduler if isinstance(scheduler, str) else type(scheduler).__name__)
+    return MIN_STEPS.get(cls, 1)
+
+
+def _short_name(scheduler) -> str:
+    """A scheduler's SCHEDULERS name (for messages), else its class name."""
+    if isinstance(scheduler, str):
+        return scheduler
+    cls = type(scheduler).__name__
+    return next((name for name, (c, extra) in SCHEDULERS.items() if c == cls and not extra), cls)
+
+
 def downsample_factor(unet) -> int:
     """How many times the UNet halves height and width: both must be multiples of it."""
     if hasattr(unet, "downsample_factor"):
@@ -206,8 +247,11 @@ def _number(x) -> bool:
 
 
 def is_whole(x) -> bool:
-    """A finite int or float with no fraction (a page's number inputs send floats), not a bool."""
-    return _number(x) and float(x) == int(x)
+    """An int, or a finite float with no fraction (a page's number inputs send floats), not a bool. An int is
+    never made a float: above 2**53 that would change it (seeds go to 2**64 - 1)."""
+    if isinstance(x, int):
+        return not isinstance(x, bool)
+    return _number(x) and float(x).is_integer()
 
 
 def _whole(name: str, value, least: int, most: int | None, why: str = "") -> int:

@@ -96,7 +96,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
 
     # 2. resume: weights, EMA, optimiser, LR schedule, step, RNG and data position
     if resume:
-        state.load(ckpt.resolve_resume(out, resume, accelerator.is_main_process), rank, cfg)
+        state.load(ckpt.resolve_resume(out, resume, accelerator.is_main_process), rank, cfg, world)
         if stop_at is not None and stop_at <= state.step < tc.max_steps:
             raise ValueError(f"--stop-at {stop_at} is not after the checkpoint's step {state.step}: give a later step")
     if cfg.text.trainable:

@@ -38,10 +38,10 @@ def tiny_diffusers_unet(**overrides):
     """A randomly initialised diffusers UNet2DConditionModel that fits tiny_pipeline's text states."""
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8, **overrides)
+    return UNet2DConditionModel(**{
+        **dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8), **overrides})
 
 
 def tiny_config(run_dir, *extra):

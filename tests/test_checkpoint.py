@@ -214,3 +214,84 @@ def test_ctrl_c_saves_a_checkpoint_at_the_end_of_the_step(tmp_path, monkeypatch)
         train(tiny_config(tmp_path, "train.max_steps=10", "train.checkpoint_every=10"))
     assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["checkpoint-0000002"]
     assert signal.getsignal(signal.SIGINT) is handler                  # the handler is put back
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ({"optimizer": {}}, "the optimizer's param_groups and scalars"),
+    ({"lr_schedule": {}}, "lr_schedule's last_epoch None is not its step 2"),
+    ({"files": []}, "lists no unet.safetensors"),
+    ({"world_size": 2}, "lists no rng-1.safetensors"),
+    ({"world_size": 0}, "world_size 0 is not a number of processes"),
+    ({"samples": -5}, "samples -5 is not a count of samples"),
+    ({"step": -1}, "step -1 is not checkpoint-0000002's"),
+    ({"step": 10**30}, f"step {10**30} is not checkpoint-0000002's"),
+    ({"step": True}, "lacks step"),
+])
+def test_a_state_json_is_checked_whole_not_just_its_types(tmp_path, edit, problem):
+    """Every entry of state.json is checked against the others and the folder's name: a bad one makes the
+    checkpoint damaged (named, skipped by --resume latest), never a KeyError or a silent resume."""
+    cfg = tiny_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "train.report_to=none")
+    train(cfg, stop_at=2)
+    path = tmp_path / "checkpoint-0000002"
+    assert ckpt.damage(path) is None
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({**state, **edit}))
+    assert problem in ckpt.damage(path)
+    with pytest.raises(ValueError, match=rf"checkpoint-0000002 is damaged \(state.json.*{problem}"):
+        train(cfg, resume=str(path))
+    with pytest.raises(ValueError, match=r"every checkpoint in .* is damaged \(checkpoint-0000002: state.json"):
+        train(cfg, resume="latest")
+
+
+def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(tmp_path):
+    """A whole, consistent checkpoint of world_size 2 (with both processes' RNG) resumed by one process is refused,
+    naming both counts, instead of resuming with the other process's share of the data and noise lost."""
+    import shutil
+    cfg = tiny_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "train.report_to=none")
+    train(cfg, stop_at=2)
+    path = tmp_path / "checkpoint-0000002"
+    shutil.copy(path / "rng-0.safetensors", path / "rng-1.safetensors")
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({**state, "world_size": 2, "files": [*state["files"],
+                                                                                     "rng-1.safetensors"]}))
+    assert ckpt.damage(path) is None
+    with pytest.raises(ValueError, match="^checkpoint-0000002 was saved by 2 processes and this run has 1: resume "
+                                         "with 2"):
+        train(cfg, resume="latest")
+
+
+def test_cosmetics_of_damaged_runs_and_files(tmp_path, capsys):
+    """Issue 25: every checkpoint damaged points at --overwrite from both sides (not 'start fresh' one way and
+    'resume' the other); state.json null is 'null', not 'a NoneType'; random bytes are no safetensors file, not
+    'cut short'; a double SIGTERM exits 143, not 130; overrides may follow --resume latest."""
+    from t2i.cli import main
+    cfg = tiny_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "train.report_to=none")
+    train(cfg, stop_at=2)
+    path = tmp_path / "checkpoint-0000002"
+    (path / "unet.safetensors").write_bytes(os.urandom(4000))
+    assert ckpt.damage(path) == "unet.safetensors is not a safetensors file (its header is no JSON)"
+    for resume in ("latest", "latest", None):
+        with pytest.raises(ValueError, match=r"every checkpoint .*is damaged .*start over with --overwrite \(deletes "
+                                             r"them\), or train into another train.output_dir"):
+            train(cfg, resume=resume)
+    (tmp_path / "checkpoint-0000002.damaged" / "state.json").write_text("null")
+    assert ckpt.damage(tmp_path / "checkpoint-0000002.damaged") == "state.json holds null, not a checkpoint's state"
+    stop = ckpt.StopOnSignal()
+    stop._handle(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        stop._handle(signal.SIGTERM, None)
+    assert getattr(stopped.value, "signum", None) == signal.SIGTERM
+    import t2i.train
+
+    def second_sigterm(*a, **kw):
+        raise stopped.value
+    real, t2i.train.train = t2i.train.train, second_sigterm
+    try:
+        assert main(["train", *TINY_RUN, f"train.output_dir={tmp_path / 'other'}"]) == 128 + signal.SIGTERM
+    finally:
+        t2i.train.train = real
+    capsys.readouterr()
+    args = ["train", *TINY_RUN, "--dry-run", "--resume", "latest", "train.max_steps=7", "train.lr=2e-4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "lr: 0.0002" in out

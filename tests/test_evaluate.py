@@ -73,11 +73,12 @@ def test_cli_evaluate_prints_table_and_writes_json(tmp_path, capsys):
     from t2i.config import load_config
     shapes_pipeline().save_pretrained(tmp_path / "model")
     write_model_card(tmp_path / "model", load_config())
-    out = tmp_path / "report.json"
+    out = tmp_path / "new" / "report.json"  # a missing folder is created, and said
     args = ["evaluate", "--model", str(tmp_path / "model"), "--num-prompts", "2", "--images-per-prompt", "1",
             "--steps", "2", "--calibration-prompts", "1", "--device", "cpu", "--json", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
+    assert f"wrote {out} (created the folder {out.parent})" in printed
     assert "## GenEval-style summary" in printed and "## Prompt fidelity" in printed and "## Heatmap localisation" in printed and "58.8" in printed
     report = json.loads(out.read_text())
     assert set(report["fidelity"]) == {"seen", "held-out", "paraphrase", "unseen-wording"}   # no train_config: assumed hold-out

@@ -46,7 +46,7 @@ def test_downloads_are_the_png_with_its_metadata_and_the_heatmaps(explorer, resu
     assert png.text["prompt"] == "a red circle" and png.text["seed"] == "6" and png.text["steps"] == "3"
     assert png.text["scheduler"] == "ddpm" and png.text["model"] == explorer.default_model
     assert Heatmaps.load(result.files["heatmaps"]).maps.shape == result.heatmaps[ALL].maps.shape
-    folders = [explorer.generate(Request("a red circle", steps=1)).files["heatmaps"].parent for _ in range(3)]
+    folders = [explorer.generate(Request("a red circle", steps=2)).files["heatmaps"].parent for _ in range(3)]
     assert not folders[0].exists() and folders[2].exists()              # only kept_results folders stay
 
 
@@ -85,7 +85,7 @@ def test_a_weight_regenerates_from_the_same_seed_and_shows_its_effect(explorer, 
     (Request(""), "type a prompt"),
     (Request("x" * 41), "at most 40"),
     (Request("a red circle", steps=2, negative="y" * 41), "negative prompt has 41 characters"),
-    (Request("a red circle", steps=7), "steps must be a whole number from 1 to 6"),
+    (Request("a red circle", steps=7), "steps must be a whole number from 2 to 6"),
     (Request("a red circle", steps=2.5), "steps must be a whole number"),
     (Request("a red circle", steps=2, num_images=3), "images must be a whole number from 1 to 2"),
     (Request("a red circle", steps=2, size=15), "size must be a multiple of 2"),
@@ -116,8 +116,8 @@ def test_models_load_once_and_only_those_offered(model, monkeypatch):
     monkeypatch.setattr(explorer_module, "load_pipeline", lambda *a, **k: (loads.append(a[0]), real(*a, **k))[1])
     ex = Explorer([model, None])
     assert loads == [model] and list(ex.models) == [model, SHIPPED]
-    ex.generate(Request("a red circle", steps=1))
-    ex.generate(Request("a red circle", steps=1))
+    ex.generate(Request("a red circle", steps=2))
+    ex.generate(Request("a red circle", steps=2))
     assert loads == [model]
     ex.close()
     assert not ex.files_dir.exists()
@@ -208,17 +208,17 @@ def test_sigterm_leaves_no_downloads_folder(model, tmp_path):
 
 
 def test_a_prompt_past_the_token_limit_is_said_not_cut_in_silence(explorer):
-    long = explorer.generate(Request("a red a red a red a red a red a red", steps=1))
+    long = explorer.generate(Request("a red a red a red a red a red a red", steps=2))
     assert explorer.cut_off(long) == ("the prompt is 14 tokens and the model reads 12 (with start and end): it saw "
                                       "only 'a red a red a red a red a red'")
-    assert explorer.cut_off(explorer.generate(Request("a red circle", steps=1))) == ""
+    assert explorer.cut_off(explorer.generate(Request("a red circle", steps=2))) == ""
     with pytest.raises(ValueError, match="the prompt has 41 characters; at most 40"):
         explorer.generate(Request("x" * 41))
 
 
 def test_the_first_word_shown_is_a_content_word(explorer):
-    assert explorer.generate(Request("a red circle", steps=1)).first_word == "red"
-    assert explorer.generate(Request("the a of", steps=1)).first_word == "the"      # none: the first one
+    assert explorer.generate(Request("a red circle", steps=2)).first_word == "red"
+    assert explorer.generate(Request("the a of", steps=2)).first_word == "the"      # none: the first one
 
 
 def test_the_reweighted_image_is_among_the_downloads(explorer):
@@ -231,7 +231,31 @@ def test_the_reweighted_image_is_among_the_downloads(explorer):
 
 
 def test_a_size_above_the_models_own_is_said(explorer):
-    assert explorer.above_native(explorer.generate(Request("a red circle", steps=1))) == ""
-    big = explorer.generate(Request("a red circle", steps=1, size=32))
+    assert explorer.above_native(explorer.generate(Request("a red circle", steps=2))) == ""
+    big = explorer.generate(Request("a red circle", steps=2, size=32))
     assert explorer.above_native(big) == ("the model was trained at 16 px; at 32 px it tends to repeat or stretch "
                                           "what it learned")
+
+
+def test_a_reweighted_download_is_remade_by_generate_from_its_metadata(explorer, tmp_path):
+    """Issue 25 item 9: the reweighted PNG records height, width and upscale beside its word weights, and
+    `t2i generate --word-weights` takes them: the command line remakes it pixel for pixel."""
+    import json
+
+    from t2i.cli import main
+    result = explorer.generate(Request("a red circle", steps=2, seed=3, size=32))
+    explorer.reweight(result, "red", 0.0)
+    explorer.reweight(result, "circle", 2.0)
+    meta = Image.open(result.files["reweighted:0"]).text
+    assert (meta["height"], meta["width"], meta["upscale"]) == ("32", "32", "1")
+    weights = json.loads(meta["word_weights"])
+    assert weights == {"red": 0.0, "circle": 2.0}
+    assert main(["generate", meta["prompt"], "--model", meta["model"], "--seed", meta["seed"], "--steps", meta["steps"],
+                 "--guidance", meta["guidance"], "--scheduler", meta["scheduler"], "--height", meta["height"],
+                 "--width", meta["width"], "--upscale", meta["upscale"], "--out", str(tmp_path),
+                 "--word-weights", ",".join(f"{w}={v:g}" for w, v in weights.items())]) == 0
+    made = tmp_path / "a-red-circle-3.png"
+    assert Image.open(made).tobytes() == Image.open(result.files["reweighted:0"]).tobytes()
+    assert json.loads(Image.open(made).text["word_weights"]) == weights
+    assert main(["generate", "a red circle", "--model", meta["model"], "--word-weights", "dog=0", "--out",
+                 str(tmp_path / "x")]) == 2

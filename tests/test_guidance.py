@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import tiny_diffusers_unet, tiny_pipeline
 
 from t2i.attention.guidance import box_mask, layout_energy, peak_attention, prompt_guidance
@@ -194,6 +195,8 @@ def test_generate_guides_from_the_prompt_or_from_boxes_and_records_it(model_dir,
     (["--layout", "circle=0,0,1"], "--layout must be WORD=X0,Y0,X1,Y1"),
     (["--layout", "circle=0,0,2,1"], "the box of 'circle' must have 0 <= x0 < x1 <= 1"),
     (["--layout", "dog=0,0,1,1"], "'dog' is not a word of the prompt"),
+    (["--layout", "circle=0,0,0.5,0.5", "--layout", "circle=0.5,0.5,1,1"],
+     "--layout gives 'circle' two boxes; give each word one (the second circle of a prompt is circle#2)"),
     (["--excite", "dog"], "'dog' is not a word of the prompt"),
 ])
 def test_bad_guidance_options_are_one_line(model_dir, tmp_path, capsys, option, message):
@@ -223,3 +226,47 @@ def test_evaluate_guide_scores_the_model_alone_and_guided_side_by_side(tmp_path,
     report = json.loads(out.read_text())
     assert report["alone"]["config"]["guide"] is None and report["guided"]["config"]["guide"] == "layout"
     assert report["guided"]["split_images"] == report["alone"]["split_images"] > 0
+
+
+def test_the_python_api_takes_word_box_pairs_and_one_word_as_a_string():
+    """layout=[(word, box)] is the dict {word: box} (not an AttributeError), and excite="circle" is the word, not
+    its letters ("'c' is not a word"), in the pipeline and in SamplingSettings."""
+    pipe = tiny_pipeline()
+    settings = GuideSettings(fraction=0.25, iterations=1, step_size=0.5, threshold=1.0)
+    pairs = guided(pipe, layout=[("circle", TOP_LEFT)], guide=settings).images
+    assert np.array_equal(pairs, guided(pipe, layout={"circle": TOP_LEFT}, guide=settings).images)
+    assert not np.array_equal(pairs, guided(pipe).images)
+    one = guided(pipe, excite="circle", guide=settings).images
+    assert np.array_equal(one, guided(pipe, excite=["circle"], guide=settings).images)
+    with pytest.raises(ValueError, match="^layout gives 'circle' two boxes; give each word one"):
+        SamplingSettings(layout=(("circle", TOP_LEFT), ("circle", (0.5, 0.5, 1, 1)))).check()
+    with pytest.raises(ValueError, match="^layout gives 'circle' two boxes; give each word one"):
+        pipe("a red circle", num_inference_steps=2, layout=[("circle", TOP_LEFT), ("circle", (0.5, 0.5, 1, 1))])
+    kwargs = SamplingSettings(layout={"circle": [0, 0, 1, 1]}, excite="red, circle").check().pipeline_kwargs()
+    assert (kwargs["layout"], kwargs["excite"]) == ({"circle": (0.0, 0.0, 1.0, 1.0)}, ["red", "circle"])
+
+
+@pytest.mark.parametrize("option, message", [
+    (["a red circle above and below a blue square", "--guide"],
+     "'a red circle above and below a blue square' puts circle both above and below square: guidance from the "
+     "prompt needs relations that agree; drop one, or give the boxes with --layout WORD=X0,Y0,X1,Y1"),
+    (["a red dog", "--excite", "all"], "found no object (circle, square, triangle, diamond) in 'a red dog': --excite "
+     "all reads shapes-world prompts; name the words instead (--excite WORD,WORD, or excite=[word, ...] in Python)"),
+    (["a red circle", "--excite", ""], "--excite needs words of the prompt, e.g. --excite red,circle, or all"),
+    (["a red circle", "--excite", " , "], "--excite needs words of the prompt, e.g. --excite red,circle, or all"),
+])
+def test_guidance_messages_name_what_the_user_gave(tmp_path, capsys, option, message):
+    """Contradicting relations are named, not blamed on a box the user never gave; --excite all on a prompt with no
+    shapes suggests --excite words, not --layout; an empty --excite is refused, not ignored."""
+    from t2i.cli import main  # the shipped model: its tokenizer has every word of these prompts
+    assert main(["generate", *option, "--steps", "2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"t2i generate: error: {message}"], err
+
+
+def test_excite_all_is_any_case(model_dir, tmp_path):
+    from t2i.cli import main
+    for spelling in ("all", "ALL", "All"):
+        assert main(["generate", "a red circle", "--excite", spelling, "--model", str(model_dir), "--steps", "2",
+                     "--out", str(tmp_path / spelling)]) == 0
+    assert json.loads(Image.open(tmp_path / "ALL" / "a-red-circle-0.png").text["excite"]) is True

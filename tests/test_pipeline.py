@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 import warnings
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from t2i.pipeline import SCHEDULERS, T2IPipeline, make_scheduler, scheduler_name
+from t2i.settings import min_inference_steps
 
 from conftest import tiny_diffusers_unet, tiny_pipeline
 
@@ -55,7 +57,8 @@ def test_every_scheduler_and_prediction_type(name, prediction_type):
     pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
     assert pipe.scheduler.config.prediction_type == prediction_type
     assert scheduler_name(pipe.scheduler) == name
-    out = pipe("a red circle", num_inference_steps=2, generator=gen(), output_type="pt").images
+    steps = max(2, min_inference_steps(pipe.scheduler))
+    out = pipe("a red circle", num_inference_steps=steps, generator=gen(), output_type="pt").images
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
 
 
@@ -93,9 +96,9 @@ def test_callback_sees_every_step(pipe):
 
 def test_bad_size_empty_prompts_and_unknown_scheduler(pipe):
     with pytest.raises(ValueError, match="multiples of 2"):
-        pipe("a red circle", height=15, num_inference_steps=1)
+        pipe("a red circle", height=15, num_inference_steps=2)
     with pytest.raises(ValueError, match="prompt list is empty"):
-        pipe([], num_inference_steps=1)
+        pipe([], num_inference_steps=2)
     with pytest.raises(ValueError, match="unknown scheduler 'fast'; choose one of ddpm"):
         make_scheduler("fast", pipe.scheduler.config)
 
@@ -103,13 +106,13 @@ def test_bad_size_empty_prompts_and_unknown_scheduler(pipe):
 def test_too_long_prompt_warns_with_dropped_count(pipe):
     with pytest.warns(UserWarning, match=r"dropped the last \d+ tokens"):
         pipe("a red circle above a blue square to the right of a green triangle in the top left",
-             num_inference_steps=1)
+             num_inference_steps=2)
 
 
 def test_guidance_without_caption_dropout_warns():
     pipe = tiny_pipeline(caption_dropout=0.0)
     with pytest.warns(UserWarning, match="without caption dropout"):
-        pipe("a red circle", num_inference_steps=1, guidance_scale=3.0)
+        pipe("a red circle", num_inference_steps=2, guidance_scale=3.0)
 
 
 def test_broken_model_folders(pipe, tmp_path):
@@ -163,7 +166,7 @@ def test_guidance_is_uncond_plus_scale_times_cond_minus_uncond(pipe, monkeypatch
             want = (uncond + scale * (cond - uncond))[:, None, None, None].expand(4, 3, 16, 16)
             assert torch.equal(pred, want), scale
     seen.clear()
-    pipe(prompts, num_inference_steps=1, guidance_scale=1.0, generator=gen())  # unguided: cond alone
+    pipe(prompts, num_inference_steps=2, guidance_scale=1.0, generator=gen())  # unguided: cond alone
     assert torch.equal(seen[0], torch.tensor([5.0, 9.0])[:, None, None, None].expand(2, 3, 16, 16))
 
 
@@ -200,12 +203,12 @@ def test_unet_with_added_conditioning_is_refused_up_front(pipe):
 
 
 def test_steps_beyond_the_scheduler_are_refused_before_sampling(pipe):
-    with pytest.raises(ValueError, match="num_inference_steps must be between 1 and 999 for DDPMScheduler .*got 0"):
+    with pytest.raises(ValueError, match="num_inference_steps must be between 2 and 999 for DDPMScheduler .*got 0"):
         pipe("a red circle", num_inference_steps=0)
-    with pytest.raises(ValueError, match="between 1 and 999 .*got 1000"):
+    with pytest.raises(ValueError, match="between 2 and 999 .*got 1000"):
         pipe("a red circle", num_inference_steps=1000)
     with pytest.raises(ValueError, match="positive multiples of 2"):
-        pipe("a red circle", height=0, num_inference_steps=1)
+        pipe("a red circle", height=0, num_inference_steps=2)
 
 
 def test_prompt_embeds_latents_and_step_end_callback_as_in_diffusers(pipe):
@@ -262,3 +265,48 @@ def test_the_shipped_model_loads_through_diffusers_generic_loader():
     from t2i.pipeline import DEFAULT_MODEL
     loaded = DiffusionPipeline.from_pretrained(DEFAULT_MODEL, trust_remote_code=True)
     assert type(loaded) is T2IPipeline and loaded.unet.config.sample_size == 32
+
+
+def test_a_one_channel_unet_makes_grayscale_images_and_one_that_changes_the_channels_is_refused(pipe):
+    """1 channel in and out: grayscale ("L") images, not PIL's 'Cannot handle this data type'; a UNet whose output
+    has other channels than its input (3 in, 1 out) is refused when the pipeline is built."""
+    from t2i.pipeline import T2IPipeline
+    gray = T2IPipeline(tiny_diffusers_unet(in_channels=1, out_channels=1), pipe.text_encoder, pipe.tokenizer,
+                       pipe.scheduler)
+    gray.set_progress_bar_config(disable=True)
+    images = gray(["a red circle"] * 2, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert [(im.mode, im.size) for im in images] == [("L", (16, 16))] * 2
+    assert gray("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 1)
+    with pytest.raises(ValueError, match=r"^the UNet predicts 1 channel for an input of 3: a denoiser predicts as "
+                                         r"many channels as it takes \(out_channels=in_channels\)"):
+        T2IPipeline(tiny_diffusers_unet(out_channels=1), pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+
+
+def test_what_makes_nan_is_bounded_and_a_nan_image_is_refused_not_saved_black(pipe, model_dir, tmp_path, capsys):
+    """noise.snr_shift=1e-3 and guidance 1e308 are refused up front; NaN text-encoder or UNet weights stop the
+    pipeline in one line instead of returning black images (rc 0)."""
+    from safetensors.torch import load_file, save_file
+
+    from t2i.cli import main
+    from t2i.config import load_config
+    from t2i.settings import SamplingSettings
+    with pytest.raises(ValueError, match=r"noise.snr_shift must be from 0.1 to 100"):
+        load_config(None, ["noise.snr_shift=1e-3"])
+    with pytest.raises(ValueError, match=r"^guidance must be a finite number from -100 to 100 \(1: none"):
+        SamplingSettings(guidance=1e308).check()
+    assert main(["generate", "x", "--model", str(model_dir), "--guidance", "1e308", "--out", str(tmp_path)]) == 2
+    assert "--guidance must be a finite number from -100 to 100" in capsys.readouterr().err
+    with torch.no_grad():
+        pipe.unet.conv_out.weight[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"^sampling returned NaN or inf for images 0, 1 of 2: lower the guidance"):
+        pipe(["a red circle", "a blue square"], num_inference_steps=2)
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "text_encoder" / "model.safetensors"
+    save_file({k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in load_file(weights).items()},
+              weights)
+    assert main(["generate", "x", "--model", str(broken), "--steps", "2", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "t2i generate: error: the text encoder returned NaN or inf for these prompts: its weights are damaged; copy the "
+        "pipeline folder again, or export it again from its run")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -79,7 +79,7 @@ def test_check_against_a_model_bounds_steps_and_size_and_makes_whole_numbers_int
     assert (ok.steps, ok.num_images, ok.height, ok.guidance) == (4, 2, 8, 2.0)
     assert isinstance(ok.steps, int) and isinstance(ok.height, int) and isinstance(ok.guidance, float)
     names = {"steps": "--steps", "height": "--height"}
-    with pytest.raises(ValueError, match="--steps must be a whole number from 1 to 999, got 1000"):
+    with pytest.raises(ValueError, match="--steps must be a whole number from 2 to 999, got 1000"):
         SamplingSettings(steps=1000).check(SamplingLimits(), pipe, names)
     with pytest.raises(ValueError, match=r"--height must be a multiple of 2 from 2 to 128 px \(8x the model's"):
         SamplingSettings(height=130).check(SamplingLimits(), pipe, names)
@@ -98,11 +98,11 @@ def test_image_i_draws_from_seed_plus_i_and_one_seed_gives_one_noise():
 
 def test_pipeline_kwargs_reach_the_pipeline_and_a_scheduler_is_per_call(pipe):
     import torch
-    settings = SamplingSettings(steps=2, guidance=1.0, scheduler="ddim", num_images=2)
+    settings = SamplingSettings(steps=3, guidance=1.0, scheduler="ddim", num_images=2)
     out = pipe("a red circle", **settings.pipeline_kwargs(), generator=generators(settings.seeds(2)),
                output_type="np").images
     assert out.shape == (2, 16, 16, 3) and type(pipe.scheduler).__name__ == "DDPMScheduler"  # its own, untouched
-    direct = pipe("a red circle", num_inference_steps=2, guidance_scale=1.0, scheduler="ddim",
+    direct = pipe("a red circle", num_inference_steps=3, guidance_scale=1.0, scheduler="ddim",
                   generator=[torch.Generator().manual_seed(1)], output_type="np").images
     assert np.abs(out[1] - direct[0]).max() < 1e-5    # image 1 from seed 1 (in a batch of 2: float sums differ)
 
@@ -123,3 +123,44 @@ def test_settings_load_without_torch():
     import sys
     code = "import sys, t2i.settings; assert 'torch' not in sys.modules, 'torch loaded'"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("scheduler, least", [("euler", 2), ("euler-a", 2), ("heun", 4), ("ddim", 3), ("ddpm", 2),
+                                              ("dpm", 1), ("unipc", 1)])
+def test_each_scheduler_has_its_fewest_steps_and_says_so(scheduler, least, model_dir, tmp_path, capsys):
+    """Below its minimum a scheduler gives a flat grey or noisy image with rc 0; the settings, the pipeline and the
+    command line refuse it in one line naming the scheduler, and take the minimum itself."""
+    from conftest import tiny_pipeline
+
+    from t2i.cli import main
+    if least > 1:
+        with pytest.raises(ValueError, match=rf"^steps must be a whole number at least {least} for the {scheduler} "
+                                             r"scheduler \(fewer give a flat grey or noisy image\), got"):
+            SamplingSettings(steps=least - 1, scheduler=scheduler).check()
+        with pytest.raises(ValueError, match=rf"num_inference_steps must be between {least} and"):
+            tiny_pipeline()("a red circle", num_inference_steps=least - 1, scheduler=scheduler)
+        assert main(["generate", "x", "--model", str(model_dir), "--scheduler", scheduler, "--steps", str(least - 1),
+                     "--out", str(tmp_path)]) == 2
+        assert (f"--steps must be a whole number at least {least} for the {scheduler} scheduler"
+                in capsys.readouterr().err)
+    assert SamplingSettings(steps=least, scheduler=scheduler).check().steps == least
+    image = tiny_pipeline()("a red circle", num_inference_steps=least, scheduler=scheduler, output_type="np").images
+    assert image.shape == (1, 16, 16, 3)
+
+
+def test_seeds_above_2_to_the_53_are_whole_numbers(model_dir, tmp_path, capsys):
+    """2**53 + 1 and 2**64 - 1 are whole numbers (not refused with 'from 0 to 18446744073709551615, got
+    9007199254740993'); a float seed must still be whole; generate writes the seed it was given."""
+    from t2i.cli import main
+    from t2i.settings import is_whole
+    for seed in (2**53 + 1, 2**64 - 1):
+        assert SamplingSettings(seed=seed).check().seed == seed
+        assert is_whole(seed)
+    assert not is_whole(1.5) and is_whole(2.0) and not is_whole(True)
+    with pytest.raises(ValueError, match="got 1.5"):
+        SamplingSettings(seed=1.5).check()
+    for command in (["generate", "a red circle"], ["heatmap", "a red circle"]):
+        out = tmp_path / command[0]
+        assert main([*command, "--model", str(model_dir), "--steps", "2", "--seed", str(2**53 + 1), "--out",
+                     str(out)]) == 0, capsys.readouterr().err
+    assert Image.open(tmp_path / "generate" / f"a-red-circle-{2**53 + 1}.png").text["seed"] == str(2**53 + 1)

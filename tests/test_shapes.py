@@ -131,3 +131,35 @@ def test_write_image_folder(tmp_path):
         assert [(o["shape"], o["colour"], o["size"], o["position"], tuple(o["box"])) for o in row["objects"]] == [
             (o.shape, o.colour, o.size, o.position, o.box) for o in scene.objects
         ]
+
+
+def test_make_dataset_shapes_never_writes_into_a_folder_with_files_and_writes_atomically(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """--out is a new or empty folder: one with the user's images and captions is refused and left as it was;
+    a write that fails half-way leaves no --out (nor its staging folder); --num below 1 is refused."""
+    import t2i.data.shapes as shapes
+    from t2i.cli import main
+    mine = tmp_path / "mine"
+    write_image_folder(ShapesConfig(seed=5), 3, mine, progress=False)
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    assert main(["make-dataset", "shapes", "--num", "2", "--size", "16", "--out", str(mine)]) == 2
+    assert capsys.readouterr().err == (f"t2i make-dataset: error: --out {mine} already holds files or is one; pass a "
+                                       "new or empty folder (nothing is overwritten)\n")
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    assert main(["make-dataset", "shapes", "--num", "-5", "--out", str(tmp_path / "neg")]) == 2
+    assert "--num must be at least 1 image, got -5" in capsys.readouterr().err
+    real, calls = shapes.render_scene, []
+
+    def fails_at_the_third(config, i):
+        calls.append(i)
+        if i == 2:
+            raise OSError(28, "No space left on device")
+        return real(config, i)
+    monkeypatch.setattr(shapes, "render_scene", fails_at_the_third)
+    (tmp_path / "empty").mkdir()
+    assert main(["make-dataset", "shapes", "--num", "4", "--size", "16", "--out", str(tmp_path / "empty")]) == 2
+    assert calls == [0, 1, 2] and not list((tmp_path / "empty").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"]  # no staging folder left
+    monkeypatch.setattr(shapes, "render_scene", real)
+    assert main(["make-dataset", "shapes", "--num", "2", "--size", "16", "--out", str(tmp_path / "empty")]) == 0
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["000000.png", "000001.png", "metadata.jsonl"]

@@ -202,3 +202,35 @@ def test_bad_parquet_columns_and_rows_are_named(tmp_path):
     gaps = parquet("gaps", {"image": pngs, "text": ["a", "", "c"]}, strings, file="b.parquet")
     with pytest.raises(ValueError, match=r"1 of 6 rows have no caption .*e\.g\. row 1 of b\.parquet;"):
         ShardDataset(gaps)
+
+
+def test_a_full_disk_under_the_shards_or_the_datasets_cache_is_one_line(tmp_path, monkeypatch, capsys):
+    """datasets wraps the system's 'No space left on device' in its own errors (three chained tracebacks):
+    make-dataset shards and a Parquet folder's conversion into HF_DATASETS_CACHE say it in one line instead."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    def full(self, *a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ArrowWriter, "finalize", full)
+    folder = image_folder(tmp_path / "images", 3)
+    assert main(["make-dataset", "shards", "--from", str(folder), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"t2i make-dataset: error: no space left on the disk of {tmp_path} while writing "
+                                    f"the shards of {tmp_path / 's'}; nothing was written: free space, then run it "
+                                    "again"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+    (tmp_path / "pq").mkdir()
+    rows = {"image": [{"bytes": _png(i), "path": None} for i in range(2)], "text": ["a red circle"] * 2}
+    monkeypatch.undo()
+    datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(),
+                                                                 "text": datasets.Value("string")})
+                               ).to_parquet(tmp_path / "pq" / "a.parquet")
+    monkeypatch.setattr(ArrowWriter, "finalize", full)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    with pytest.raises(OSError, match=rf"^no space left on the disk of the datasets cache \(HF_DATASETS_CACHE="
+                                      rf"{tmp_path / 'cache'}\) while converting the Parquet files of "
+                                      rf"{tmp_path / 'pq'}: free space there, or set HF_DATASETS_CACHE to a folder "
+                                      rf"on a disk with room$"):
+        ShardDataset(tmp_path / "pq", size=8)

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -322,7 +323,7 @@ def test_a_hand_edited_state_json_is_a_damaged_checkpoint(tmp_path, state):
         (newest / "unet.safetensors").unlink()
     (newest / "state.json").write_text(json.dumps({**saved, "files": []}) if state == "files" else state)
     problem = {"{}": "state.json lacks step, samples", "[]": "state.json holds a list",
-               "files": "unet.safetensors is missing"}[state]
+               "files": "state.json: it lists no unet.safetensors"}[state]
     with pytest.raises(ValueError, match=rf"checkpoint-0000004 is damaged \({problem}"):
         train(cfg, resume=str(newest))
     with pytest.warns(UserWarning, match=rf"skipped checkpoint-0000004: {problem}.*checkpoint-0000002"):
@@ -378,6 +379,27 @@ def test_a_failed_start_leaves_no_run_behind(tmp_path):
                       r"tokenizer\): replacing it"):
         assert train(tiny_config(run, "train.max_steps=1", "train.report_to=none")) is not None
     assert ckpt.checkpoints(run) and "max_steps: 1" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_t2i_did_not_write_is_refused_and_left_as_it_was(tmp_path, overwrite):
+    """A pipeline folder as both train.init_from and train.output_dir, or a folder with the user's own config.yaml:
+    no run, and not what a start of t2i left (no .t2i-run mark), so it is refused in one line, even with
+    --overwrite, and nothing in it changes."""
+    from conftest import tiny_pipeline
+    model = tmp_path / "model"
+    tiny_pipeline().save_pretrained(model)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: notes\n")
+    for folder, extra, names in [(model, [f"train.init_from={model}"], "model_index.json, scheduler, t2i_pipeline.py, "
+                                  "text_encoder, tokenizer, ..."), (mine, [], "config.yaml")]:
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        with pytest.raises(ValueError, match=re.escape(
+                f"train.output_dir {folder} holds files that t2i train did not write ({names}) and no run; nothing "
+                "there is replaced: choose a new or empty train.output_dir")):
+            train(tiny_config(folder, "train.max_steps=1", "train.report_to=none", *extra), overwrite=overwrite)
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("text", ["text.train=true", "text.train=false"])

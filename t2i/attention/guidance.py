@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..conditioning import UNetConditioning, unet_prediction
 from ..layout import BatchLayout, query_grid
-from ..settings import Box, GuideSettings, check_box
+from ..settings import Box, GuideSettings, check_box, one_box_each
 from .heatmaps import prompt_text, resolve_word
 from .processors import attached, cross_attention_modules, suspended
 
@@ -119,15 +119,16 @@ def resolve_targets(tokens: list[list[str]], layout: bool | dict | list[dict] | 
     def per_prompt(x, kind: str) -> list:
         if x is None:
             return [None] * B
+        x = one_prompts(x, kind)
         if isinstance(x, dict) or (kind == "excite" and x and isinstance(x[0], str)):
             return [x] * B
-        x = list(x)
+        x = [one_prompts(entry, kind) for entry in x]
         if len(x) != B:
             raise ValueError(f"got {len(x)} {kind} entries for {B} prompt(s): pass one, or one per prompt")
         return x
 
     if layout is True or excite is True:                     # from the prompts' own words
-        parsed = [prompt_guidance(prompt_text(toks)) for toks in tokens]
+        parsed = [prompt_guidance(prompt_text(toks), for_layout=layout is True) for toks in tokens]
         layout = [boxes for boxes, _ in parsed] if layout is True else layout
         excite = [words for _, words in parsed] if excite is True else excite
     boxes, excited = [], []
@@ -135,6 +136,17 @@ def resolve_targets(tokens: list[list[str]], layout: bool | dict | list[dict] | 
         boxes.append([(resolve_word(toks, word)[1], check_box(word, box)) for word, box in (lay or {}).items()])
         excited.append([resolve_word(toks, word)[1] for word in (exc or [])])
     return GuideTargets(boxes, excited, [len(t) for t in tokens])
+
+
+def one_prompts(x, kind: str):
+    """One prompt's guidance as resolve_targets reads it: (word, box) pairs as {word: box}; a string of excited
+    words ("red, circle") as their list. Anything else as it came."""
+    if kind == "excite" and isinstance(x, str):
+        return [w.strip() for w in x.split(",") if w.strip()]
+    if kind == "layout" and isinstance(x, (list, tuple)) and x and all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str) for pair in x):
+        return dict(one_box_each(x))
+    return x
 
 
 def guided_latents(unet, x: torch.Tensor, t, layout: BatchLayout, cond: UNetConditioning,
@@ -206,13 +218,13 @@ def _intersect(a: Box, b: Box) -> Box:
     return max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
 
 
-def prompt_guidance(prompt: str) -> tuple[dict[str, Box], list[str]]:
+def prompt_guidance(prompt: str, for_layout: bool = True) -> tuple[dict[str, Box], list[str]]:
     """({word label: box}, words to excite) from a shapes-world prompt: each object (a shape noun and the
     colour and size words before it) goes into the grid cell a position phrase beside it names, and "A above
     B", "A to the left of B" (and their mixes) put A and B in the two halves; every object's colour and noun
     is excited. Both the colour and the noun get the box: in models trained without grounding the colour
     word's map finds the object far more often than the noun's (docs/results.md). Labels count repeats
-    ('circle#2')."""
+    ('circle#2'). `for_layout`: the boxes are wanted (else only the words), which a prompt's error suggests."""
     from ..data.shapes import PALETTE, SHAPES, SIZES
     words = re.findall(r"[a-z]+", prompt.lower())
     labels, seen = [], {}
@@ -226,10 +238,13 @@ def prompt_guidance(prompt: str) -> tuple[dict[str, Box], list[str]]:
             while start > 0 and words[start - 1] in PALETTE.keys() | SIZES.keys():
                 start -= 1
             objects.append((start, i))
-    if not objects:
+    if not objects and for_layout:
         raise ValueError(f"found no object ({', '.join(SHAPES)}) in {prompt!r}: guidance from the prompt reads "
                          "shapes-world prompts; give the boxes instead (--layout WORD=X0,Y0,X1,Y1, or layout={word: box} "
                          "in Python)")
+    if not objects:
+        raise ValueError(f"found no object ({', '.join(SHAPES)}) in {prompt!r}: --excite all reads shapes-world "
+                         "prompts; name the words instead (--excite WORD,WORD, or excite=[word, ...] in Python)")
     boxes: list[Box | None] = [None] * len(objects)
     phrases, i = _position_phrases(), 0
     while i < len(words):                                   # position phrases, each to the object beside it
@@ -253,6 +268,10 @@ def prompt_guidance(prompt: str) -> tuple[dict[str, Box], list[str]]:
             a, b = (0, 0, 1, 1), (0, 0, 1, 1)
             for r in rels:
                 a, b = _intersect(a, _RELATIONS[r]), _intersect(b, _RELATIONS[_OPPOSITE[r]])
+            if a[0] >= a[2] or a[1] >= a[3]:  # "above and below": no box is both
+                raise ValueError(f"{prompt!r} puts {words[objects[k][1]]} both {' and '.join(rels)} "
+                                 f"{words[objects[k + 1][1]]}: guidance from the prompt needs relations that agree; "
+                                 "drop one, or give the boxes with --layout WORD=X0,Y0,X1,Y1")
             boxes[k], boxes[k + 1] = boxes[k] or a, boxes[k + 1] or b
     layout, excite = {}, []
     for (start, noun), box in zip(objects, boxes):

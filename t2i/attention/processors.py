@@ -1,5 +1,6 @@
 """Explicit cross-attention: softmax(q k^T / sqrt(d) + mask) computed in the open, so that it can be read
-(the recorder sums it into heatmaps; training captures it, with its graph, for the grounding loss) and
+(the recorder sums it into heatmaps, beside the module's own attention, whose output it leaves untouched;
+training captures it, with its graph, for the grounding loss) and
 edited (word weights scale a token's column: prompt-to-prompt's reweighting, Hertz et al. 2022, sec. 3.2).
 One processor per module holds all roles, so a recorder and a reweighting can be on the same module at
 once, in either order, and neither undoes the other. The processors are swapped in by module name through
@@ -29,22 +30,33 @@ def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     after the softmax, without renormalising (prompt-to-prompt's reweighting); a token of weight 0 is left out
     of the softmax too, so that nothing of it (not even its share of the sum) reaches the output. Returns the output
     (B, heads, N, d) in v's dtype and the probabilities used, p (B, heads, N, T) float32."""
+    if weights is not None:
+        if weights.shape != (q.shape[0], k.shape[-2]):
+            raise ValueError(f"word weights are {tuple(weights.shape)} but the attention has {q.shape[0]} rows "
+                             f"and {k.shape[-2]} tokens")
+        weights = weights.to(q.device, torch.float32)[:, None, None, :]
+        silenced = (weights == 0).expand(-1, 1, 1, -1)                     # weight 0: out of the softmax's sum too
+        if silenced.any():
+            shut = torch.zeros(silenced.shape, dtype=q.dtype, device=q.device).masked_fill(silenced, float("-inf"))
+            if bias is not None and bias.dtype == torch.bool:
+                bias = torch.zeros(bias.shape, dtype=q.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
+            bias = shut if bias is None else bias + shut
+    p = attention_probs(q, k, bias, scale)
+    if weights is not None:
+        p = p * weights
+    return torch.matmul(p.to(v.dtype), v), p
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None,
+                    scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) in float32, p (B, heads, N, T); shapes as in attention_with_probs."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale                 # (B, heads, N, T)
     if bias is not None:
         if bias.dtype == torch.bool:
             bias = torch.zeros(bias.shape, dtype=logits.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
         logits = logits + bias
-    if weights is not None:
-        if weights.shape != (logits.shape[0], logits.shape[-1]):
-            raise ValueError(f"word weights are {tuple(weights.shape)} but the attention has {logits.shape[0]} rows "
-                             f"and {logits.shape[-1]} tokens")
-        weights = weights.to(logits.device, torch.float32)[:, None, None, :]
-        logits = logits.masked_fill(weights == 0, float("-inf"))  # weight 0: out of the softmax's sum as well
-    p = logits.softmax(dim=-1, dtype=torch.float32)
-    if weights is not None:
-        p = p * weights
-    return torch.matmul(p.to(v.dtype), v), p
+    return logits.softmax(dim=-1, dtype=torch.float32)
 
 
 class _Explicit:
@@ -64,6 +76,10 @@ class _Explicit:
         weights = self.weights is not None and not self.quiet
         return grid is not None or weights or self.capture is not None, grid
 
+    def _reads_only(self, grid) -> bool:
+        """Only a recorder reads this forward: the output stays the original processor's, bit for bit."""
+        return grid is not None and self.capture is None and (self.weights is None or self.quiet)
+
     def _attend(self, grid, q, k, v, bias, scale):
         o, p = attention_with_probs(q, k, v, bias, scale, None if self.quiet else self.weights)
         if grid is not None:
@@ -82,6 +98,9 @@ class T2IExplicitProcessor(_Explicit):
         if not explicit:
             return self.original(attn, x, context, mask)
         q, k, v = attn.project(x, context)                                # (B, heads, N|T, d)
+        if self._reads_only(grid):
+            self.recorder._add(self.name, grid, attention_probs(q, k, mask, attn.scale))
+            return self.original(attn, x, context, mask)
         return attn.merge(self._attend(grid, q, k, v, mask, attn.scale))
 
 
@@ -117,6 +136,9 @@ class DiffusersExplicitProcessor(_Explicit):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
+        if self._reads_only(grid):
+            self.recorder._add(self.name, grid, attention_probs(q, k, bias, self.scale))
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         o = self._attend(grid, q, k, v, bias, self.scale)
         o = o.transpose(1, 2).reshape(B, -1, attn.heads * d).to(q.dtype)
         o = attn.to_out[1](attn.to_out[0](o))                               # linear, dropout

@@ -12,6 +12,9 @@ colour. Everything is deterministic given (config.seed, index).
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -414,19 +417,34 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 def write_image_folder(config: ShapesConfig, num: int, out_dir: str | Path, progress: bool = True) -> Path:
-    """Write scenes 0..num-1 as PNGs plus metadata.jsonl (Hugging Face imagefolder layout); returns out_dir."""
+    """Write scenes 0..num-1 as PNGs plus metadata.jsonl (Hugging Face imagefolder layout) into the new or empty
+    folder `out_dir`, atomically: into a folder beside it, renamed into place when complete. Returns out_dir."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    digits = max(6, len(str(max(num - 1, 0))))
-    with open(out / "metadata.jsonl", "w") as meta:
-        for i in tqdm(range(num), desc="shapes", disable=not progress):
-            scene = render_scene(config, i)
-            name = f"{i:0{digits}d}.png"
-            Image.fromarray(scene.image).save(out / name)
-            objects = [
-                {"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.position,
-                 "row": o.row, "col": o.col, "box": list(o.box)}
-                for o in scene.objects
-            ]
-            meta.write(json.dumps({"file_name": name, "text": scene.caption, "objects": objects}) + "\n")
+    if num < 1:
+        raise ValueError(f"--num must be at least 1 image, got {num}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already holds files or is one; pass a new or empty folder (nothing is "
+                         "overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # on --out's disk
+    try:
+        digits = max(6, len(str(num - 1)))
+        with open(stage / "metadata.jsonl", "w") as meta:
+            for i in tqdm(range(num), desc="shapes", disable=not progress):
+                scene = render_scene(config, i)
+                name = f"{i:0{digits}d}.png"
+                Image.fromarray(scene.image).save(stage / name)
+                objects = [
+                    {"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.position,
+                     "row": o.row, "col": o.col, "box": list(o.box)}
+                    for o in scene.objects
+                ]
+                meta.write(json.dumps({"file_name": name, "text": scene.caption, "objects": objects}) + "\n")
+        try:
+            os.rename(stage, out)  # replaces a missing or empty folder only
+        except OSError:
+            raise ValueError(f"--out {out} was filled by another writer meanwhile; its files stay, these were not "
+                             "written. Pass a new folder.") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out

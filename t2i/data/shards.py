@@ -64,9 +64,15 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, shard_size: 
     # beside --out, on its disk, not in $TMPDIR: from_generator's cache, then the shards, renamed into place
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=f".{os.getpid()}.tmp", dir=out.parent))
     try:
-        table = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(stage / "cache"))
-        shards = math.ceil(len(table) / shard_size)
-        table.save_to_disk(str(stage / "shards"), num_shards=shards)
+        try:
+            table = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(stage / "cache"))
+            shards = math.ceil(len(table) / shard_size)
+            table.save_to_disk(str(stage / "shards"), num_shards=shards)
+        except Exception as e:
+            if not _full_disk(e):
+                raise
+            raise OSError(f"no space left on the disk of {out.parent} while writing the shards of {out}; nothing was "
+                          "written: free space, then run it again") from None
         try:
             os.rename(stage / "shards", out)  # replaces a missing or empty --out only: one of two writers wins
         except OSError:
@@ -75,6 +81,18 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, shard_size: 
         return len(table), shards
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _full_disk(e: BaseException | None) -> bool:
+    """Whether `e` or an error it was raised from says the disk is full (datasets wraps the system's error)."""
+    from ..checkpoint import no_space
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if no_space(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _alive(pid: str) -> bool:
@@ -106,7 +124,15 @@ class ShardDataset(CaptionedImages):
             self.sources = _row_counts(parquet, "parquet")
             if not any(n for _, n in self.sources):
                 raise ValueError(f"the Parquet files in {str(self.root)!r} hold no rows.")
-            table = datasets.load_dataset("parquet", data_files=parquet, split="train")
+            try:
+                table = datasets.load_dataset("parquet", data_files=parquet, split="train")
+            except Exception as e:
+                if not _full_disk(e):
+                    raise
+                cache = datasets.config.HF_DATASETS_CACHE
+                raise OSError(f"no space left on the disk of the datasets cache (HF_DATASETS_CACHE={cache}) while "
+                              f"converting the Parquet files of {self.root}: free space there, or set "
+                              "HF_DATASETS_CACHE to a folder on a disk with room") from None
         else:
             raise ValueError(f"{str(self.root)!r} holds no shards (no state.json of datasets' save_to_disk, no "
                              "*.parquet files); write them with `t2i make-dataset shards --from FOLDER --out DIR`.")

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# This module imports nothing of t2i (the config reads its hold-out); ShapeScene and ShapeObject in the
-# annotations are t2i.data.shapes' classes.
+# This module imports nothing of t2i (the config reads its hold-out): a `scene` is a t2i.data.shapes.ShapeScene.
 
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 PLACES = {  # grid cell -> phrases; the first is the template's
@@ -152,7 +151,7 @@ class Grammar:
         if mode == "unseen" and not self.holdout:
             raise ValueError("the unseen-wording mode needs held-out elements (data.holdout_wording)")
 
-    def caption(self, scene: ShapeScene, rng: np.random.Generator) -> Caption:
+    def caption(self, scene, rng: np.random.Generator) -> Caption:
         """A caption for `scene` stating exactly scene.stated, in a wording drawn from rng."""
         forced = None
         if self.mode == "unseen":
@@ -166,7 +165,7 @@ class Grammar:
                 return caption
         raise RuntimeError(f"no caption of {self.max_words} words or fewer for a scene stating {scene.stated}")
 
-    def _draw(self, scene: ShapeScene, rng: np.random.Generator, forced: str | None) -> Caption:
+    def _draw(self, scene, rng: np.random.Generator, forced: str | None) -> Caption:
         used: list[str] = []
 
         def pick(kind: str, phrases) -> str:
@@ -225,14 +224,14 @@ class Grammar:
 _WORDS = re.compile(r"[\w]+|[^\w\s]")
 
 
-def _axes(a: ShapeObject, b: ShapeObject) -> list[str]:
+def _axes(a, b) -> list[str]:
     """Where `a` is relative to `b`, one word per axis: ["above", "left"], ["below"], ..."""
     vertical = ("above" if a.row < b.row else "below") if a.row != b.row else None
     horizontal = ("left" if a.col < b.col else "right") if a.col != b.col else None
     return [axis for axis in (vertical, horizontal) if axis]
 
 
-def _applies(element: str, scene: ShapeScene) -> bool:
+def _applies(element: str, scene) -> bool:
     """Whether some caption of `scene` can use `element` (a relation phrase only where its axis exists)."""
     kind, _, phrase = element.partition(":")
     stated, objs = scene.stated, scene.objects
@@ -259,7 +258,7 @@ def drop_words(caption: Caption, p: float, rng: np.random.Generator) -> Caption:
     what the caption states stays stated."""
     if p <= 0:
         return caption
-    keep, cut = [], 0
+    keep = []
     text, spans = caption.text, list(caption.spans)
     for m in re.finditer(r"\w+ ?", text):
         if m.group().strip().lower() in FUNCTION_WORDS and rng.random() < p:
@@ -277,7 +276,7 @@ def drop_words(caption: Caption, p: float, rng: np.random.Generator) -> Caption:
     return Caption(out.strip(), tuple(shifted), caption.used)
 
 
-def reword(scene: ShapeScene, grammar: Grammar, rng: np.random.Generator) -> ShapeScene:
+def reword(scene, grammar: Grammar, rng: np.random.Generator):
     """`scene` with a caption drawn from `grammar`, and the spans of its object words."""
     caption = grammar.caption(scene, rng)
     return dataclasses.replace(scene, caption=caption.text, spans=caption.spans)
