@@ -400,3 +400,28 @@ def test_every_map_says_its_scale_and_an_effect_its_size(served):
             assert re.search(r"brightest = a change of \d+% .*largest \d+%, mean \d+(\.\d)?%", label), label
         finally:
             browser.close()
+
+
+def test_a_visitor_turned_away_by_a_full_queue_is_told_in_t2is_words(served_small_queue):
+    """Issue 25 item 6: with one request sampling and one waiting, a third visitor met Gradio's 'This application
+    is currently busy' for 10 s; now the toast says it in t2i's words, with what to do."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served_small_queue
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            pages = [browser.new_page(viewport={"width": 1400, "height": 1100}) for _ in range(3)]
+            for page in pages:
+                page.goto(url, timeout=60_000)
+                page.wait_for_selector("#generate", timeout=60_000)
+                page.fill("#prompt textarea", "a red circle")
+                _set_number(page, "steps", "200")
+                _set_number(page, "count", "4")
+            for page in pages:                      # one samples, one waits, the third is turned away
+                page.click("#generate")
+                time.sleep(0.3)
+            pages[2].wait_for_selector(".toast-body", timeout=30_000)
+            toast = pages[2].inner_text(".toast-body")
+            assert "currently busy" not in toast and "queue is full" in toast and "try again" in toast, toast
+        finally:
+            browser.close()
