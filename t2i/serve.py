@@ -26,6 +26,7 @@ CSS = """  /* the chips' radio inputs stay focusable (Tab, arrow keys), only uns
 #words label { border-radius: 999px; padding: 4px 14px; cursor: pointer; position: relative; }
 #words label:focus-within { outline: 2px solid var(--color-accent); outline-offset: 2px; }
 #message { min-height: 3.5em; }  /* room for the progress bar and the queue position before any message */
+#message:has([data-testid=status-tracker]:not(.hide)) :is(.prose, .md) { visibility: hidden; }  /* not under it */
 #files .label-clear-button { display: none; }
 #files .stem { white-space: normal; word-break: break-all; overflow: visible; text-overflow: clip; }
 #words label.selected { background: var(--color-accent); color: white; }
