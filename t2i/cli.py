@@ -37,15 +37,14 @@ def cmd_generate(args) -> None:
     for prompt, seed in jobs:  # one image per call: batched float sums differ from a single image's by 1/255, and
         result = pipe([prompt], **one.pipeline_kwargs(),  # its PNG's metadata must regenerate it bit for bit
                       generator=generators([seed]), record_attention=args.heatmaps, word_weights=weights)
-        _save_generated(args, settings, result, [(prompt, seed)], out, scheduler)
+        _save_generated(args, settings, result, [(prompt, seed)], out, scheduler, weights)
 
 
 def _save_generated(args, settings: SamplingSettings, result, batch: list[tuple[str, int]], out: Path,
-                    scheduler: str) -> None:
-    """Each image of one batch of `t2i generate` as a PNG with its settings (and its heatmaps)."""
+                    scheduler: str, weights: dict[str, float] | None) -> None:
+    """Each image of one batch of `t2i generate` as a PNG with its settings and word weights (and its heatmaps)."""
     from PIL import Image
     for i, (image, (prompt, seed)) in enumerate(zip(result.images, batch)):
-        weights = _word_weights(args.word_weights)
         meta = _image_metadata(args, settings, prompt, seed, scheduler, image, args.upscale,
                                **({"word_weights": weights} if weights else {}))
         big = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
@@ -61,9 +60,8 @@ def _image_metadata(args, settings: SamplingSettings, prompt: str, seed: int, sc
                     **extra):
     """The PNG text fields `t2i generate` regenerates an image from: its prompt, seed and settings."""
     return dict(prompt=prompt, negative_prompt=settings.negative or "", seed=seed, steps=settings.steps,
-                        guidance=settings.guidance, scheduler=scheduler, model=args.model or "default",
-                        height=image.height, width=image.width, upscale=upscale, precision=args.precision,
-                        **guide_metadata(settings), **extra)
+                guidance=settings.guidance, scheduler=scheduler, model=args.model or "default", height=image.height,
+                width=image.width, upscale=upscale, precision=args.precision, **guide_metadata(settings), **extra)
 
 
 def _used_scheduler(pipe, settings: SamplingSettings) -> str:

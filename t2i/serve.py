@@ -5,6 +5,7 @@ page, never a stack trace. One queue, with bounded size and concurrency, so one 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import traceback
@@ -25,6 +26,7 @@ CSS = """  /* the chips' radio inputs stay focusable (Tab, arrow keys), only uns
 #words label { border-radius: 999px; padding: 4px 14px; cursor: pointer; position: relative; }
 #words label:focus-within { outline: 2px solid var(--color-accent); outline-offset: 2px; }
 #message { min-height: 3.5em; }  /* room for the progress bar and the queue position before any message */
+#message:has([data-testid=status-tracker]:not(.hide)) :is(.prose, .md) { visibility: hidden; }  /* not under it */
 #files .label-clear-button { display: none; }
 #files .stem { white-space: normal; word-break: break-all; overflow: visible; text-overflow: clip; }
 #words label.selected { background: var(--color-accent); color: white; }
@@ -240,11 +242,25 @@ def build_app(explorer: Explorer) -> gr.Blocks:
     return app
 
 
+def busy_script(limits) -> str:
+    """Page script: Gradio's 'This application is currently busy' toast (a full queue), said in t2i's words."""
+    said = (f"The explorer's queue is full ({limits.max_queue} waiting, {limits.concurrency} sampling): try again in "
+            "a minute, or run t2i generate on your own machine.")
+    return f"""() => new MutationObserver(() => {{
+        for (const toast of document.querySelectorAll('.toast-body')) {{
+            const walk = document.createTreeWalker(toast, NodeFilter.SHOW_TEXT);
+            for (let node = walk.nextNode(); node; node = walk.nextNode())
+                if (node.nodeValue.includes('currently busy')) node.nodeValue = {json.dumps(said)};
+        }}
+    }}).observe(document.body, {{childList: true, subtree: true, characterData: true}})"""
+
+
 def serve(explorer: Explorer, host: str = "127.0.0.1", port: int | None = None) -> tuple[gr.Blocks, str]:
     """Start the page on host:port (port None: 7860 or the next free one) in a background thread; returns
     (app, url). app.block_thread() waits until Ctrl+C, app.close() stops it."""
     app = build_app(explorer)
     _, url, _ = app.launch(server_name=host, server_port=port, show_error=False, ssr_mode=False, quiet=True,
                            allowed_paths=[str(explorer.files_dir)], prevent_thread_lock=True, theme=THEME, css=CSS,
-                           footer_links=[], state_session_capacity=explorer.limits.sessions)
+                           footer_links=[], state_session_capacity=explorer.limits.sessions,
+                           js=busy_script(explorer.limits))
     return app, url

@@ -80,9 +80,8 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def served(tmp_path_factory):
-    """`t2i serve` on a free loopback port, in its own process, with tiny_pipeline() as its model:
+def _serve(tmp_path_factory, *options):
+    """`t2i serve` on a free loopback port, in its own process, with tiny_pipeline() as its model and `options`:
     (url, process, seconds from launch until it said it was ready). Skips where the web extra is missing."""
     import queue
     import subprocess
@@ -95,7 +94,8 @@ def served(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "t2i.cli", "serve", "--model", str(model), "--port", "0",
-                             "--device", "cpu", "--max-steps", "8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--device", "cpu", "--max-steps", "8", *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -118,3 +118,16 @@ def served(tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """`t2i serve` of tiny_pipeline(), at most 8 steps (see _serve)."""
+    yield from _serve(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def served_small_queue(tmp_path_factory):
+    """`t2i serve` of tiny_pipeline() that samples one request at a time and lets one more wait."""
+    yield from _serve(tmp_path_factory, "--max-steps", "200", "--max-images", "4", "--concurrency", "1",
+                      "--max-queue", "1")

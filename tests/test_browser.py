@@ -210,7 +210,8 @@ def test_seeds_travel_as_text_end_to_end(served):
             page.click("#generate")
             page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')",
                                    timeout=30_000)
-            assert "the seed must be a whole number from 0 to 18446744073709551615, got 1.5" in page.inner_text("#message")
+            said = "the seed must be a whole number from 0 to 18446744073709551615, got 1.5"
+            assert said in page.inner_text("#message")
         finally:
             browser.close()
 
@@ -300,7 +301,8 @@ def test_the_weight_regenerates_from_the_keyboard_and_a_typed_5_is_said(served):
             page.wait_for_function("document.querySelector('#message').innerText.includes('regenerated with red x 0')",
                                    timeout=30_000)
             box.press("ArrowUp")                                            # 0 -> 0.1
-            page.wait_for_function("document.querySelector('#message').innerText.includes('regenerated with red x 0.1')",
+            page.wait_for_function("document.querySelector('#message').innerText"
+                                   ".includes('regenerated with red x 0.1')",
                                    timeout=30_000)
             box.fill("5")
             page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')"
@@ -333,7 +335,8 @@ def test_image_toolbars_and_downloads_do_not_mislead(served):
                 page.wait_for_function(f"document.querySelector('#message').innerText.includes('regenerated with "
                                        f"{said}')", timeout=30_000)
             page.wait_for_function("document.querySelectorAll('#files td.filename').length == 4", timeout=10_000)
-            names = page.eval_on_selector_all("#files td.filename", "tds => tds.map(td => td.getAttribute('aria-label'))")
+            names = page.eval_on_selector_all("#files td.filename",
+                                              "tds => tds.map(td => td.getAttribute('aria-label'))")
             assert {"a-red-circle-0-redx0.png", "a-red-circle-0-redx2.png"} <= set(names), names
             views = ["image", "overlay", "effect", "reweighted", "x0", "stepmap", "grid"]
             for view in views:
@@ -398,5 +401,58 @@ def test_every_map_says_its_scale_and_an_effect_its_size(served):
             page.wait_for_function("document.querySelector('#effect').innerText.includes('brightest')", timeout=30_000)
             label = page.inner_text("#effect")
             assert re.search(r"brightest = a change of \d+% .*largest \d+%, mean \d+(\.\d)?%", label), label
+        finally:
+            browser.close()
+
+
+def test_a_visitor_turned_away_by_a_full_queue_is_told_in_t2is_words(served_small_queue):
+    """Issue 25 item 6: with one request sampling and one waiting, a third visitor met Gradio's 'This application
+    is currently busy' for 10 s; now the toast says it in t2i's words, with what to do."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served_small_queue
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            pages = [browser.new_page(viewport={"width": 1400, "height": 1100}) for _ in range(3)]
+            for page in pages:
+                page.goto(url, timeout=60_000)
+                page.wait_for_selector("#generate", timeout=60_000)
+                page.fill("#prompt textarea", "a red circle")
+                _set_number(page, "steps", "200")
+                _set_number(page, "count", "4")
+            for page in pages:                      # one samples, one waits, the third is turned away
+                page.click("#generate")
+                time.sleep(0.3)
+            pages[2].wait_for_selector(".toast-body", timeout=30_000)
+            toast = pages[2].inner_text(".toast-body")
+            assert "currently busy" not in toast and "queue is full" in toast and "try again" in toast, toast
+        finally:
+            browser.close()
+
+
+def test_progress_is_not_drawn_over_the_old_message(served):
+    """Issue 25 item 10 (part): while sampling, the progress in the message area was drawn over the last message's
+    text; now that text is hidden until the new message replaces it."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    url, _, _ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            page.fill("#prompt textarea", "a red circle")
+            _set_number(page, "steps", "8")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')", timeout=60_000)
+            _set_number(page, "count", "4")
+            page.click("#generate")
+            page.wait_for_function(
+                "(() => { const m = document.querySelector('#message'), t = m.querySelector('[data-testid=status-"
+                "tracker]'); if (!t || t.classList.contains('hide')) return false;"
+                " const prose = [...m.querySelectorAll('.prose, .md')]"
+                ".filter(e => e.textContent.includes('image(s)'));"  # innerText skips what is hidden
+                " return prose.length > 0 && prose.every(e => getComputedStyle(e).visibility == 'hidden') })()",
+                timeout=30_000, polling=10)
         finally:
             browser.close()
