@@ -103,8 +103,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     # text, not a number box: a page's numbers are floats, exact only up to 2**53 (seeds go to
                     # 2**64 - 1); the explorer reads and checks it, in its own words
                     seed = gr.Textbox(label="seed", value=str(first.seed), max_lines=1, elem_id="seed")
-                    size = gr.Number(label=f"size (px, a multiple of {pipe.size_multiple})", value=pipe.native_size,
-                                     precision=0, step=pipe.size_multiple, elem_id="size")
+                    size = gr.Number(label="size (px)", value=pipe.native_size, precision=0, step=pipe.size_multiple,
+                                     elem_id="size")
                 # number boxes with no bounds of their own: a slider clamped a typed 0 or 100000 in silence; the
                 # explorer refuses what is out of range, in its own words
                 with gr.Row():

@@ -121,10 +121,11 @@ def test_cli_generate_heatmaps_for_each_image(tmp_path, capsys):
 
 
 def test_cli_heatmap_names_a_word_the_token_limit_cut_off(tmp_path, capsys):
-    prompt = "a red circle above a blue square to the right of a green triangle in the top left of a yellow star"
+    prompt = ("a red circle above a blue square to the right of a green triangle in the top left of a purple diamond "
+              "next to an orange circle and a yellow star")
     assert main(["heatmap", prompt, "--words", "red,star", "--steps", "2", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "'star' was cut off by the text encoder's 24-token limit" in err and "not a word" not in err
+    assert "'star' was cut off by the text encoder's 32-token limit" in err and "not a word" not in err
     assert main(["heatmap", prompt, "--words", "cube", "--steps", "2", "--out", str(tmp_path / "x")]) == 2
     assert "'cube' is not a word of the prompt" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -72,7 +72,7 @@ def test_the_same_image_as_diffusers_own_pipeline(kind, folders, pipes):
 
 def test_clip_skip_and_the_negative_prompt_change_the_image(pipes):
     pipe = pipes["sd1"]
-    run = lambda **k: pipe(PROMPT, num_inference_steps=2, generator=generators([0]), output_type="np", **k).images  # noqa: E731
+    run = lambda **k: pipe(PROMPT, num_inference_steps=3, generator=generators([0]), output_type="np", **k).images  # noqa: E731
     plain = run()
     assert np.abs(plain - run(clip_skip=1)).max() > 1e-3
     assert np.abs(plain - run(negative_prompt="blurry")).max() > 1e-3
@@ -103,7 +103,7 @@ def test_folders_t2i_cannot_open_are_one_line(folders, tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_generate_writes_pngs_that_regenerate(kind, folders, tmp_path):
     """The PNG's metadata (non-square, the folder's own scheduler by name) regenerates the same image."""
-    assert main(["generate", PROMPT, "--model", folders[kind], "--steps", "2", "--seed", "5", "--negative", "blurry",
+    assert main(["generate", PROMPT, "--model", folders[kind], "--steps", "3", "--seed", "5", "--negative", "blurry",
                  "--height", "64", "--width", "96", "--upscale", "1", "--out", str(tmp_path / "a")]) == 0
     png = tmp_path / "a" / "a-red-circle-above-a-blue-square-5.png"
     meta = Image.open(png).text
@@ -121,7 +121,7 @@ def test_heatmaps_per_word_step_and_resolution_on_batches(kind, pipes):
     the prompt's tokens; recording leaves the image as it was."""
     pipe = pipes[kind]
     recorder = AttentionRecorder(timeline=True)
-    kwargs = dict(prompt=[PROMPT, "a green triangle"], num_images_per_prompt=2, num_inference_steps=2,
+    kwargs = dict(prompt=[PROMPT, "a green triangle"], num_images_per_prompt=2, num_inference_steps=3,
                   output_type="np", **SIZE)
     out = pipe(**kwargs, generator=generators(range(4)), record_attention=recorder)
     grids = {"sd1": [(16, 24), (32, 48)], "sd2": [(16, 24)], "sdxl": [(16, 24)]}[kind]
@@ -143,10 +143,10 @@ def test_heatmaps_per_word_step_and_resolution_on_batches(kind, pipes):
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_heatmap_and_effect_commands(kind, folders, tmp_path):
-    assert main(["heatmap", PROMPT, "--model", folders[kind], "--steps", "2", "--words", "red,square",
+    assert main(["heatmap", PROMPT, "--model", folders[kind], "--steps", "3", "--words", "red,square",
                  "--height", "64", "--width", "96", "--out", str(tmp_path / "h")]) == 0
     assert Image.open(tmp_path / "h" / "image.png").size[0] >= 96 and (tmp_path / "h" / "word-red.png").exists()
-    assert main(["effect", PROMPT, "--model", folders[kind], "--steps", "2", "--words", "red", "--weight", "0",
+    assert main(["effect", PROMPT, "--model", folders[kind], "--steps", "3", "--words", "red", "--weight", "0",
                  "--out", str(tmp_path / "e")]) == 0
     effects = json.loads((tmp_path / "e" / "effects.json").read_text())
     assert effects["words"]["red"]["mean"] > 0                                 # silencing "red" changed the image
@@ -155,7 +155,7 @@ def test_heatmap_and_effect_commands(kind, folders, tmp_path):
 @pytest.mark.parametrize("kind", sd_models.KINDS)
 def test_word_weights_change_the_image_and_weight_one_does_not(kind, pipes):
     pipe = pipes[kind]
-    run = lambda w: pipe(PROMPT, num_inference_steps=2, generator=generators([1]), output_type="np",  # noqa: E731
+    run = lambda w: pipe(PROMPT, num_inference_steps=3, generator=generators([1]), output_type="np",  # noqa: E731
                          word_weights=w).images
     plain = run(None)
     assert np.array_equal(plain, run({"red": 1.0}))
@@ -177,7 +177,7 @@ def test_layout_guidance_moves_a_word_into_its_box(kind, pipes):
 
 
 def test_layout_and_guide_options_on_the_command_line(folders, tmp_path):
-    assert main(["generate", PROMPT, "--model", folders["sd2"], "--steps", "2", "--layout", "circle=0,0,0.5,0.5",
+    assert main(["generate", PROMPT, "--model", folders["sd2"], "--steps", "3", "--layout", "circle=0,0,0.5,0.5",
                  "--excite", "square", "--height", "64", "--width", "96", "--out", str(tmp_path)]) == 0
     meta = Image.open(next(tmp_path.glob("*.png"))).text
     assert json.loads(meta["layout"]) == {"circle": [0, 0, 0.5, 0.5]} and json.loads(meta["excite"]) == ["square"]
@@ -187,8 +187,8 @@ def test_layout_and_guide_options_on_the_command_line(folders, tmp_path):
 def test_the_explorer_offers_the_models_sizes(kind, folders, tmp_path):
     from t2i.explorer import Explorer, Request
     explorer = Explorer([folders[kind]], files_dir=tmp_path)
-    r = explorer.generate(Request(PROMPT, steps=2, num_images=1))
-    assert r.images[0].size == (64, 64) and r.previews.shape == (2, 1, 3, 64, 64)   # native: 32 latents x 2
+    r = explorer.generate(Request(PROMPT, steps=3, num_images=1))
+    assert r.images[0].size == (64, 64) and r.previews.shape == (3, 1, 3, 64, 64)   # native: 32 latents x 2
     assert r.heatmaps["all"].image_size == (64, 64) and explorer.above_native(r) == ""
     pipe = explorer.pipeline(explorer.default_model)
     assert explorer.sampling_limits(pipe).max_side == 128                     # 1.5x 64 is less than 128
@@ -214,7 +214,7 @@ def test_precision_runs_the_unet_under_autocast_and_stays_close(precision, folde
     """--precision bf16/fp16: the UNet under autocast (the PNG says which), the latents and the VAE in float32."""
     images = {}
     for p in ("fp32", precision):
-        assert main(["generate", PROMPT, "--model", folders["sd1"], "--steps", "2", "--precision", p, "--upscale", "1",
+        assert main(["generate", PROMPT, "--model", folders["sd1"], "--steps", "3", "--precision", p, "--upscale", "1",
                      "--out", str(tmp_path / p)]) == 0
         png = Image.open(next((tmp_path / p).glob("*.png")))
         assert png.text["precision"] == p
@@ -240,7 +240,7 @@ def test_evaluate_scores_given_prompts_and_a_hub_name_out_of_reach_is_one_line(f
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["evaluate", "--model", folders["sd1"], "--num-prompts", "1"]) == 2
     assert "scores models of t2i's shapes world" in capsys.readouterr().err
-    assert main(["evaluate", "--model", folders["sd1"], "--prompts", PROMPT, "a green triangle", "--steps", "2",
+    assert main(["evaluate", "--model", folders["sd1"], "--prompts", PROMPT, "a green triangle", "--steps", "3",
                  "--json", str(tmp_path / "f.json")]) == 0
     result = json.loads((tmp_path / "f.json").read_text())
     assert [r["word"] for r in result["rows"]] == ["red", "circle", "above", "blue", "square", "green", "triangle"]
@@ -256,7 +256,7 @@ def test_an_sdxl_pipeline_saved_by_t2i_loads_back_the_same(pipes, tmp_path):
     pipes["sdxl"].save_pretrained(tmp_path)
     again = load_pipeline(tmp_path)
     assert json.loads((tmp_path / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is True
-    run = lambda p: p(PROMPT, num_inference_steps=2, generator=generators([0]), output_type="np").images  # noqa: E731
+    run = lambda p: p(PROMPT, num_inference_steps=3, generator=generators([0]), output_type="np").images  # noqa: E731
     assert type(again.conditioning).__name__ == "SDXLText" and np.array_equal(run(pipes["sdxl"]), run(again))
 
 
@@ -264,7 +264,7 @@ def test_a_prompt_past_77_tokens_is_said_once_on_sdxl(pipes):
     import warnings
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        pipes["sdxl"](" ".join(["red circle"] * 40), num_inference_steps=1, generator=generators([0]))
+        pipes["sdxl"](" ".join(["red circle"] * 40), num_inference_steps=2, generator=generators([0]))
     cut = [w for w in seen if "dropped the last" in str(w.message)]
     assert len(cut) == 1, [str(w.message) for w in seen]
 
@@ -276,7 +276,7 @@ def test_a_silenced_word_leaves_no_trace_on_stable_diffusion(kind, pipes):
     alone they do not."""
     pipe = pipes[kind]
     prompts, weights = ["a red circle", "a blue circle"], [{"red": 0.0}, {"blue": 0.0}]
-    run = lambda **kw: pipe(prompts, num_inference_steps=2, generator=generators([4, 4]), output_type="np",  # noqa: E731
+    run = lambda **kw: pipe(prompts, num_inference_steps=3, generator=generators([4, 4]), output_type="np",  # noqa: E731
                             guidance_scale=5.0, **kw).images
     silenced = run(word_weights=weights)
     np.testing.assert_allclose(silenced[0], silenced[1], atol=1e-5)
