@@ -69,13 +69,7 @@ class T2IText:
         if clip_skip:
             raise ValueError("clip_skip is for Stable Diffusion's CLIP; this model's text encoder was trained "
                              "with its last layer")
-        if key_weights is None:
-            return encode_prompts(self.tokenizer, self.text_encoder, texts, max_length)
-        batch = tokenize(self.tokenizer, texts, max_length)
-        ids, mask = batch["input_ids"].to(self.text_encoder.device), batch["attention_mask"].to(self.text_encoder.device)
-        bias = weighted_mask(mask, key_weights, self.text_encoder.dtype)
-        states = self.text_encoder(input_ids=ids, attention_mask=bias).last_hidden_state
-        return PromptEncoding(states, mask, ids, token_strings(self.tokenizer, ids, mask))
+        return encode_prompts(self.tokenizer, self.text_encoder, texts, max_length, key_weights)
 
     def unet_conditioning(self, enc: PromptEncoding, rows: int, height: int, width: int) -> UNetConditioning:
         """The UNet batch's conditioning: each text's row repeated `rows // len(texts)` times in a row."""

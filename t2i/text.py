@@ -190,13 +190,16 @@ def _shortened(text: str, most: int = 60) -> str:
 
 
 def encode(tokenizer: CLIPTokenizer, text_encoder, texts: list[str], device: torch.device | str | None = None,
-           max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           max_length: int | None = None, key_weights: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Texts -> (hidden states (B, T, width), attention mask (B, T), input ids (B, T)) on `device`
-    (default: the encoder's). The one encode path of sampling and training."""
+    (default: the encoder's). `key_weights` (B, T) scale each token's key in the encoder's self-attention
+    (word weights, weighted_mask). The one encode path of sampling and training."""
     batch = tokenize(tokenizer, texts, max_length)
     device = text_encoder.device if device is None else device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, ids
+    attention = mask if key_weights is None else weighted_mask(mask, key_weights, text_encoder.dtype)
+    return text_encoder(input_ids=ids, attention_mask=attention).last_hidden_state, mask, ids
 
 
 def weighted_mask(mask: torch.Tensor, key_weights: torch.Tensor, dtype: torch.dtype,
@@ -220,9 +223,9 @@ def token_strings(tokenizer: CLIPTokenizer, ids: torch.Tensor, mask: torch.Tenso
 
 
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str],
-                   max_length: int | None = None) -> PromptEncoding:
-    """Prompts -> per-token hidden states (B, T, width) with their mask and token strings."""
-    hidden, mask, ids = encode(tokenizer, text_encoder, prompts, max_length=max_length)
+                   max_length: int | None = None, key_weights: torch.Tensor | None = None) -> PromptEncoding:
+    """Prompts -> per-token hidden states (B, T, width) with their mask and token strings (key_weights: see encode)."""
+    hidden, mask, ids = encode(tokenizer, text_encoder, prompts, max_length=max_length, key_weights=key_weights)
     return PromptEncoding(hidden, mask, ids, token_strings(tokenizer, ids, mask))
 
 

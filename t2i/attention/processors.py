@@ -35,27 +35,24 @@ def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
             raise ValueError(f"word weights are {tuple(weights.shape)} but the attention has {q.shape[0]} rows "
                              f"and {k.shape[-2]} tokens")
         weights = weights.to(q.device, torch.float32)[:, None, None, :]
-        silenced = (weights == 0).expand(-1, 1, 1, -1)                     # weight 0: out of the softmax's sum too
-        if silenced.any():
-            shut = torch.zeros(silenced.shape, dtype=q.dtype, device=q.device).masked_fill(silenced, float("-inf"))
-            if bias is not None and bias.dtype == torch.bool:
-                bias = torch.zeros(bias.shape, dtype=q.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
-            bias = shut if bias is None else bias + shut
-    p = attention_probs(q, k, bias, scale)
+    p = attention_probs(q, k, bias, scale, shut=None if weights is None else weights == 0)  # 0: out of the sum too
     if weights is not None:
         p = p * weights
     return torch.matmul(p.to(v.dtype), v), p
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None,
-                    scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) in float32, p (B, heads, N, T); shapes as in attention_with_probs."""
+                    scale: float | None = None, shut: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) in float32, p (B, heads, N, T); shapes as in attention_with_probs.
+    `shut` (bool, broadcastable to p): keys left out of the softmax (their probability 0)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale                 # (B, heads, N, T)
     if bias is not None:
         if bias.dtype == torch.bool:
             bias = torch.zeros(bias.shape, dtype=logits.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
         logits = logits + bias
+    if shut is not None:
+        logits = logits.masked_fill(shut, float("-inf"))
     return logits.softmax(dim=-1, dtype=torch.float32)
 
 

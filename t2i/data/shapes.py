@@ -336,8 +336,8 @@ def render_scene(config: ShapesConfig, index: int) -> ShapeScene:
     spans = None
     said_rng = np.random.default_rng((config.seed, index, 1))  # its own stream: the scene is the templates' scene
     if config.wording == "grammar" and said_rng.random() < config.grammar_share:  # said in a wording drawn afresh
-        from .wording import Grammar, drop_words
-        said = Grammar(config.holdout_wording, "all" if config.split == "all" else "train").caption(
+        from .wording import drop_words, grammar
+        said = grammar(config.holdout_wording, "all" if config.split == "all" else "train").caption(
             ShapeScene(None, caption, tuple(objects), None, stated), said_rng)
         said = drop_words(said, config.word_dropout, said_rng)
         caption, spans = said.text, said.spans

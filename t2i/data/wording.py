@@ -12,6 +12,7 @@ in the shipped hold-out: "sitting" is said only by held-out frames (NEW_IN_HOLDO
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ DEFAULT_HOLDOUT = (
 NEW_IN_HOLDOUT = ("sitting",)  # DEFAULT_HOLDOUT's one word that no training caption says
 
 
+@functools.cache
 def elements() -> dict[str, tuple[str, ...]]:
     """Every element of the grammar by kind: {"place": ("place:in the top left", ...), ...}."""
     kinds = {
@@ -274,6 +276,13 @@ def drop_words(caption: Caption, p: float, rng: np.random.Generator) -> Caption:
         before = sum(e - s_ for s_, e in keep if e <= a)
         shifted.append((a - before, b - before, k))
     return Caption(out.strip(), tuple(shifted), caption.used)
+
+
+@functools.cache
+def grammar(holdout: tuple[str, ...], mode: str) -> Grammar:
+    """The Grammar of a hold-out and mode, built (and its hold-out checked) once per process: the training
+    stream asks for it for every scene."""
+    return Grammar(holdout, mode)
 
 
 def reword(scene, grammar: Grammar, rng: np.random.Generator):
