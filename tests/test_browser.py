@@ -4,6 +4,7 @@ steps, silence a colour word, generate once with attention guidance; every reque
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,6 +15,22 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "outputs" / "serve-browser
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install -y chromium "
                                 "(the browser test drives Debian's chromium; Playwright downloads none)")
+
+
+@contextmanager
+def opened_page(url: str, height: int = 1100):
+    """A 1400 px wide headless Chromium page at `url`, once the explorer's Generate button is there; the browser
+    closes however the test ends."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": height})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            yield page
+        finally:
+            browser.close()
 
 
 def _img(page, element_id: str) -> str:
@@ -138,271 +155,207 @@ def _drag(page, element_id: str, fraction: float) -> None:
 def test_step_drags_and_bad_values_as_a_user_meets_them(served):
     """Issue 19: a dragged step shows that step (x0 and the map); a bad value is t2i's own message in the page,
     the last result stays, and the server's log holds no traceback."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
     url, _, _ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(url, timeout=60_000)
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#prompt textarea", "a red circle")
-            _set_number(page, "steps", "8")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')",
-                                   timeout=60_000)
-            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')")
+    with opened_page(url) as page:
+        page.fill("#prompt textarea", "a red circle")
+        _set_number(page, "steps", "8")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')",
+                               timeout=60_000)
+        page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')")
 
-            # 1. drags: after each, x0 and the map show the step the slider shows
-            for fraction in (0.0, 0.6, 0.2, 1.0, 0.45):
-                _drag(page, "step", fraction)
-                shown = page.locator("#step input[type=number]").input_value()
-                page.wait_for_function(f"document.querySelector('#stepmap').innerText.includes('red at step {shown}/8')"
-                                       f" && document.querySelector('#x0').innerText.includes('at step {shown}/8')",
-                                       timeout=5_000)
+        # 1. drags: after each, x0 and the map show the step the slider shows
+        for fraction in (0.0, 0.6, 0.2, 1.0, 0.45):
+            _drag(page, "step", fraction)
+            shown = page.locator("#step input[type=number]").input_value()
+            page.wait_for_function(f"document.querySelector('#stepmap').innerText.includes('red at step {shown}/8')"
+                                   f" && document.querySelector('#x0').innerText.includes('at step {shown}/8')",
+                                   timeout=5_000)
 
-            # 2. generating again: one progress display (in the message), the earlier result stays in view
-            _set_number(page, "count", "4")
-            page.click("#generate")
-            page.wait_for_function("(() => { const t = id => document.querySelector(`#${id} [data-testid=status-tracker]`);"
-                                   " return t('message') && !t('message').classList.contains('hide') &&"
-                                   " t('image').classList.contains('hide') && t('grid').classList.contains('hide') })()",
-                                   timeout=30_000, polling=10)
-            page.wait_for_function("document.querySelector('#message').innerText.includes('4 image(s)')", timeout=60_000)
-            _set_number(page, "count", "1")
+        # 2. generating again: one progress display (in the message), the earlier result stays in view
+        _set_number(page, "count", "4")
+        page.click("#generate")
+        page.wait_for_function("(() => { const t = id => document.querySelector(`#${id} [data-testid=status-tracker]`);"
+                               " return t('message') && !t('message').classList.contains('hide') &&"
+                               " t('image').classList.contains('hide') && t('grid').classList.contains('hide') })()",
+                               timeout=30_000, polling=10)
+        page.wait_for_function("document.querySelector('#message').innerText.includes('4 image(s)')", timeout=60_000)
+        _set_number(page, "count", "1")
 
-            # 3. bad values: t2i's message, the result stays
-            image = _img(page, "image")
-            for element_id, value, said in (("seed", "-1", "the seed must be"), ("weight", "1e9", "weight must be"),
-                                            ("step", "99", "the step must be a whole number from 1 to 8")):
-                _set_number(page, element_id, value)
-                if element_id == "seed":
-                    page.click("#generate")
-                page.wait_for_function(f"document.querySelector('#message').innerText.includes('Cannot do that')"
-                                       f" && document.querySelector('#message').innerText.includes({said!r})",
-                                       timeout=30_000)
-                assert _img(page, "image") == image and not page.locator(".toast-body").count()
-                _set_number(page, element_id, "1" if element_id == "step" else "0")
-        finally:
-            browser.close()
+        # 3. bad values: t2i's message, the result stays
+        image = _img(page, "image")
+        for element_id, value, said in (("seed", "-1", "the seed must be"), ("weight", "1e9", "weight must be"),
+                                        ("step", "99", "the step must be a whole number from 1 to 8")):
+            _set_number(page, element_id, value)
+            if element_id == "seed":
+                page.click("#generate")
+            page.wait_for_function(f"document.querySelector('#message').innerText.includes('Cannot do that')"
+                                   f" && document.querySelector('#message').innerText.includes({said!r})",
+                                   timeout=30_000)
+            assert _img(page, "image") == image and not page.locator(".toast-body").count()
+            _set_number(page, element_id, "1" if element_id == "step" else "0")
 
 
 def test_seeds_travel_as_text_end_to_end(served):
     """Issue 25 items 5 and 22: a seed above 2**53 runs as typed (a number box made 9007199254740993 ...992 and
     refused 2**64 - 1 as 18446744073709552000), and 1.5 is refused as steps 2.5 is, not rounded to 2."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
     url, _, _ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(url, timeout=60_000)
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#prompt textarea", "a red circle")
-            _set_number(page, "steps", "2")
-            for seed in ("9007199254740993", "18446744073709551615"):
-                _set_number(page, "seed", seed)
-                page.click("#generate")
-                page.wait_for_function(f"document.querySelector('#message').innerText.includes('seed {seed}:')",
-                                       timeout=60_000)
-                assert f"red-circle-{seed}\n.png" in page.inner_text("#files")  # the name, the extension apart
-            _set_number(page, "seed", "1.5")
+    with opened_page(url) as page:
+        page.fill("#prompt textarea", "a red circle")
+        _set_number(page, "steps", "2")
+        for seed in ("9007199254740993", "18446744073709551615"):
+            _set_number(page, "seed", seed)
             page.click("#generate")
-            page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')",
-                                   timeout=30_000)
-            said = "the seed must be a whole number from 0 to 18446744073709551615, got 1.5"
-            assert said in page.inner_text("#message")
-        finally:
-            browser.close()
+            page.wait_for_function(f"document.querySelector('#message').innerText.includes('seed {seed}:')",
+                                   timeout=60_000)
+            assert f"red-circle-{seed}\n.png" in page.inner_text("#files")  # the name, the extension apart
+        _set_number(page, "seed", "1.5")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')",
+                               timeout=30_000)
+        said = "the seed must be a whole number from 0 to 18446744073709551615, got 1.5"
+        assert said in page.inner_text("#message")
 
 
 def test_typed_values_out_of_range_are_refused_in_words_not_changed(served):
     """Issue 25 item 4: steps 0 or 100000, an emptied steps box, guidance -5 or 1e9, images 0 or 50 ran as 1, 50,
     1, 1, 10, 1, 4 in silence (the sliders clamped what was typed); each is t2i's message now, the result kept."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
     url, _, _ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(url, timeout=60_000)
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#prompt textarea", "a red circle")
-            _set_number(page, "steps", "2")
+    with opened_page(url) as page:
+        page.fill("#prompt textarea", "a red circle")
+        _set_number(page, "steps", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')", timeout=60_000)
+        image = _img(page, "image")
+        for element_id, value, said in (("steps", "0", "got 0"), ("steps", "100000", "got 100000"),
+                                        ("steps", "", "steps must be"), ("guidance", "-5", "got -5"),
+                                        ("guidance", "1e9", "got 1000000000"), ("count", "0", "got 0"),
+                                        ("count", "50", "got 50")):
+            _set_number(page, element_id, value)
             page.click("#generate")
-            page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')", timeout=60_000)
-            image = _img(page, "image")
-            for element_id, value, said in (("steps", "0", "got 0"), ("steps", "100000", "got 100000"),
-                                            ("steps", "", "steps must be"), ("guidance", "-5", "got -5"),
-                                            ("guidance", "1e9", "got 1000000000"), ("count", "0", "got 0"),
-                                            ("count", "50", "got 50")):
-                _set_number(page, element_id, value)
-                page.click("#generate")
-                page.wait_for_function(f"document.querySelector('#message').innerText.includes('Cannot do that')"
-                                       f" && document.querySelector('#message').innerText.includes({said!r})",
-                                       timeout=30_000)
-                assert _img(page, "image") == image, (element_id, value)
-                _set_number(page, element_id, {"steps": "2", "guidance": "3", "count": "1"}[element_id])
-        finally:
-            browser.close()
+            page.wait_for_function(f"document.querySelector('#message').innerText.includes('Cannot do that')"
+                                   f" && document.querySelector('#message').innerText.includes({said!r})",
+                                   timeout=30_000)
+            assert _img(page, "image") == image, (element_id, value)
+            _set_number(page, element_id, {"steps": "2", "guidance": "3", "count": "1"}[element_id])
 
 
 def test_the_word_chips_are_reached_and_chosen_with_the_keyboard(served):
     """Issue 25 item 3: the chips were hidden radio inputs (display: none), so Tab skipped them; now Tab reaches
     each chip in turn and Space chooses one, whose map is drawn."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
     url, _, _ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(url, timeout=60_000)
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#prompt textarea", "a red circle")
-            _set_number(page, "steps", "2")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
-                                   timeout=60_000)
-            page.focus("#generate button, button#generate")
-            for _ in range(60):  # Tab on from Generate until the focus is on a word chip
-                page.keyboard.press("Tab")
-                if page.evaluate("!!document.activeElement.closest('#words')"):
-                    break
-            focused = "document.activeElement.closest('#words') && document.activeElement.value"
-            assert page.evaluate(focused) == "a"
-            page.keyboard.press("Tab")                 # each chip is a stop (Gradio names each radio apart)
+    with opened_page(url) as page:
+        page.fill("#prompt textarea", "a red circle")
+        _set_number(page, "steps", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
+                               timeout=60_000)
+        page.focus("#generate button, button#generate")
+        for _ in range(60):  # Tab on from Generate until the focus is on a word chip
             page.keyboard.press("Tab")
-            assert page.evaluate(focused) == "circle"
-            page.keyboard.press("Space")               # and Space chooses it
-            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: circle')",
-                                   timeout=30_000)
-        finally:
-            browser.close()
+            if page.evaluate("!!document.activeElement.closest('#words')"):
+                break
+        focused = "document.activeElement.closest('#words') && document.activeElement.value"
+        assert page.evaluate(focused) == "a"
+        page.keyboard.press("Tab")                 # each chip is a stop (Gradio names each radio apart)
+        page.keyboard.press("Tab")
+        assert page.evaluate(focused) == "circle"
+        page.keyboard.press("Space")               # and Space chooses it
+        page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: circle')",
+                               timeout=30_000)
 
 
 def test_the_weight_regenerates_from_the_keyboard_and_a_typed_5_is_said(served):
     """Issue 25 item 3: typing 0 (without leaving the box) and the arrow keys regenerate, as releasing a drag
     did; a typed 5 is t2i's message (the slider clamped it to 3 in silence)."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
     url, _, _ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(url, timeout=60_000)
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#prompt textarea", "a red circle")
-            _set_number(page, "steps", "2")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
-                                   timeout=60_000)
-            box = page.locator("#weight input[type=number]")
-            box.fill("0")                                                   # typed, focus stays in the box
-            page.wait_for_function("document.querySelector('#message').innerText.includes('regenerated with red x 0')",
-                                   timeout=30_000)
-            box.press("ArrowUp")                                            # 0 -> 0.1
-            page.wait_for_function("document.querySelector('#message').innerText"
-                                   ".includes('regenerated with red x 0.1')",
-                                   timeout=30_000)
-            box.fill("5")
-            page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')"
-                                   " && document.querySelector('#message').innerText.includes('from 0 to 3')",
-                                   timeout=30_000)
-        finally:
-            browser.close()
+    with opened_page(url) as page:
+        page.fill("#prompt textarea", "a red circle")
+        _set_number(page, "steps", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
+                               timeout=60_000)
+        box = page.locator("#weight input[type=number]")
+        box.fill("0")                                                   # typed, focus stays in the box
+        page.wait_for_function("document.querySelector('#message').innerText.includes('regenerated with red x 0')",
+                               timeout=30_000)
+        box.press("ArrowUp")                                            # 0 -> 0.1
+        page.wait_for_function("document.querySelector('#message').innerText"
+                               ".includes('regenerated with red x 0.1')",
+                               timeout=30_000)
+        box.fill("5")
+        page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')"
+                               " && document.querySelector('#message').innerText.includes('from 0 to 3')",
+                               timeout=30_000)
 
 
 def test_image_toolbars_and_downloads_do_not_mislead(served):
     """Issue 25 item 7: no Share button (it only said 'Must be on Spaces to share') nor the images' own Download
     (a 256 px image.webp without metadata: the downloads list has the PNGs); the list shows whole names, offers
     no 'Remove this file', and keeps every reweighted PNG, not only the latest."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
     url, _, _ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(url, timeout=60_000)
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#prompt textarea", "a red circle")
-            _set_number(page, "steps", "2")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
-                                   timeout=60_000)
-            box = page.locator("#weight input[type=number]")
-            for value, said in (("0", "red x 0"), ("2", "red x 2")):
-                box.fill(value)
-                page.wait_for_function(f"document.querySelector('#message').innerText.includes('regenerated with "
-                                       f"{said}')", timeout=30_000)
-            page.wait_for_function("document.querySelectorAll('#files td.filename').length == 4", timeout=10_000)
-            names = page.eval_on_selector_all("#files td.filename",
-                                              "tds => tds.map(td => td.getAttribute('aria-label'))")
-            assert {"a-red-circle-0-redx0.png", "a-red-circle-0-redx2.png"} <= set(names), names
-            views = ["image", "overlay", "effect", "reweighted", "x0", "stepmap", "grid"]
-            for view in views:
-                for button in ("Share", "Download"):
-                    assert not page.locator(f"#{view} button[aria-label={button}]").count(), (view, button)
-            assert not any(b.is_visible() for b in page.locator("#files button[aria-label='Remove this file']").all())
-            cut = page.eval_on_selector_all("#files .stem", "els => els.filter(e => e.scrollWidth > e.clientWidth)"
-                                                           ".map(e => e.textContent)")
-            assert cut == [], cut
-        finally:
-            browser.close()
+    with opened_page(url) as page:
+        page.fill("#prompt textarea", "a red circle")
+        _set_number(page, "steps", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
+                               timeout=60_000)
+        box = page.locator("#weight input[type=number]")
+        for value, said in (("0", "red x 0"), ("2", "red x 2")):
+            box.fill(value)
+            page.wait_for_function(f"document.querySelector('#message').innerText.includes('regenerated with "
+                                   f"{said}')", timeout=30_000)
+        page.wait_for_function("document.querySelectorAll('#files td.filename').length == 4", timeout=10_000)
+        names = page.eval_on_selector_all("#files td.filename",
+                                          "tds => tds.map(td => td.getAttribute('aria-label'))")
+        assert {"a-red-circle-0-redx0.png", "a-red-circle-0-redx2.png"} <= set(names), names
+        views = ["image", "overlay", "effect", "reweighted", "x0", "stepmap", "grid"]
+        for view in views:
+            for button in ("Share", "Download"):
+                assert not page.locator(f"#{view} button[aria-label={button}]").count(), (view, button)
+        assert not any(b.is_visible() for b in page.locator("#files button[aria-label='Remove this file']").all())
+        cut = page.eval_on_selector_all("#files .stem", "els => els.filter(e => e.scrollWidth > e.clientWidth)"
+                                                       ".map(e => e.textContent)")
+        assert cut == [], cut
 
 
 def test_progress_and_messages_are_where_the_eye_is(served):
     """Issue 25 items 1 and 2: on a fresh page the message area was 0 px tall and hid the progress bar (and the
     queue position); an error with the guidance panel open landed below the window's bottom edge."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
     url, _, _ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, timeout=60_000)
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#prompt textarea", "a red circle")
-            _set_number(page, "steps", "8")
-            page.click("#generate")                                          # the first Generate of the page
-            page.wait_for_function("(() => { const t = document.querySelector('#message [data-testid=status-tracker]');"
-                                   " return t && !t.classList.contains('hide') && Math.min(t.getBoundingClientRect()"
-                                   ".height, document.querySelector('#message').getBoundingClientRect().height) > 20"
-                                   " })()", timeout=30_000, polling=10)
-            page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')", timeout=60_000)
-            page.click("text=attention guidance (slower)")
-            page.fill("#boxes textarea, #boxes input", "circle=0,0,2,1")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')",
-                                   timeout=30_000)
-            page.wait_for_function("(() => { const r = document.querySelector('#message').getBoundingClientRect();"
-                                   " return r.top >= 0 && r.bottom <= window.innerHeight })()", timeout=5_000)
-        finally:
-            browser.close()
+    with opened_page(url, height=1000) as page:
+        page.fill("#prompt textarea", "a red circle")
+        _set_number(page, "steps", "8")
+        page.click("#generate")                                          # the first Generate of the page
+        page.wait_for_function("(() => { const t = document.querySelector('#message [data-testid=status-tracker]');"
+                               " return t && !t.classList.contains('hide') && Math.min(t.getBoundingClientRect()"
+                               ".height, document.querySelector('#message').getBoundingClientRect().height) > 20"
+                               " })()", timeout=30_000, polling=10)
+        page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')", timeout=60_000)
+        page.click("text=attention guidance (slower)")
+        page.fill("#boxes textarea, #boxes input", "circle=0,0,2,1")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#message').innerText.includes('Cannot do that')",
+                               timeout=30_000)
+        page.wait_for_function("(() => { const r = document.querySelector('#message').getBoundingClientRect();"
+                               " return r.top >= 0 && r.bottom <= window.innerHeight })()", timeout=5_000)
 
 
 def test_every_map_says_its_scale_and_an_effect_its_size(served):
     """Issue 25 item 8: the step map, the effect map and the all-words grid said nothing of their scale, and an
     effect of red x 0 was a faint outline with no number."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
     url, _, _ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(url, timeout=60_000)
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#prompt textarea", "a red circle")
-            _set_number(page, "steps", "2")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
-                                   timeout=60_000)
-            assert "its own scale" in page.inner_text("#stepmap") and "own scale" in page.inner_text("#grid")
-            page.locator("#weight input[type=number]").fill("0")
-            page.wait_for_function("document.querySelector('#effect').innerText.includes('brightest')", timeout=30_000)
-            label = page.inner_text("#effect")
-            assert re.search(r"brightest = a change of \d+% .*largest \d+%, mean \d+(\.\d)?%", label), label
-        finally:
-            browser.close()
+    with opened_page(url) as page:
+        page.fill("#prompt textarea", "a red circle")
+        _set_number(page, "steps", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
+                               timeout=60_000)
+        assert "its own scale" in page.inner_text("#stepmap") and "own scale" in page.inner_text("#grid")
+        page.locator("#weight input[type=number]").fill("0")
+        page.wait_for_function("document.querySelector('#effect').innerText.includes('brightest')", timeout=30_000)
+        label = page.inner_text("#effect")
+        assert re.search(r"brightest = a change of \d+% .*largest \d+%, mean \d+(\.\d)?%", label), label
 
 
 def test_a_visitor_turned_away_by_a_full_queue_is_told_in_t2is_words(served_small_queue):
@@ -433,26 +386,18 @@ def test_a_visitor_turned_away_by_a_full_queue_is_told_in_t2is_words(served_smal
 def test_progress_is_not_drawn_over_the_old_message(served):
     """Issue 25 item 10 (part): while sampling, the progress in the message area was drawn over the last message's
     text; now that text is hidden until the new message replaces it."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
     url, _, _ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(url, timeout=60_000)
-            page.wait_for_selector("#generate", timeout=60_000)
-            page.fill("#prompt textarea", "a red circle")
-            _set_number(page, "steps", "8")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')", timeout=60_000)
-            _set_number(page, "count", "4")
-            page.click("#generate")
-            page.wait_for_function(
-                "(() => { const m = document.querySelector('#message'), t = m.querySelector('[data-testid=status-"
-                "tracker]'); if (!t || t.classList.contains('hide')) return false;"
-                " const prose = [...m.querySelectorAll('.prose, .md')]"
-                ".filter(e => e.textContent.includes('image(s)'));"  # innerText skips what is hidden
-                " return prose.length > 0 && prose.every(e => getComputedStyle(e).visibility == 'hidden') })()",
-                timeout=30_000, polling=10)
-        finally:
-            browser.close()
+    with opened_page(url) as page:
+        page.fill("#prompt textarea", "a red circle")
+        _set_number(page, "steps", "8")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#message').innerText.includes('image(s)')", timeout=60_000)
+        _set_number(page, "count", "4")
+        page.click("#generate")
+        page.wait_for_function(
+            "(() => { const m = document.querySelector('#message'), t = m.querySelector('[data-testid=status-"
+            "tracker]'); if (!t || t.classList.contains('hide')) return false;"
+            " const prose = [...m.querySelectorAll('.prose, .md')]"
+            ".filter(e => e.textContent.includes('image(s)'));"  # innerText skips what is hidden
+            " return prose.length > 0 && prose.every(e => getComputedStyle(e).visibility == 'hidden') })()",
+            timeout=30_000, polling=10)
