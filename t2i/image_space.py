@@ -77,13 +77,28 @@ class LatentSpace(PixelSpace):
                 self.vae.to(stored)
         return super().decode(x)
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        dist = self.vae.encode((images * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
-        z = dist.sample(generator)
+    def distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) images in [0, 1] -> the VAE's latent distribution as (mean, std), each (B, C, h, w), in
+        the VAE's own units (before the scaling factor). AutoencoderTiny encodes to a point: std is zero."""
+        out = self.vae.encode((images * 2 - 1).to(self.vae.device, self.vae.dtype))
+        dist = getattr(out, "latent_dist", None)
+        if dist is None:
+            return out.latents, torch.zeros_like(out.latents)
+        return dist.mean, dist.std
+
+    def from_distribution(self, mean: torch.Tensor, std: torch.Tensor,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw z = mean + std * eps from a latent distribution (a cached one, or `distribution`'s), scaled to
+        what the UNet denoises: (z - shift) * scale, or per channel (z - mean_c) * scale / std_c."""
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean + std * eps
         if self.mean_std is not None:
-            mean, std = (t.view(1, -1, 1, 1).to(z.device, z.dtype) for t in self.mean_std)
-            return (z - mean) * self.scaling_factor / std
+            mean_c, std_c = (t.view(1, -1, 1, 1).to(z.device, z.dtype) for t in self.mean_std)
+            return (z - mean_c) * self.scaling_factor / std_c
         return (z - self.shift_factor) * self.scaling_factor
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.from_distribution(*self.distribution(images), generator)
 
     def scheduler_options(self, options: dict) -> dict:
         """Latents are not bounded: no x0 thresholding, no clip_sample."""
