@@ -2,7 +2,8 @@
 # One prepared script for when a GPU is at hand: in about 9 minutes it
 #   1. runs the UNet, training and sampling benchmarks on CUDA (bench/unet.py against a matched diffusers UNet,
 #      bench/train.py and bench/sample.py against eager fp32, bench/sd.py: recording cross-attention on SD 1.5's
-#      UNet against none and a DAAM-style recorder), alone on the GPU so the timings hold;
+#      UNet against none and a DAAM-style recorder, bench/finetune_sd.py: fine-tuning SD 1.5's UNet at 64x64 latents
+#      with and without gradient checkpointing), alone on the GPU so the timings hold;
 #   2. trains configs/shapes64.yaml in bf16 for $STEPS64 steps (position curve every 100 steps) and, beside it,
 #      the noise-schedule ablation of configs/shapes32.yaml ($ABLATE_STEPS steps a row, rows in parallel);
 #   3. scores every model it trained with `t2i evaluate`.
@@ -42,6 +43,7 @@ if [ "${1:-}" = "--smoke" ]; then
   BENCH_TRAIN="--preset tiny --size 16 --batch 2 --text-width 32 --steps 1 --variants eager"
   BENCH_SAMPLE="--preset tiny --size 16 --text-width 32 --steps 2 --batches 1 --repeats 1 --variants eager"
   BENCH_SD="--tiny --steps 2 --repeats 1"
+  BENCH_FT="--tiny --steps 1"
   EVAL="--num-prompts 2 --images-per-prompt 1 --calibration-prompts 2 --effect-prompts 0 --steps 2"
 else
   DEVICE=cuda STEPS64=${STEPS64:-400} ABLATE_STEPS=${ABLATE_STEPS:-1500} CURVE=500 TINY="" TINY64=""
@@ -49,6 +51,7 @@ else
   BENCH_TRAIN="--preset base --size 64 --batch 256 --text-width 256 --steps 10 --variants eager,channels_last,bf16,fused_adamw"
   BENCH_SAMPLE="--preset base --size 64 --text-width 256 --steps 20 --batches 1,32 --repeats 2 --variants eager,bf16"
   BENCH_SD="--batch 4 --steps 10 20 --repeats 3 --warmup 1"   # SD 1.5's UNet, fp16: recording cost and memory
+  BENCH_FT="--batch 16 --steps 5 --warmup 2"                     # SD 1.5's UNet fine-tuned at 64x64 latents, bf16
   EVAL="--num-prompts 24 --images-per-prompt 2 --calibration-prompts 16 --effect-prompts 0"
 fi
 say() { echo "[$(date -u +%T)] $*" | tee -a "$RESULTS"; }
@@ -63,7 +66,8 @@ say "machine: $(tail -1 "$OUT/env.txt")"
 { timeout 100 $PY bench/unet.py $BENCH_UNET --device $DEVICE
   timeout 120 $PY bench/train.py $BENCH_TRAIN --device $DEVICE
   timeout 100 $PY bench/sample.py $BENCH_SAMPLE --device $DEVICE
-  timeout 150 $PY bench/sd.py $BENCH_SD --device $DEVICE; } > "$OUT/bench.txt" 2>&1
+  timeout 150 $PY bench/sd.py $BENCH_SD --device $DEVICE
+  timeout 150 $PY bench/finetune_sd.py $BENCH_FT --device $DEVICE; } > "$OUT/bench.txt" 2>&1
 say "benchmarks: $(grep -c . "$OUT/bench.txt") lines in bench.txt"
 
 # 2. shapes64 and the ablation rows, side by side

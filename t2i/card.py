@@ -29,22 +29,32 @@ def data_description(cfg: RunConfig) -> str:
 
 def recipe(cfg: RunConfig) -> dict:
     """The base recipe: what the model is, before the details of the full config."""
-    return {"unet_preset": cfg.model.preset, "resolution": cfg.data.size,
+    return {"unet": cfg.model.unet, "unet_preset": cfg.model.preset, "resolution": cfg.data.size,
+            **({"vae": cfg.model.vae} if cfg.model.vae else {}),
             "text_encoder": cfg.text.pretrained or "offline CLIP (tokenizer learned from the captions)",
             "prediction_type": cfg.noise.prediction_type, "steps": cfg.train.max_steps,
             **({"fine_tuned_from": cfg.train.init_from} if cfg.train.init_from else {})}
 
 
-def write_model_card(folder: str | Path, cfg: RunConfig, final: str | Path | None = None) -> Path:
+def write_model_card(folder: str | Path, cfg: RunConfig, final: str | Path | None = None,
+                     stable_diffusion: bool = False) -> Path:
     """Write `{folder}/README.md` for an exported pipeline trained with `cfg`; `final`: where the folder will
-    be once renamed into place (default: `folder`)."""
+    be once renamed into place (default: `folder`); `stable_diffusion`: the folder is a StableDiffusionPipeline's."""
     folder = Path(folder)
+    latent = stable_diffusion or bool(cfg.model.vae)
     meta = {"library_name": "t2i", "pipeline_tag": "text-to-image",
-            "tags": ["t2i", "text-to-image", "diffusers", "pixel-space"],
+            "tags": ["t2i", "text-to-image", "diffusers", "latent-space" if latent else "pixel-space",
+                     *(["stable-diffusion"] if stable_diffusion else [])],
             "t2i_recipe": recipe(cfg), "t2i_data": data_description(cfg), "t2i_config": config_to_dict(cfg)}
-    body = [f"# {Path(cfg.train.output_dir).name or 't2i'}", "",
-            "A pixel-space text-to-image diffusion model trained from scratch with t2i. Load it with",
-            "`t2i.load_pipeline(PATH)` or `DiffusionPipeline.from_pretrained(PATH, trust_remote_code=True)`.", "",
+    how = (f"fine-tuned from {cfg.train.init_from}" if cfg.train.init_from else "trained from scratch") + " with t2i"
+    if stable_diffusion:
+        what = [f"A Stable Diffusion pipeline (diffusers' StableDiffusionPipeline) {how}. Load it with",
+                "`StableDiffusionPipeline.from_pretrained(PATH)` or `t2i.load_pipeline(PATH)`."]
+    else:
+        space = f"latent-space (in the latents of {cfg.model.vae})" if latent else "pixel-space"
+        what = [f"A {space} text-to-image diffusion model {how}. Load it with",
+                "`t2i.load_pipeline(PATH)` or `DiffusionPipeline.from_pretrained(PATH, trust_remote_code=True)`."]
+    body = [f"# {Path(cfg.train.output_dir).name or 't2i'}", "", *what, "",
             f"Data: {data_description(cfg)}.", "",
             "The resolved training config is `t2i_config` above (and `train_config.yaml`).", "",
             EVAL_HEADING, "", NOT_EVALUATED.format(path=final or folder), ""]

@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_KEYS = {"step": int, "samples": int, "world_size": int, "optimizer": dict, "lr_schedule": dict, "config": dict}
 CORE_FILES = ("unet.safetensors", "ema.safetensors", "optimizer.safetensors")  # in every checkpoint, listed or not
-NOT_A_RUN = ("config.yaml", "tokenizer", "text_encoder", "previews", "tensorboard")  # with no checkpoint nor pipeline
-RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "text_encoder", "previews", "tensorboard")  # beside its checkpoints
+NOT_A_RUN = ("config.yaml", "tokenizer", "text_encoder", "start", "previews", "tensorboard")  # with no checkpoint nor pipeline
+RUN_FILES = ("config.yaml", "pipeline", "tokenizer", "text_encoder", "start", "previews", "tensorboard")  # beside its checkpoints
 ALL_DAMAGED = "start over with --overwrite (deletes them), or train into another train.output_dir"
 STARTED = ".t2i-run"  # written by a fresh start: what is beside it, t2i wrote (a folder without it is the user's)
 OWN_FILES = (".lock", STARTED, "position.jsonl", *NOT_A_RUN)  # what t2i writes into a run folder before a checkpoint
@@ -465,7 +465,7 @@ def claim_run_dir(run_dir: str | Path, main: bool, resume: str | None, overwrite
             write_synced(run_dir / STARTED, b"t2i train started a run here; what it wrote may be replaced\n")
         for stage in run_dir.glob(".checkpoint-*.tmp"):
             shutil.rmtree(stage, ignore_errors=True)
-        for stage in run_dir.glob(".pipeline.*"):  # an export killed half-way
+        for stage in [*run_dir.glob(".pipeline.*"), *run_dir.glob(".start.*")]:  # an export killed half-way
             shutil.rmtree(stage, ignore_errors=True)
         yield
     finally:
@@ -482,7 +482,7 @@ def _refuse_foreign_files(run_dir: Path) -> None:
     marked = (run_dir / STARTED).is_file()
     foreign = sorted(p.name for p in run_dir.iterdir()
                      if p.name not in (".lock", STARTED) and not (marked and p.name in OWN_FILES)
-                     and not p.name.startswith((".checkpoint-", ".pipeline.")))
+                     and not p.name.startswith((".checkpoint-", ".pipeline.", ".start.")))
     if foreign:
         raise ValueError(f"train.output_dir {run_dir} holds files that t2i train did not write "
                          f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and no run; nothing there "

@@ -25,6 +25,8 @@ class DataConfig:
     flip: bool = False                   # horizontal flips (warns when captions say left/right)
     caption_column: str = "text"
     num_workers: int = 0
+    latent_cache: str = "beside"         # with a VAE (model.vae, or a Stable Diffusion train.init_from): "beside" the
+                                         # data (.t2i-latents/), a folder of its own, or "off" (encode every step)
     # shapes world
     min_objects: int = 1
     max_objects: int = 2                 # the recipe's (configs/shapes32.yaml); the world holds up to 3
@@ -41,7 +43,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    unet: str = "t2i"                    # "t2i" (T2IUNet) or "diffusers" (a UNet2DConditionModel of the same preset)
     preset: str = "small"                # a t2i.unet preset; fields below override it when set (unet.build_unet)
+    vae: str | None = None               # a VAE folder or hub name (AutoencoderKL, AutoencoderTiny), frozen: the UNet
+                                         # denoises its latents; data.size stays the image side in pixels
     block_channels: tuple[int, ...] | None = None
     layers_per_block: int | None = None
     attention_levels: tuple[bool, ...] | None = None
@@ -134,6 +139,12 @@ class RunConfig:
             (self.data.kind != "shards" or self.train.grounding_weight == 0,
              "train.grounding_weight needs per-word masks, which only image folders carry: use data.kind=folder"),
             (self.data.crop in ("center", "random"), "data.crop must be 'center' or 'random'"),
+            (self.model.unet in ("t2i", "diffusers"), "model.unet must be 't2i' (T2IUNet) or 'diffusers' "
+             "(a UNet2DConditionModel)"),
+            (bool(self.data.latent_cache), "data.latent_cache must be 'beside', 'off' or a folder"),
+            (not (self.model.vae and self.data.kind == "shapes" and self.data.latent_cache not in ("beside", "off")),
+             "data.latent_cache caches an image folder's or shards' latents; the shapes world draws new images "
+             "every step: leave data.latent_cache unset, or write the world as a folder (t2i make-dataset shapes)"),
             (self.noise.prediction_type in ("epsilon", "v_prediction"),
              "noise.prediction_type must be 'epsilon' or 'v_prediction'"),
             (0 <= self.train.caption_dropout < 1, "train.caption_dropout must be in [0, 1)"),
@@ -197,7 +208,7 @@ def _infinite(config: RunConfig) -> list[str]:
 
 # Settings that may change when a run resumes: how long, how fast, how often, where it writes. Any other
 # difference from the checkpoint's config changes the model or what it learns, and --resume refuses it.
-RESUMABLE = ("data.num_workers", "train.output_dir", "train.max_steps", "train.lr", "train.grad_clip",
+RESUMABLE = ("data.num_workers", "data.latent_cache", "train.output_dir", "train.max_steps", "train.lr", "train.grad_clip",
              "train.mixed_precision", "train.channels_last", "train.log_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.preview_every", "train.preview_prompts", "train.preview_steps",
              "train.position_every",

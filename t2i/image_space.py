@@ -36,6 +36,10 @@ class PixelSpace:
         """A scheduler's options for this space: pixels keep x0 thresholding and clip_sample as asked."""
         return dict(options)
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PixelSpace":
+        """The space with its frozen parts (a VAE) on `device` in `dtype` (None: as they are)."""
+        return self
+
     def describe(self) -> str:
         return f"pixels, {self.channels} channels"
 
@@ -55,6 +59,12 @@ class LatentSpace(PixelSpace):
         self.shift_factor = getattr(config, "shift_factor", None) or 0.0
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         self.mean_std = None if mean is None or std is None else (torch.tensor(mean), torch.tensor(std))
+
+    def to(self, device, dtype=None) -> "LatentSpace":
+        from .stable_diffusion import quiet_third_party
+        with quiet_third_party():  # diffusers warns of any cast, even to float32 on the CPU
+            self.vae.to(device) if dtype is None else self.vae.to(device, dtype)
+        return self
 
     def _decode_in(self) -> torch.dtype:
         """fp16 VAEs that say they overflow (SDXL's, force_upcast) decode in float32."""

@@ -74,7 +74,9 @@ class T2IPipeline(DiffusionPipeline):
     """unet (T2IUNet or any diffusers UNet2DConditionModel), CLIP text_encoder and tokenizer, and a diffusers
     scheduler; with a `vae`, the UNet denoises its latents (Stable Diffusion), and with `text_encoder_2` and
     `tokenizer_2` it is conditioned as SDXL is. `caption_dropout` records the caption dropout used in
-    training (None: unknown); guidance on a model trained without it warns."""
+    training (None: unknown); guidance on a model trained without it warns. `mask_padding` says whether the
+    UNet was trained with padding masked in cross-attention (t2i's text conditioning) or not (Stable
+    Diffusion's); None: masked without a VAE, not with one (a Stable Diffusion folder)."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components = ["vae", "text_encoder_2", "tokenizer_2"]
@@ -83,7 +85,7 @@ class T2IPipeline(DiffusionPipeline):
 
     def __init__(self, unet, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler,
                  caption_dropout: float | None = None, vae=None, text_encoder_2=None, tokenizer_2=None,
-                 force_zeros_for_empty_prompt: bool = True):
+                 force_zeros_for_empty_prompt: bool = True, mask_padding: bool | None = None):
         super().__init__()
         check_unet(unet, sdxl=text_encoder_2 is not None)
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
@@ -91,6 +93,8 @@ class T2IPipeline(DiffusionPipeline):
         self.register_to_config(caption_dropout=caption_dropout)
         if text_encoder_2 is not None:
             self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        if mask_padding is not None:  # a t2i model in a VAE's latents (model.vae) is masked as t2i's own are
+            self.register_to_config(mask_padding=mask_padding)
 
     # -- what the UNet denoises and what it is told ----------------------------------------------
     @property
@@ -104,7 +108,9 @@ class T2IPipeline(DiffusionPipeline):
         if self.text_encoder_2 is not None:
             return SDXLText(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
                             self.config.get("force_zeros_for_empty_prompt", True))
-        return (CLIPText if self.vae is not None else T2IText)(self.tokenizer, self.text_encoder)
+        masked = self.config.get("mask_padding")
+        masked = self.vae is None if masked is None else masked
+        return (T2IText if masked else CLIPText)(self.tokenizer, self.text_encoder)
 
     @property
     def native_size(self) -> int:
@@ -492,7 +498,7 @@ def check_pipeline_folder(path: str) -> None:
     if missing:
         raise ValueError(f"pipeline folder {path!r} is missing component(s) {missing}; "
                          "re-export it with save_pretrained")
-    for c in ("unet", "text_encoder"):
+    for c in ("unet", "text_encoder", *(["vae"] if (listed.get("vae") or [None])[0] else [])):
         files = os.listdir(os.path.join(path, c))
         if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
             raise ValueError(f"{os.path.join(path, c)!r} needs a config.json and .safetensors weights")

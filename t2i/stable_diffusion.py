@@ -128,15 +128,15 @@ def quiet_third_party():
                 lib.enable_progress_bar()
 
 
-def load_components(path: str, dtype: torch.dtype | None = None) -> dict:
+def load_components(path: str, dtype: torch.dtype | None = None, skip: tuple[str, ...] = ()) -> dict:
     """A StableDiffusionPipeline or StableDiffusionXLPipeline folder's components as T2IPipeline's arguments,
     each loaded by the class model_index.json names (weights in `dtype`, else as diffusers and transformers
-    load them)."""
+    load them); the components in `skip` are left out."""
     index = _json(Path(path, "model_index.json"))
     cls = check_folder(path, index)
     components = {}
     with quiet_third_party():
-        for name in NEEDS[cls]:
+        for name in (n for n in NEEDS[cls] if n not in skip):
             library, class_ = index[name]
             loader = getattr(importlib.import_module(library), class_, None)
             if loader is None:

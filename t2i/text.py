@@ -190,15 +190,18 @@ def _shortened(text: str, most: int = 60) -> str:
 
 
 def encode(tokenizer: CLIPTokenizer, text_encoder, texts: list[str], device: torch.device | str | None = None,
-           max_length: int | None = None, key_weights: torch.Tensor | None = None
+           max_length: int | None = None, key_weights: torch.Tensor | None = None, mask_padding: bool = True
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Texts -> (hidden states (B, T, width), attention mask (B, T), input ids (B, T)) on `device`
     (default: the encoder's). `key_weights` (B, T) scale each token's key in the encoder's self-attention
-    (word weights, weighted_mask). The one encode path of sampling and training."""
+    (word weights, weighted_mask). `mask_padding=False` lets the encoder read every token, as Stable
+    Diffusion's CLIP does (t2i.conditioning.CLIPText). The one encode path of sampling and training."""
     batch = tokenize(tokenizer, texts, max_length)
     device = text_encoder.device if device is None else device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     attention = mask if key_weights is None else weighted_mask(mask, key_weights, text_encoder.dtype)
+    if not mask_padding and key_weights is None:
+        attention = None
     return text_encoder(input_ids=ids, attention_mask=attention).last_hidden_state, mask, ids
 
 
@@ -256,21 +259,27 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
 
 
 class TextStates:
-    """Captions -> (states (B, T, width), mask (B, T)). A frozen encoder's states are cached per caption."""
+    """Captions -> (states (B, T, width), mask (B, T), or None when the UNet reads every token as Stable
+    Diffusion's does: `mask_padding=False`). A frozen encoder's states are cached per caption."""
 
-    def __init__(self, tokenizer, encoder, trainable: bool, cache_size: int = 100_000):
+    def __init__(self, tokenizer, encoder, trainable: bool, cache_size: int = 100_000, mask_padding: bool = True):
         self.tokenizer, self.encoder, self.trainable = tokenizer, encoder, trainable
+        self.mask_padding = mask_padding
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache_size = cache_size
 
-    def __call__(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        states, mask = self._states(captions, device)
+        return states, mask if self.mask_padding else None
+
+    def _states(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.trainable:
-            states, mask, _ = encode(self.tokenizer, self.encoder, captions, device)
+            states, mask, _ = encode(self.tokenizer, self.encoder, captions, device, mask_padding=self.mask_padding)
             return states, mask
         todo = sorted({c for c in captions if c not in self.cache})
         if todo:
             with torch.no_grad():
-                states, masks, _ = encode(self.tokenizer, self.encoder, todo, device)
+                states, masks, _ = encode(self.tokenizer, self.encoder, todo, device, mask_padding=self.mask_padding)
             if len(self.cache) + len(todo) > self.cache_size:
                 self.cache.clear()
             for c, s, m in zip(todo, states, masks):

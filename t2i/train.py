@@ -15,18 +15,19 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .card import write_model_card
 from .config import RunConfig, config_to_dict, flatten, save_config
-from .data.stream import build_dataset, data_stream
+from .components import RunComponents, build_components, check_shape, resolve
+from .data.stream import build_dataset, data_stream, latent_dataset
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .ema import EMA
 from .grounding import capture_cross_attention, grounding_loss, token_indices
 from .pipeline import load_pipeline
-from .text import TextStates, build_text, drop_captions, grow_text, load_pretrained_clip
-from .unet import build_unet, unet_config
+from .text import TextStates, drop_captions
 
 
 def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
@@ -35,7 +36,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
     `stop_at` ends the session early at that step, after a checkpoint, to be resumed later (returns None).
     A fresh run refuses a folder that holds a run unless `overwrite` (which deletes that run); one training
     at a time holds the folder. SIGINT or SIGTERM save a checkpoint, then raise checkpoint.Interrupted."""
-    unet_config(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size)  # a bad data.size fails before any work
+    cfg = resolve(cfg, resume)  # what a Stable Diffusion start decides: its noise schedule, a diffusers UNet
+    check_shape(cfg)  # a bad data.size fails before any work
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"--stop-at must be a step >= 1, got {stop_at}; leave it out to train to train.max_steps")
     no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
@@ -58,30 +60,16 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
 
     # 1. components, identically initialised on every process
     set_seed(tc.seed)
-    with accelerator.main_process_first():  # the main process indexes the folder and learns the tokenizer,
-        dataset, corpus = build_dataset(cfg)  # the others then read both from disk
-        start = None
-        if tc.init_from and resume and (out / "text_encoder").is_dir():  # the start's text, kept by the run
-            tokenizer, text_encoder = load_pretrained_clip(str(out))
-            text_encoder.requires_grad_(cfg.text.trainable)
-        elif tc.init_from:
-            start = load_pipeline(None if tc.init_from == "default" else tc.init_from)
-            tokenizer, text_encoder = start.tokenizer, start.text_encoder
-            if cfg.text.grow:  # words the start's vocabulary lacks, and a longer max length
-                tokenizer, text_encoder = grow_text(tokenizer, text_encoder.float(), corpus, cfg.text.max_length)
-            text_encoder.requires_grad_(cfg.text.trainable)
-        else:
-            tokenizer, text_encoder = build_text(cfg.text, corpus, out if resume or not accelerator.is_main_process else None)
-        if accelerator.is_main_process and not cfg.text.pretrained:
-            out.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(out / "tokenizer")
-        if accelerator.is_main_process and start is not None:  # a resume needs no init_from folder
-            text_encoder.save_pretrained(out / "text_encoder")
-    unet = build_unet(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size,
-                      cross_attention_dim=text_encoder.config.hidden_size)
-    if start is not None:
-        load_start(unet, start.unet, tc.init_from)
-    noise_scheduler = make_noise_scheduler(cfg.noise)
+    with accelerator.main_process_first():  # the main process indexes the folder, learns the tokenizer and encodes
+        dataset, corpus = build_dataset(cfg)  # the latent cache; the others then read all three from disk
+        parts = build_components(cfg, corpus, out, resume, accelerator.is_main_process)
+        space = parts.space.to(device, frozen_dtype(accelerator))
+        dataset = latent_dataset(dataset, cfg, space)
+    tokenizer, text_encoder, unet = parts.tokenizer, parts.text_encoder, parts.unet
+    if parts.start is not None:
+        load_start(unet, parts.start.unet, tc.init_from)
+    noise_scheduler = (DDPMScheduler.from_config(parts.scheduler.config) if parts.scheduler is not None
+                       else make_noise_scheduler(cfg.noise))
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     unet.to(memory_format=layout)
     if tc.gradient_checkpointing:
@@ -104,7 +92,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     else:  # a frozen module has nothing for DDP to synchronise
         unet, optimizer = accelerator.prepare(unet, optimizer)
         text_encoder = text_encoder.to(device).eval()
-    text = TextStates(tokenizer, text_encoder, cfg.text.trainable)
+    text = TextStates(tokenizer, text_encoder, cfg.text.trainable, mask_padding=parts.mask_padding)
     loader = data_stream(dataset, cfg, rank, world, start=state.samples)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +119,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
             captions = drop_captions(batch["text"], tc.caption_dropout, g_drop)
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
                 states, mask = text(captions, device)
-                x0 = batch["pixel_values"].to(device).contiguous(memory_format=layout)
+                x0 = training_sample(batch, space, g_noise, device).contiguous(memory_format=layout)
                 with capture_cross_attention(state.unet) if grounded else nullcontext() as probs:
                     loss = diffusion_loss(unet, noise_scheduler, x0, states, mask, cfg.noise, g_noise, state.step)
                 if grounded:  # token grounding: object words' cross-attention onto their masks
@@ -173,9 +161,9 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
         if step % tc.checkpoint_every == 0 or step == end:
             state.save(accelerator, out, config_to_dict(cfg), tc.keep_checkpoints)
         if accelerator.is_main_process and tc.preview_every and (step % tc.preview_every == 0 or step == tc.max_steps):
-            preview(accelerator, cfg, state, accelerator.unwrap_model(text_encoder), tokenizer, noise_scheduler)
+            preview(accelerator, cfg, state, parts, noise_scheduler)
         if accelerator.is_main_process and curve and (step % tc.position_every == 0 or step == tc.max_steps):
-            position_curve(accelerator, cfg, state, accelerator.unwrap_model(text_encoder), tokenizer, noise_scheduler)
+            position_curve(accelerator, cfg, state, parts, noise_scheduler)
     bar.close()
     if state.step < tc.max_steps:
         accelerator.end_training()
@@ -186,16 +174,14 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     # 4. export the EMA weights as a pipeline
     path = out / "pipeline"
     if accelerator.is_main_process:
-        pipe = ema_pipeline(cfg, state, copy.deepcopy(accelerator.unwrap_model(text_encoder)), tokenizer,
-                            noise_scheduler)
+        pipe = ema_pipeline(cfg, state, parts, noise_scheduler, copy.deepcopy(parts.text_encoder))
         if tc.export_dtype == "float16":  # halves the folder; sampling upcasts where it needs to
-            pipe.unet.half()
-            pipe.text_encoder.half()
+            pipe.to(torch.float16)
         then = f"checkpoint-{state.step:07d} is complete: free space, then export it with --resume latest"
         with ckpt.staged_folder(path, then) as stage:  # a failed export leaves no half-written pipeline/
-            pipe.save_pretrained(stage)
+            (sd_pipeline(pipe) if parts.sd_export else pipe).save_pretrained(stage)
             save_config(cfg, stage / "train_config.yaml")
-            write_model_card(stage, cfg, final=path)
+            write_model_card(stage, cfg, final=path, stable_diffusion=parts.sd_export)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return path
@@ -231,18 +217,56 @@ def load_start(unet, start, name: str) -> None:
     unet.load_state_dict(theirs, strict=False)
 
 
-def ema_pipeline(cfg: RunConfig, state: ckpt.TrainingState, text_encoder, tokenizer, noise_scheduler):
-    """A T2IPipeline of the EMA weights (a copy) and `text_encoder`, sampling with DPM-Solver++."""
+def ema_pipeline(cfg: RunConfig, state: ckpt.TrainingState, parts: RunComponents, noise_scheduler,
+                 text_encoder=None):
+    """A T2IPipeline of the EMA weights (a copy) and the run's text encoder (or `text_encoder`) and VAE,
+    sampling with DPM-Solver++ (a Stable Diffusion start: with its own scheduler)."""
     from .pipeline import T2IPipeline, make_scheduler
-    return T2IPipeline(state.ema.averaged(state.unet), text_encoder, tokenizer,
-                       make_scheduler("dpm", noise_scheduler.config), caption_dropout=cfg.train.caption_dropout)
+    scheduler = parts.scheduler or make_scheduler("dpm", noise_scheduler.config, parts.space)
+    vae = getattr(parts.space, "vae", None)
+    return T2IPipeline(state.ema.averaged(state.unet), text_encoder or parts.text_encoder, parts.tokenizer, scheduler,
+                       caption_dropout=cfg.train.caption_dropout, vae=vae,
+                       mask_padding=None if vae is None else parts.mask_padding)
+
+
+def sd_pipeline(pipe):
+    """A T2IPipeline of a diffusers UNet in a VAE's latents as the StableDiffusionPipeline diffusers opens
+    without remote code (no safety checker: t2i does not run one)."""
+    from diffusers import StableDiffusionPipeline
+
+    from .stable_diffusion import quiet_third_party
+    with quiet_third_party():  # diffusers' notes on older scheduler configs
+        return StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                       unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+
+def training_sample(batch: dict, space, generator: torch.Generator, device) -> torch.Tensor:
+    """The batch's x0 (B, C, h, w) in the space the UNet denoises: its pixels in [-1, 1]; a draw from its cached
+    latent distributions; or its pixels encoded by the VAE now (a draw too: the generator decides it)."""
+    if "latent_mean" in batch:
+        return space.from_distribution(batch["latent_mean"].to(device), batch["latent_std"].to(device), generator)
+    pixels = batch["pixel_values"].to(device)
+    if space.kind == "pixels":
+        return pixels
+    with torch.no_grad():
+        return space.encode((pixels + 1) / 2, generator).float()
+
+
+def frozen_dtype(accelerator) -> torch.dtype | None:
+    """The dtype of frozen parts (a VAE) on a GPU under mixed precision: bf16 or fp16; elsewhere as loaded."""
+    if accelerator.device.type != "cuda":
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
 
 
 @contextmanager
-def eval_pipeline(cfg: RunConfig, state: ckpt.TrainingState, text_encoder, tokenizer, noise_scheduler):
-    """The EMA pipeline in eval mode, for previews and the position curve; `text_encoder` trains again after."""
+def eval_pipeline(cfg: RunConfig, state: ckpt.TrainingState, parts: RunComponents, noise_scheduler):
+    """The EMA pipeline in eval mode, for previews and the position curve; the text encoder trains again after."""
+    text_encoder = parts.text_encoder
     was_training = text_encoder.training
-    pipe = ema_pipeline(cfg, state, text_encoder.eval(), tokenizer, noise_scheduler)
+    text_encoder.eval()
+    pipe = ema_pipeline(cfg, state, parts, noise_scheduler)
     pipe.unet.eval()
     pipe.set_progress_bar_config(disable=True)
     try:
@@ -252,11 +276,11 @@ def eval_pipeline(cfg: RunConfig, state: ckpt.TrainingState, text_encoder, token
 
 
 @torch.no_grad()
-def preview(accelerator, cfg: RunConfig, state: ckpt.TrainingState, text_encoder, tokenizer, noise_scheduler) -> None:
+def preview(accelerator, cfg: RunConfig, state: ckpt.TrainingState, parts: RunComponents, noise_scheduler) -> None:
     """Images for the fixed preview prompts with the EMA weights, saved and logged to TensorBoard."""
     import numpy as np
     from PIL import Image
-    with eval_pipeline(cfg, state, text_encoder, tokenizer, noise_scheduler) as pipe:
+    with eval_pipeline(cfg, state, parts, noise_scheduler) as pipe:
         images = pipe(list(cfg.train.preview_prompts), num_inference_steps=cfg.train.preview_steps,
                       generator=torch.Generator().manual_seed(0), output_type="np").images
     grid = np.concatenate(list(images), axis=1)
@@ -272,13 +296,13 @@ def preview(accelerator, cfg: RunConfig, state: ckpt.TrainingState, text_encoder
 
 
 @torch.no_grad()
-def position_curve(accelerator, cfg: RunConfig, state: ckpt.TrainingState, text_encoder, tokenizer,
+def position_curve(accelerator, cfg: RunConfig, state: ckpt.TrainingState, parts: RunComponents,
                    noise_scheduler) -> dict:
     """One point of the position curve with the EMA weights (t2i/probe.py): the probe ratio at t = T - 1 and
     the in-cell share of 18 fixed one-object prompts; logged to TensorBoard, appended to position.jsonl in the
     run folder and printed."""
     from .probe import in_cell_share, probe_table
-    with eval_pipeline(cfg, state, text_encoder, tokenizer, noise_scheduler) as pipe:
+    with eval_pipeline(cfg, state, parts, noise_scheduler) as pipe:
         _, ratio = probe_table(pipe, t=noise_scheduler.config.num_train_timesteps - 1)
         in_cell, found = in_cell_share(pipe, steps=cfg.train.preview_steps)
         unseen, _ = in_cell_share(pipe, steps=cfg.train.preview_steps, holdout_wording=cfg.data.holdout_wording)

@@ -355,6 +355,8 @@ def unet_config(preset: str = "small", **overrides) -> dict:
     are not None (a run config's model section leaves unset fields None). The one place presets are merged."""
     if preset not in PRESETS:
         raise ValueError(f"unknown UNet preset {preset!r} (model.preset); choose one of {sorted(PRESETS)}")
+    for key in ("unet", "vae"):  # model.unet and model.vae choose the class and the image space, not the shape
+        overrides.pop(key, None)
     kwargs = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     levels = len(kwargs["block_channels"])
     if kwargs["sample_size"] % 2 ** (levels - 1):
@@ -372,3 +374,25 @@ def build_unet(preset: str = "small", **overrides) -> T2IUNet:
     """A T2IUNet from a named preset with keyword overrides, e.g. build_unet(**asdict(run_config.model),
     sample_size=32, cross_attention_dim=128)."""
     return T2IUNet(**unet_config(preset, **overrides))
+
+
+def build_diffusers_unet(preset: str = "small", **overrides):
+    """model.unet=diffusers: a diffusers UNet2DConditionModel of a t2i preset's size (levels, widths, attention
+    levels, heads, norm groups), so that a model trained from scratch is a plain diffusers UNet. Cross-attention
+    follows the preset's attention levels; diffusers' middle block always attends. T2IUNet's own additions
+    (model.pos_embed, model.context_layers) have no diffusers counterpart and are refused."""
+    from diffusers import UNet2DConditionModel
+    given = [k for k in ("pos_embed", "context_layers") if overrides.get(k)]
+    if given:
+        raise ValueError(f"model.{given[0]} is T2IUNet's; a diffusers UNet2DConditionModel has none: leave it unset "
+                         "with model.unet=diffusers, or use model.unet=t2i")
+    kw = unet_config(preset, **overrides)
+    levels = kw["attention_levels"]
+    return UNet2DConditionModel(
+        sample_size=kw["sample_size"], in_channels=kw.get("in_channels", 3), out_channels=kw.get("out_channels", 3),
+        block_out_channels=tuple(kw["block_channels"]), layers_per_block=kw["layers_per_block"],
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
+        cross_attention_dim=kw["cross_attention_dim"], norm_num_groups=kw["norm_groups"],
+        attention_head_dim=kw["num_heads"],  # diffusers' name for the number of heads (its naming issue)
+        dropout=kw.get("dropout") or 0.0)
