@@ -198,6 +198,10 @@ class CaptionedImages(Dataset):
     def _name(self, index: int) -> str:
         raise NotImplementedError
 
+    def item_key(self, index: int) -> str:
+        """Who image `index` is, for caches of its encoding: changes when the image's file changes."""
+        raise NotImplementedError
+
     def _grounding_targets(self, index: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -330,6 +334,12 @@ class ImageFolderDataset(CaptionedImages):
 
     def _name(self, index: int) -> str:
         return repr(str(_relative(self.paths[index], self.root)))
+
+    def item_key(self, index: int) -> str:
+        """'relative/path.png|size|mtime_ns', from the stat the folder index took when the dataset opened."""
+        name = self.paths[index].relative_to(self.root).as_posix()
+        entry = self.index.entries[name]
+        return f"{name}|{entry['size']}|{entry['mtime_ns']}"
 
     def _grounding_targets(self, index: int) -> dict[str, torch.Tensor]:
         """Spans (K, 2) and masks (K, size, size) of the image's grounded words, cropped like the image."""

@@ -119,8 +119,10 @@ class ShardDataset(CaptionedImages):
         parquet = sorted(str(p) for p in self.root.rglob("*.parquet"))
         if (self.root / "state.json").is_file():
             table = datasets.load_from_disk(str(self.root))
-            self.sources = _row_counts([f["filename"] for f in table.cache_files], "arrow")
+            files = [f["filename"] for f in table.cache_files]
+            self.sources = _row_counts(files, "arrow")
         elif parquet:
+            files = parquet
             self.sources = _row_counts(parquet, "parquet")
             if not any(n for _, n in self.sources):
                 raise ValueError(f"the Parquet files in {str(self.root)!r} hold no rows.")
@@ -136,6 +138,7 @@ class ShardDataset(CaptionedImages):
         else:
             raise ValueError(f"{str(self.root)!r} holds no shards (no state.json of datasets' save_to_disk, no "
                              "*.parquet files); write them with `t2i make-dataset shards --from FOLDER --out DIR`.")
+        self.stamps = [_stamp(f) for f in files]  # 'name|size|mtime_ns' of each source file
         if not isinstance(table, datasets.Dataset):
             raise ValueError(f"{str(self.root)!r} holds several splits; pass the folder of one (e.g. {self.root}/train).")
 
@@ -183,13 +186,28 @@ class ShardDataset(CaptionedImages):
     def _name(self, index: int) -> str:
         return f"{self._row(index)} of the shards in {str(self.root)!r}"
 
+    def item_key(self, index: int) -> str:
+        """'shard file name|size|mtime_ns|row', the row counted from 0 in its file."""
+        k, row = self._source(index)
+        return f"{self.stamps[k]}|{row}"
+
     def _row(self, index: int) -> str:
         """'row r of FILE' for global row `index`: the file it came from, counted from 0."""
-        for name, rows in self.sources:
+        k, row = self._source(index)
+        return f"row {row} of {self.sources[k][0]}" if k < len(self.sources) else f"row {row}"
+
+    def _source(self, index: int) -> tuple[int, int]:
+        """(which source file, row in it) of global row `index`."""
+        for k, (_, rows) in enumerate(self.sources):
             if index < rows:
-                return f"row {index} of {name}"
+                return k, index
             index -= rows
-        return f"row {index}"
+        return len(self.sources), index
+
+
+def _stamp(file: str) -> str:
+    stat = os.stat(file)
+    return f"{os.path.basename(file)}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def _row_counts(files: list[str], kind: str) -> list[tuple[str, int]]:
