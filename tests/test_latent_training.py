@@ -59,6 +59,26 @@ def test_latent_training_resumes_bit_for_bit(tmp_path, folders):
     same_checkpoints(tmp_path / "a" / "checkpoint-0000004", tmp_path / "b" / "checkpoint-0000004")
 
 
+def test_latent_training_on_a_folder_encodes_once_and_resumes_bit_for_bit(tmp_path, folders):
+    """A folder's latents are encoded once into the cache beside it; training from the cache resumes bit for bit and
+    learns what encoding every step learns (the same draws from the same distributions, up to float sums)."""
+    from t2i.data.shapes import ShapesConfig, write_image_folder
+    data = write_image_folder(ShapesConfig(size=32), 12, tmp_path / "images", progress=False)
+    folder = [f"model.vae={folders['vae']}", "data.kind=folder", f"data.root={data}", "data.flip=true", *LATENT]
+    train(tiny_config(tmp_path / "a", *folder))
+    entries = list((data / ".t2i-latents").rglob("*.safetensors"))
+    assert len(entries) == 12
+    stamps = {p: p.stat().st_mtime_ns for p in entries}
+    b = tiny_config(tmp_path / "b", *folder)
+    assert train(b, stop_at=2) is None
+    train(b, resume="latest")
+    same_checkpoints(tmp_path / "a" / "checkpoint-0000004", tmp_path / "b" / "checkpoint-0000004")
+    assert {p: p.stat().st_mtime_ns for p in entries} == stamps  # encoded once, by the first run
+    train(tiny_config(tmp_path / "c", *folder, "data.latent_cache=off"))
+    cached, encoded = (load_file(str(tmp_path / r / "checkpoint-0000004" / "unet.safetensors")) for r in "ac")
+    assert all(torch.allclose(cached[k], encoded[k], atol=1e-4) for k in cached)
+
+
 def test_stable_diffusions_text_states_are_read_unmasked_in_training():
     """A diffusers UNet in latents exports a StableDiffusionPipeline, which reads every token: training does too."""
     from t2i.conditioning import CLIPText

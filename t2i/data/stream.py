@@ -42,7 +42,7 @@ def latent_dataset(dataset: Dataset, cfg: RunConfig, space) -> Dataset:
     root = dataset.root if cfg.data.latent_cache == "beside" else Path(cfg.data.latent_cache).expanduser()
     cache = LatentCache(dataset, space, cache_folder(root, space.vae, cfg.data.size))
     cache.build()
-    return CachedLatents(dataset, cache)
+    return CachedLatents(cache)
 
 
 class Epoched(Dataset):
