@@ -210,8 +210,9 @@ def cmd_train(args) -> int | None:
 
     from .config import config_to_dict, load_config
     cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if args.dry_run:  # as the run resolves it (a Stable Diffusion start's noise schedule written in)
+        from .components import resolve
+        print(yaml.safe_dump(config_to_dict(resolve(cfg, args.resume)), sort_keys=False))
         return None
     from .checkpoint import Interrupted
     from .train import train

@@ -26,7 +26,7 @@ from .data.stream import build_dataset, data_stream, latent_dataset
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .ema import EMA
 from .grounding import capture_cross_attention, grounding_loss, token_indices
-from .pipeline import load_pipeline
+from .stable_diffusion import quiet_third_party
 from .text import TextStates, drop_captions
 
 
@@ -176,7 +176,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     if accelerator.is_main_process:
         pipe = ema_pipeline(cfg, state, parts, noise_scheduler, copy.deepcopy(parts.text_encoder))
         if tc.export_dtype == "float16":  # halves the folder; sampling upcasts where it needs to
-            pipe.to(torch.float16)
+            with quiet_third_party():  # diffusers warns of any cast
+                pipe.to(torch.float16)
         then = f"checkpoint-{state.step:07d} is complete: free space, then export it with --resume latest"
         with ckpt.staged_folder(path, then) as stage:  # a failed export leaves no half-written pipeline/
             (sd_pipeline(pipe) if parts.sd_export else pipe).save_pretrained(stage)
@@ -233,8 +234,6 @@ def sd_pipeline(pipe):
     """A T2IPipeline of a diffusers UNet in a VAE's latents as the StableDiffusionPipeline diffusers opens
     without remote code (no safety checker: t2i does not run one)."""
     from diffusers import StableDiffusionPipeline
-
-    from .stable_diffusion import quiet_third_party
     with quiet_third_party():  # diffusers' notes on older scheduler configs
         return StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                                        unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
