@@ -37,11 +37,24 @@ class RunComponents:
     sd_export: bool                  # export a StableDiffusionPipeline folder (else a T2IPipeline folder)
     start: object | None = None      # the init_from pipeline (a t2i start), for load_start
     scheduler: object | None = None  # a Stable Diffusion start's own sampling scheduler, exported as it is
+    sdxl: dict | None = None         # an SDXL start's tokenizer_2, text_encoder_2 and force_zeros_for_empty_prompt
 
     @property
     def mask_padding(self) -> bool:
         """t2i's text conditioning masks padding in cross-attention; Stable Diffusion's does not."""
         return not self.sd_export
+
+    def frozen_text(self, size: int, device):
+        """A Stable Diffusion start's text conditioning (frozen, cached per caption, its encoders on `device`), else
+        None: t2i's TextStates."""
+        if self.scheduler is None:
+            return None
+        from .conditioning import CLIPText, FrozenConditioning, SDXLText
+        self.text_encoder.to(device)
+        text = (SDXLText(self.tokenizer, self.text_encoder, self.sdxl["tokenizer_2"],
+                         self.sdxl["text_encoder_2"].to(device), self.sdxl["force_zeros_for_empty_prompt"]) if self.sdxl
+                else CLIPText(self.tokenizer, self.text_encoder))
+        return FrozenConditioning(text, size)
 
 
 def sd_start(cfg: RunConfig, resume: str | None = None) -> str | None:
@@ -60,9 +73,7 @@ def sd_start(cfg: RunConfig, resume: str | None = None) -> str | None:
         return None  # not a folder: load_pipeline says what is wrong with it
     if not is_diffusers_folder(listed):
         return None
-    if check_folder(path, listed) != "StableDiffusionPipeline":
-        raise ValueError(f"train.init_from={name} is a Stable Diffusion XL folder; t2i fine-tunes Stable Diffusion "
-                         "1.x and 2.x folders (SDXL's pooled text and size conditioning are not trained yet)")
+    check_folder(path, listed)  # one line for a folder t2i cannot open (SD3, inpainting, ...)
     return path
 
 
@@ -145,12 +156,15 @@ def build_components(cfg: RunConfig, corpus: list[str], out: Path, resume: str |
             parts = load_components(path, torch.float32)
             if main:
                 keep_start(parts, path, kept)
-        for frozen in (parts["text_encoder"], parts["vae"]):
-            frozen.requires_grad_(False).eval()
+        for frozen in (parts["text_encoder"], parts["vae"], parts.get("text_encoder_2")):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
         space = LatentSpace(parts["vae"])
         check_size(cfg.data.size, parts["unet"], space, tc.init_from)
+        sdxl = ({k: parts[k] for k in ("tokenizer_2", "text_encoder_2", "force_zeros_for_empty_prompt")}
+                if "text_encoder_2" in parts else None)
         return RunComponents(parts["tokenizer"], parts["text_encoder"], parts["unet"], space,
-                             sd_export=True, scheduler=parts["scheduler"])
+                             sd_export=True, scheduler=parts["scheduler"], sdxl=sdxl)
 
     # 2. text: a t2i start's, its copy in a resumed run, a pretrained CLIP, or the offline one
     start = None
@@ -200,14 +214,24 @@ def check_shape(cfg: RunConfig) -> None:
         unet_config(**dataclasses.asdict(cfg.model), sample_size=cfg.data.size)
 
 
+def sd_pipeline(parts: dict):
+    """Stable Diffusion components as the pipeline diffusers opens without remote code: a StableDiffusionXLPipeline
+    (two text encoders), else a StableDiffusionPipeline without a safety checker (t2i does not run one)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    with quiet_third_party():  # diffusers' notes on older scheduler configs
+        if parts.get("text_encoder_2") is not None:
+            return StableDiffusionXLPipeline(**parts)
+        parts = {k: v for k, v in parts.items() if k not in ("text_encoder_2", "tokenizer_2",
+                                                             "force_zeros_for_empty_prompt")}
+        return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+
 def keep_start(parts: dict, path: str, kept: Path) -> None:
     """A Stable Diffusion start's folder without its UNet weights, in the run folder: what a resume builds from."""
-    from diffusers import StableDiffusionPipeline
     staged = kept.with_name(f".{START}.tmp")
     with quiet_third_party():
-        pipe = StableDiffusionPipeline(**{k: v for k, v in parts.items()}, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-        pipe.save_pretrained(staged)
+        sd_pipeline(parts).save_pretrained(staged)
     (staged / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     if kept.exists():
         shutil.rmtree(kept)

@@ -168,3 +168,29 @@ class SDXLText(CLIPText):
         a, b = self.text_encoder.config, self.text_encoder_2.config
         return (f"two CLIP text encoders (SDXL), widths {a.hidden_size} + {b.hidden_size}, pooled text "
                 f"{b.projection_dim}, size conditioning; empty negative prompt as zeros: {self.zeros_for_empty_prompt}")
+
+
+class FrozenConditioning:
+    """Training on a Stable Diffusion start, whose text encoders stay frozen: captions -> the UNet's conditioning
+    (B rows), each caption encoded once by `text` (CLIPText, SDXLText) and cached; SDXL's size conditioning says
+    the training images' side (`size`: uncropped, as a center crop of a resized image is taken to be)."""
+
+    def __init__(self, text: T2IText, size: int, cache_size: int = 100_000):
+        self.text, self.size, self.cache_size = text, size, cache_size
+        self.cache: dict[str, PromptEncoding] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str], device) -> UNetConditioning:
+        todo = sorted({c for c in captions if c not in self.cache})
+        if len(self.cache) + len(todo) > self.cache_size:
+            self.cache.clear()
+        for c in todo:  # one at a time: a caption's states do not depend on the batch it first came in (resume)
+            self.cache[c] = self.text.encode([c])
+        parts = [self.cache[c] for c in captions]
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        enc = PromptEncoding(*(torch.cat([getattr(p, k) for p in parts]) for k in ("hidden_states", "attention_mask",
+                                                                                   "input_ids")),
+                             [t for p in parts for t in p.tokens], pooled)
+        cond = self.text.unet_conditioning(enc, len(captions), self.size, self.size)
+        added = None if cond.added is None else {k: v.to(device) for k, v in cond.added.items()}
+        return UNetConditioning(cond.states.to(device), None if cond.mask is None else cond.mask.to(device), added)

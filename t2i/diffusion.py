@@ -70,10 +70,10 @@ def sample_timesteps(cfg: NoiseConfig, num_timesteps: int, batch: int, step: int
 
 def diffusion_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, text_states: torch.Tensor,
                    text_mask: torch.Tensor | None, cfg: NoiseConfig, generator: torch.Generator,
-                   step: int = 0) -> torch.Tensor:
+                   step: int = 0, added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean weighted MSE over a batch. x0: (B, C, H, W) in [-1, 1]; text_states: (B, T, D). The target
     follows the scheduler's prediction_type; `cfg` gives the timestep distribution (at training step `step`)
-    and min-SNR gamma.
+    and min-SNR gamma; `added`: SDXL's pooled text and time ids.
 
     t ~ timestep_probs(cfg, T, step) (uniform over 0..T-1 by default), eps ~ N(0, I),
     x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4); the target is eps or
@@ -90,7 +90,7 @@ def diffusion_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, text_states
     eps = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
     x_t = scheduler.add_noise(x0, eps, t)
     target = eps if prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
-    pred = unet_prediction(unet, x_t, t, UNetConditioning(text_states, text_mask))
+    pred = unet_prediction(unet, x_t, t, UNetConditioning(text_states, text_mask, added))
     mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))                    # (B,)
     if cfg.min_snr_gamma is not None:
         alpha_bar = scheduler.alphas_cumprod.to(device)[t]

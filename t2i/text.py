@@ -277,11 +277,10 @@ class TextStates:
             states, mask, _ = encode(self.tokenizer, self.encoder, captions, device, mask_padding=self.mask_padding)
             return states, mask
         todo = sorted({c for c in captions if c not in self.cache})
-        if todo:
+        if len(self.cache) + len(todo) > self.cache_size:
+            self.cache.clear()
+        for c in todo:  # one at a time: a caption's states do not depend on the batch it first came in (resume)
             with torch.no_grad():
-                states, masks, _ = encode(self.tokenizer, self.encoder, todo, device, mask_padding=self.mask_padding)
-            if len(self.cache) + len(todo) > self.cache_size:
-                self.cache.clear()
-            for c, s, m in zip(todo, states, masks):
-                self.cache[c] = (s, m)
+                states, masks, _ = encode(self.tokenizer, self.encoder, [c], device, mask_padding=self.mask_padding)
+            self.cache[c] = (states[0], masks[0])
         return (torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions]))

@@ -92,7 +92,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     else:  # a frozen module has nothing for DDP to synchronise
         unet, optimizer = accelerator.prepare(unet, optimizer)
         text_encoder = text_encoder.to(device).eval()
-    text = TextStates(tokenizer, text_encoder, cfg.text.trainable, mask_padding=parts.mask_padding)
+    text = parts.frozen_text(cfg.data.size, device) or TextStates(tokenizer, text_encoder, cfg.text.trainable,
+                                                            mask_padding=parts.mask_padding)
     loader = data_stream(dataset, cfg, rank, world, start=state.samples)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -118,10 +119,11 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
             batch = next(loader)
             captions = drop_captions(batch["text"], tc.caption_dropout, g_drop)
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
-                states, mask = text(captions, device)
+                cond = text(captions, device)
+                states, mask, added = (cond.states, cond.mask, cond.added) if hasattr(cond, "states") else (*cond, None)
                 x0 = training_sample(batch, space, g_noise, device).contiguous(memory_format=layout)
                 with capture_cross_attention(state.unet) if grounded else nullcontext() as probs:
-                    loss = diffusion_loss(unet, noise_scheduler, x0, states, mask, cfg.noise, g_noise, state.step)
+                    loss = diffusion_loss(unet, noise_scheduler, x0, states, mask, cfg.noise, g_noise, state.step, added)
                 if grounded:  # token grounding: object words' cross-attention onto their masks
                     words = token_indices(tokenizer, captions, batch["ground_spans"]).to(device)
                     ground = grounding_loss(probs, batch["ground_masks"].to(device), words)
@@ -227,17 +229,19 @@ def ema_pipeline(cfg: RunConfig, state: ckpt.TrainingState, parts: RunComponents
     vae = getattr(parts.space, "vae", None)
     return T2IPipeline(state.ema.averaged(state.unet), text_encoder or parts.text_encoder, parts.tokenizer, scheduler,
                        caption_dropout=cfg.train.caption_dropout, vae=vae,
-                       mask_padding=None if vae is None else parts.mask_padding)
+                       mask_padding=None if vae is None or parts.sdxl else parts.mask_padding, **(parts.sdxl or {}))
 
 
 def sd_pipeline(pipe):
-    """A T2IPipeline of a diffusers UNet in a VAE's latents as the StableDiffusionPipeline diffusers opens
-    without remote code (no safety checker: t2i does not run one)."""
-    from diffusers import StableDiffusionPipeline
-    with quiet_third_party():  # diffusers' notes on older scheduler configs
-        return StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                       unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    """A T2IPipeline of a diffusers UNet in a VAE's latents as the Stable Diffusion (XL) pipeline diffusers opens
+    without remote code."""
+    from .components import sd_pipeline as of_parts
+    parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                 scheduler=pipe.scheduler)
+    if pipe.text_encoder_2 is not None:
+        parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                     force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt)
+    return of_parts(parts)
 
 
 def training_sample(batch: dict, space, generator: torch.Generator, device) -> torch.Tensor:

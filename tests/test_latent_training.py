@@ -116,10 +116,10 @@ def test_a_diffusers_unet_trains_in_pixels_too(tmp_path):
     assert pipe(["a red circle"], num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 def test_fine_tuning_stable_diffusion_trains_its_unet_alone_resumes_exactly_and_exports_its_kind(tmp_path, folders,
                                                                                                  kind):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     start = tmp_path / "start"
     shutil.copytree(folders[kind], start)
     overrides = [f"train.init_from={start}", *LATENT, "train.caption_dropout=0.5"]
@@ -133,9 +133,9 @@ def test_fine_tuning_stable_diffusion_trains_its_unet_alone_resumes_exactly_and_
     assert saved["noise"]["prediction_type"] == ("v_prediction" if kind == "sd2" else "epsilon")
     assert saved["noise"]["beta_schedule"] == "scaled_linear" and saved["text"]["train"] is False
 
-    theirs, tuned = StableDiffusionPipeline.from_pretrained(tmp_path / "moved"), StableDiffusionPipeline.from_pretrained(exported)
-    assert type(tuned.scheduler) is type(theirs.scheduler)
-    for part in ("text_encoder", "vae"):  # frozen
+    theirs, tuned = DiffusionPipeline.from_pretrained(tmp_path / "moved"), DiffusionPipeline.from_pretrained(exported)
+    assert type(tuned) is type(theirs) and type(tuned.scheduler) is type(theirs.scheduler)
+    for part in ("text_encoder", "vae", *(["text_encoder_2"] if kind == "sdxl" else [])):  # frozen
         before, after = getattr(theirs, part).state_dict(), getattr(tuned, part).state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before), part
     before, after = theirs.unet.state_dict(), tuned.unet.state_dict()
@@ -145,7 +145,6 @@ def test_fine_tuning_stable_diffusion_trains_its_unet_alone_resumes_exactly_and_
 
 def test_what_a_stable_diffusion_start_cannot_honour_is_one_line(tmp_path, folders):
     cases = {
-        (f"train.init_from={folders['sdxl']}",): "Stable Diffusion XL",
         (f"train.init_from={folders['sd1']}", "text.train=true"): "text.train=true",
         (f"train.init_from={folders['sd1']}", f"model.vae={folders['vae']}"): "its own VAE",
         (f"train.init_from={folders['sd1']}", "data.size=30"): "data.size=30 must be a multiple of 4",
