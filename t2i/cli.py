@@ -1,4 +1,4 @@
-"""The `t2i` command: generate | heatmap | effect | serve | info | train | make-dataset | evaluate."""
+"""The `t2i` command: generate | heatmap | effect | serve | info | train | train-vae | make-dataset | evaluate."""
 from __future__ import annotations
 
 import argparse
@@ -231,6 +231,25 @@ def cmd_train(args) -> int | None:
     return None
 
 
+def cmd_train_vae(args) -> int | None:
+    from .vae import VAETrainConfig, train_vae
+    given = {k: v for k, v in vars(args).items() if k in VAETrainConfig.__dataclass_fields__ and v is not None}
+    try:
+        report = train_vae(VAETrainConfig(**given), overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print("t2i train-vae: stopped; no VAE was exported (an earlier one in --out stays). There is no resume: run "
+              "it again", file=sys.stderr)
+        return 128 + signal.SIGINT
+    vae = Path(args.out) / "vae"
+    print(f"held-out reconstructions ({report['held_out_images']} images): mean abs error {report['mean_abs']:.4f} "
+          f"({report['mean_abs'] * 255:.1f}/255), PSNR {report['psnr']:.2f} dB; {report['images_per_second']:.1f} "
+          f"img/s in training")
+    print(f"scaling_factor {report['scaling_factor']:.4f} (latents: std {report['latent_std']:.3f}, mean "
+          f"{report['latent_mean']:.3f}); side by side: {Path(args.out) / 'reconstructions.png'}")
+    print(f"exported VAE: {vae}; train in its latent space with model.vae={vae}")
+    return None
+
+
 def cmd_make_dataset(args) -> int | None:
     if args.name == "shards":
         if not args.source:
@@ -398,6 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at", type=int, help="stop after this step (with a checkpoint), to resume later")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("train-vae", help="train a small AutoencoderKL for latent training (model.vae=OUT/vae)")
+    v.add_argument("--out", required=True, help="a new or empty folder, or an earlier train-vae run's (--overwrite)")
+    v.add_argument("--data", help="shapes (the shapes world at --size) or a folder of captioned images or shards "
+                   "(default: shapes)")
+    for name, kind, what in [("size", int, "image side in px, a multiple of the VAE's factor 4 (default: 64)"),
+                             ("steps", int, "training steps (default: 1000)"),
+                             ("batch-size", int, "images per step (default: 8)"),
+                             ("lr", float, "AdamW learning rate (default: 1e-3)"),
+                             ("seed", int, "initialisation, data order and sampling (default: 0)"),
+                             ("kl-weight", float, "weight of the KL per latent element beside the L1 loss per "
+                              "pixel (default: 1e-4)")]:
+        v.add_argument(f"--{name}", type=kind, help=what)
+    v.add_argument("--report-to", choices=["tensorboard", "none"], help="logs in OUT/tensorboard (default: "
+                   "tensorboard)")
+    v.add_argument("--overwrite", action="store_true", help="replace the VAE of an earlier train-vae run in --out")
+    v.set_defaults(func=cmd_train_vae)
 
     m = sub.add_parser("make-dataset", help="write the shapes world as an image folder, or shard an image folder")
     m.add_argument("name", choices=["shapes", "shards"], help="shapes: an image folder of the shapes world; "
