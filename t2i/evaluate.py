@@ -6,6 +6,7 @@ another prompt's scene (chance), uniform and centre-prior maps, and DAAM's publi
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .data.paraphrase import paraphrase
 from .data.wording import DEFAULT_HOLDOUT, Grammar, reword
-from .data.shapes import ShapesConfig, ShapeScene, render_scene, shapes_world
+from .data.shapes import WORLD_FILE, ShapesConfig, ShapeScene, render_scene, shapes_world
 from .faithfulness import faithfulness_table, sample_effects, score_faithfulness
 from .metrics import (DAAM_TAU, FIDELITY, FIDELITY_HELP, GENEVAL, GENEVAL_HELP, TAUS, Tally, calibrate_tau,
                       centre_prior_map, iou_curve, pointing, score_fidelity, to_uint8, uniform_map)
@@ -70,16 +71,22 @@ def training_world(pipe) -> tuple[ShapesConfig, str]:
     pipeline folder, and a note saying where it came from. Without that file: the hold-out of
     configs/shapes32.yaml at the UNet's sample size."""
     from .config import DataConfig, load_config
-    if pipe.image_space.kind != "pixels":
-        raise ValueError("t2i evaluate scores models of t2i's shapes world (it segments their flat-colour images "
-                         "and scores maps against the objects' masks); on a Stable Diffusion model, score your own "
-                         "prompts with t2i evaluate --prompts \"PROMPT\" ...")
     folder = getattr(pipe, "name_or_path", None)
     path = Path(folder) / "train_config.yaml" if folder else None
     if path is not None and path.is_file():
         data, source = load_config(path).data, f"from {path}"
+        if data.kind == "folder" and (Path(data.root) / WORLD_FILE).is_file():  # written by `t2i make-dataset shapes`
+            world = ShapesConfig(**json.loads((Path(data.root) / WORLD_FILE).read_text()))
+            return dataclasses.replace(world, split="train", position_prob=BENCHMARK_POSITION_PROB), \
+                f"from {Path(data.root) / WORLD_FILE} (the image folder it trained on)"
         if data.kind != "shapes":
-            raise ValueError(f"{path} trained on data.kind={data.kind!r}: evaluate scores the shapes world only")
+            raise ValueError(f"{path} trained on data.kind={data.kind!r} (data.root={data.root}, with no {WORLD_FILE} "
+                             "of `t2i make-dataset shapes`): evaluate scores the shapes world only; score your own "
+                             "prompts with t2i evaluate --prompts \"PROMPT\" ...")
+    elif pipe.image_space.kind != "pixels":
+        raise ValueError("t2i evaluate scores models of t2i's shapes world (it segments their flat-colour images "
+                         "and scores maps against the objects' masks); on a Stable Diffusion model, score your own "
+                         "prompts with t2i evaluate --prompts \"PROMPT\" ...")
     else:
         data = DataConfig(size=pipe.native_size, **ASSUMED_HOLDOUT)
         source = "assumed (no train_config.yaml beside the model): configs/shapes32.yaml's hold-out"

@@ -77,6 +77,11 @@ def test_latent_training_on_a_folder_encodes_once_and_resumes_bit_for_bit(tmp_pa
     train(tiny_config(tmp_path / "c", *folder, "data.latent_cache=off"))
     cached, encoded = (load_file(str(tmp_path / r / "checkpoint-0000004" / "unet.safetensors")) for r in "ac")
     assert all(torch.allclose(cached[k], encoded[k], atol=1e-4) for k in cached)
+    # t2i evaluate scores it on the world the folder was drawn from (make-dataset's shapes_world.json)
+    from t2i.evaluate import EvalConfig, evaluate
+    report = evaluate(load_pipeline(tmp_path / "a" / "pipeline"), EvalConfig(num_prompts=1, images_per_prompt=1, steps=2,
+                                                                           calibration_prompts=1, effect_prompts=0))
+    assert "shapes_world.json" in report.world["source"] and report.world["size"] == 32
 
 
 def test_stable_diffusions_text_states_are_read_unmasked_in_training():

@@ -162,4 +162,5 @@ def test_make_dataset_shapes_never_writes_into_a_folder_with_files_and_writes_at
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"]  # no staging folder left
     monkeypatch.setattr(shapes, "render_scene", real)
     assert main(["make-dataset", "shapes", "--num", "2", "--size", "16", "--out", str(tmp_path / "empty")]) == 0
-    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["000000.png", "000001.png", "metadata.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["000000.png", "000001.png", "metadata.jsonl",
+                                                                      "shapes_world.json"]

@@ -11,6 +11,8 @@ colour. Everything is deterministic given (config.seed, index).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -416,9 +418,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         return {**item, **grounding_targets(scene)} if self.grounding else item
 
 
+WORLD_FILE = "shapes_world.json"  # beside a written folder's images: the ShapesConfig that drew them
+
+
 def write_image_folder(config: ShapesConfig, num: int, out_dir: str | Path, progress: bool = True) -> Path:
-    """Write scenes 0..num-1 as PNGs plus metadata.jsonl (Hugging Face imagefolder layout) into the new or empty
-    folder `out_dir`, atomically: into a folder beside it, renamed into place when complete. Returns out_dir."""
+    """Write scenes 0..num-1 as PNGs plus metadata.jsonl (Hugging Face imagefolder layout) and the world that drew
+    them (WORLD_FILE) into the new or empty folder `out_dir`, atomically: into a folder beside it, renamed into
+    place when complete. Returns out_dir."""
     out = Path(out_dir)
     if num < 1:
         raise ValueError(f"--num must be at least 1 image, got {num}")
@@ -440,6 +446,7 @@ def write_image_folder(config: ShapesConfig, num: int, out_dir: str | Path, prog
                     for o in scene.objects
                 ]
                 meta.write(json.dumps({"file_name": name, "text": scene.caption, "objects": objects}) + "\n")
+        (stage / WORLD_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")  # for t2i evaluate
         try:
             os.rename(stage, out)  # replaces a missing or empty folder only
         except OSError:
