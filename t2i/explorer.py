@@ -185,21 +185,29 @@ class Explorer:
     # -- 2. generating ---------------------------------------------------------------------------
     def generate(self, request: Request, progress: Callable[[int, int], None] | None = None) -> Result:
         """Check the request, then sample its images recording all cross-attention with a step timeline
-        and the x0 previews; write the downloads. `progress(step, steps)` runs after each step."""
+        and the x0 previews; write the downloads. `progress(step, steps)` runs after each step, over all images.
+        Each image is sampled alone, as `t2i generate` samples it: a batch's float sums differ from one image's
+        by 1/255, and its PNG's metadata must regenerate it bit for bit."""
         r = self.check(request)
         pipe = self.pipeline(r.model)
         t0 = time.perf_counter()
-        recorder = AttentionRecorder(timeline=True)
-        settings = r.sampling
+        one, n = replace(r.sampling, num_images=1), r.num_images
+        recorders = [AttentionRecorder(timeline=True) for _ in range(n)]
+        outs = []
         with self._lock:
-            out = pipe(r.prompt, **settings.pipeline_kwargs(), generator=generators(settings.seeds(r.num_images)),
-                       record_attention=recorder, previews=True,
-                       callback=None if progress is None else lambda i, t, x: progress(i + 1, r.steps))
-        used = settings.scheduler or scheduler_name(pipe.scheduler, pipe.image_space)
-        heatmaps = {ALL: out.attention}
-        if len(recorder.grids) > 1:
-            heatmaps.update({f"{h}x{w}": recorder.heatmaps(resolutions=[(h, w)]) for h, w in recorder.grids})
-        result = Result(r, out.images, heatmaps, out.previews, used, {}, 0.0)
+            for i, (seed, recorder) in enumerate(zip(r.sampling.seeds(n), recorders)):
+                done = i * r.steps
+                outs.append(pipe(r.prompt, **one.pipeline_kwargs(), generator=generators([seed]),
+                                 record_attention=recorder, previews=True, callback=None if progress is None else
+                                 lambda step, t, x, done=done: progress(done + step + 1, n * r.steps)))
+        used = one.scheduler or scheduler_name(pipe.scheduler, pipe.image_space)
+        heatmaps = {ALL: Heatmaps.concat([out.attention for out in outs])}
+        grids = recorders[0].grids
+        if len(grids) > 1:
+            heatmaps.update({f"{h}x{w}": Heatmaps.concat([rec.heatmaps(resolutions=[(h, w)]) for rec in recorders])
+                             for h, w in grids})
+        result = Result(r, [out.images[0] for out in outs], heatmaps, torch.cat([out.previews for out in outs], 1),
+                        used, {}, 0.0)
         result.files = self._write_files(result)
         result.seconds = time.perf_counter() - t0
         return result

@@ -18,6 +18,10 @@ class PixelSpace:
     factor = 1  # pixels per sample cell, along each side
 
     def __init__(self, channels: int = 3):
+        if channels not in (1, 3):  # 4 is a VAE's latents: they were saved as an RGBA PNG
+            raise ValueError(f"the UNet denoises {channels} channels and the pipeline has no VAE to decode them: "
+                             "pixels are 1 channel (grayscale) or 3 (RGB); give the pipeline the VAE the UNet was "
+                             "trained with (vae=..., a latent image space), or use a UNet of 1 or 3 channels")
         self.channels = channels
 
     def sample_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:

@@ -87,7 +87,7 @@ class T2IPipeline(DiffusionPipeline):
                  caption_dropout: float | None = None, vae=None, text_encoder_2=None, tokenizer_2=None,
                  force_zeros_for_empty_prompt: bool = True, mask_padding: bool | None = None):
         super().__init__()
-        check_unet(unet, sdxl=text_encoder_2 is not None)
+        check_unet(unet, sdxl=text_encoder_2 is not None, vae=vae)
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                               vae=vae, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.register_to_config(caption_dropout=caption_dropout)
@@ -454,9 +454,10 @@ def given_encoding(embeds: torch.Tensor, mask: torch.Tensor | None) -> PromptEnc
     return PromptEncoding(embeds, mask, torch.zeros_like(mask), [["?"] * int(m.sum()) for m in mask])
 
 
-def check_unet(unet, sdxl: bool = False) -> None:
+def check_unet(unet, sdxl: bool = False, vae=None) -> None:
     """Refuse a UNet that needs conditioning the pipeline does not give: SDXL's pooled text and time ids
-    without SDXL's second text encoder, class labels, image embeddings, LCM's guidance embedding."""
+    without SDXL's second text encoder, class labels, image embeddings, LCM's guidance embedding; or that
+    denoises what no image space decodes: other channels out than in, neither 1 nor 3 without a VAE."""
     config = getattr(unet, "config", {})
     given = {"addition_embed_type": "text_time"} if sdxl else {}
     extra = [f"{k}={config[k]!r}" for k in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim")
@@ -472,6 +473,7 @@ def check_unet(unet, sdxl: bool = False) -> None:
     if channels_in != channels_out:
         raise ValueError(f"the UNet predicts {channels_out} channel{'s' * (channels_out != 1)} for an input of "
                          f"{channels_in}: a denoiser predicts as many channels as it takes (out_channels=in_channels)")
+    image_space(vae, unet)  # pixels of 1 or 3 channels, or a VAE's latents
 
 
 def check_pipeline_folder(path: str) -> None:
@@ -510,6 +512,13 @@ def check_pipeline_folder(path: str) -> None:
         mismatch = weights_mismatch(Path(path, c), *(listed.get(c) or [None, None]))
         if mismatch:
             raise ValueError(mismatch)
+    if not (listed.get("vae") or [None])[0]:  # pixels: a UNet whose channels make no image, said before loading
+        try:
+            PixelSpace(json.loads(Path(path, "unet", "config.json").read_text()).get("in_channels", 3))
+        except (json.JSONDecodeError, AttributeError):  # a broken config: the loader says what is wrong
+            pass
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _first_line(e: Exception) -> str:

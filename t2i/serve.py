@@ -30,6 +30,19 @@ CSS = """  /* the chips' radio inputs stay focusable (Tab, arrow keys), only uns
 #files .label-clear-button { display: none; }
 #files .stem { white-space: normal; word-break: break-all; overflow: visible; text-overflow: clip; }
 #words label.selected { background: var(--color-accent); color: white; }
+#scheduler input, #model input { padding-right: 28px; text-overflow: ellipsis; }  /* the text stops before the arrow */
+/* each image's label on its own line beside the toolbar, wrapping: never over the image nor under its buttons */
+.pixelated > [data-testid=block-label] { position: static; margin-right: 40px; white-space: normal; }
+.pixelated .image-container { position: static; }  /* the toolbar then sits on the label's line */
+@media (max-width: 700px) {  /* a phone: Generate, its message and the image, the chips under the map they steer,
+                                the weight above its effect, the steps and the grid, the downloads last */
+  #layout { flex-direction: column; align-items: stretch; }
+  #inputs, #outputs, #images { display: contents; }
+  #effect, #reweighted, #outputs > :has(#weight) ~ * { order: 1; }  /* Gradio wraps words and weight in a form */
+  #files { order: 2; }
+  #grid .image-frame { display: block; overflow-x: auto; }  /* the grid at its own size, labels legible: scrolls */
+  #grid img { max-width: none; width: auto; height: auto; }
+}
 """
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 FAILED = "**Something went wrong on the server** (the details are in its log)."
@@ -86,16 +99,16 @@ def _image(i: str | None) -> int:
 
 
 def build_app(explorer: Explorer) -> gr.Blocks:
-    """The page: inputs and Generate on the left; the image, the word chips, the maps, the step scrubber,
-    the weight slider with the effect, and the downloads on the right."""
+    """The page: inputs, Generate and the downloads on the left; the image, the word chips, the maps, the step
+    scrubber and the weight box with the effect on the right. On a phone, one column in the order of use (CSS)."""
     lim, first = explorer.limits, Request("")                # the page starts at a request's defaults
     pipe = explorer.pipeline(explorer.default_model)
     least_guidance, most_guidance = lim.sampling.guidance
     with gr.Blocks(title="t2i explorer", fill_width=True) as app:
         state = gr.State(None, time_to_live=3600)
         gr.Markdown("## t2i explorer: where each word looks, and what it does")
-        with gr.Row():
-            with gr.Column(scale=1, min_width=280):
+        with gr.Row(elem_id="layout"):
+            with gr.Column(scale=1, min_width=280, elem_id="inputs"):
                 # no max_length: a longer prompt is refused in words (Explorer.check), not cut in silence
                 prompt = gr.Textbox(label="prompt", value="a red circle above a blue square", elem_id="prompt")
                 negative = gr.Textbox(label="negative prompt", elem_id="negative")
@@ -114,23 +127,23 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                                          label=f"guidance ({least_guidance:g} to {most_guidance:g})")
                     count = gr.Number(value=first.num_images, label=f"images (up to {lim.max_images})",
                                       elem_id="count")
+                    scheduler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT, label="scheduler",
+                                            elem_id="scheduler")
                 with gr.Accordion("attention guidance (slower)", open=False, elem_id="guidance-panel"):
                     with gr.Row():
                         place = gr.Checkbox(label="place objects where the prompt says", elem_id="place")
                         excite = gr.Checkbox(label="make every object appear", elem_id="excite")
                     boxes = gr.Textbox(label="or boxes: word=x0,y0,x1,y1; ... (fractions of the image, y down)",
                                        placeholder="circle=0,0,0.4,0.4; square=0.6,0.6,1,1", elem_id="boxes")
-                with gr.Row():
-                    scheduler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT, label="scheduler",
-                                            elem_id="scheduler")
-                    model = gr.Dropdown(list(explorer.models), value=explorer.default_model, label="model folder",
-                                        elem_id="model")
+                # a line of its own: beside the scheduler, 'shipped model' ran under the arrow
+                model = gr.Dropdown(list(explorer.models), value=explorer.default_model, label="model folder",
+                                    elem_id="model")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 message = gr.Markdown(elem_id="message")
                 files = gr.File(label="downloads: PNG with its metadata, heatmaps file", file_count="multiple",
                                 interactive=False, elem_id="files")
-            with gr.Column(scale=3):
-                with gr.Row():
+            with gr.Column(scale=3, elem_id="outputs"):
+                with gr.Row(elem_id="images"):
                     image = gr.Image(label="image", type="pil", interactive=False, buttons=VIEW_BUTTONS,
                                      elem_id="image", elem_classes="pixelated")
                     attention = gr.Image(label="attention", type="pil", interactive=False, buttons=VIEW_BUTTONS,

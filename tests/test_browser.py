@@ -18,14 +18,14 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: a
 
 
 @contextmanager
-def opened_page(url: str, height: int = 1100):
-    """A 1400 px wide headless Chromium page at `url`, once the explorer's Generate button is there; the browser
-    closes however the test ends."""
+def opened_page(url: str, height: int = 1100, width: int = 1400):
+    """A headless Chromium page (1400 px wide unless told) at `url`, once the explorer's Generate button is there;
+    the browser closes however the test ends."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[web]'")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": height})
+            page = browser.new_page(viewport={"width": width, "height": height})
             page.goto(url, timeout=60_000)
             page.wait_for_selector("#generate", timeout=60_000)
             yield page
@@ -401,3 +401,79 @@ def test_progress_is_not_drawn_over_the_old_message(served):
             ".filter(e => e.textContent.includes('image(s)'));"  # innerText skips what is hidden
             " return prose.length > 0 && prose.every(e => getComputedStyle(e).visibility == 'hidden') })()",
             timeout=30_000, polling=10)
+
+
+BOX = "(e => { const r = e.getBoundingClientRect(); return {left: r.left, right: r.right, top: r.top, bottom: r.bottom}; })"
+PHONE = {"width": 390, "height": 844}  # an iPhone 12 to 15's viewport, in CSS px
+
+
+def _box(page, selector: str) -> dict:
+    """An element's box on the page (CSS px, from the document's top: the page may have scrolled)."""
+    box = page.eval_on_selector(selector, BOX)
+    top = page.evaluate("window.scrollY")
+    return {**box, "top": box["top"] + top, "bottom": box["bottom"] + top}
+
+
+def _apart(a: dict, b: dict) -> bool:
+    return a["right"] <= b["left"] or b["right"] <= a["left"] or a["bottom"] <= b["top"] or b["bottom"] <= a["top"]
+
+
+def _generate_on_a_phone(page, steps: str = "8") -> None:
+    page.fill("#prompt textarea", "a red circle")
+    _set_number(page, "steps", steps)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
+                           timeout=60_000)
+
+
+def test_on_a_phone_the_image_is_near_generate_and_the_chips_near_their_map(served):
+    """Issue 25 item 2 (phone): on a 390 px screen the columns stacked whole, so the image sat below the downloads
+    (about 1,100 px under Generate) and the word chips below the effect and reweighted images (about 800 px from
+    the attention map they steer). Now Generate, its message and the image follow each other, the chips sit under
+    the map, and the downloads come last."""
+    url, _, _ = served
+    with opened_page(url, **PHONE) as page:
+        _generate_on_a_phone(page)
+        generate, image, overlay, words, files = (_box(page, f"#{i}") for i in
+                                                  ("generate", "image", "overlay", "words", "files"))
+        assert 0 <= image["top"] - generate["bottom"] <= 300, (generate, image)   # a message between them
+        assert 0 <= words["top"] - overlay["bottom"] <= 150, (overlay, words)
+        assert files["top"] > _box(page, "#grid")["bottom"], files                # the downloads last
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # nothing wider than the phone
+
+
+def test_dropdown_text_stops_before_the_arrow_and_phone_labels_are_whole(served):
+    """Issue 25 item 10: the model dropdown's arrow was drawn over 'shipped model'; on a 390 px phone the image
+    labels ran under the Fullscreen button and over the image (the x0 label cut off), and the all-words grid,
+    532 px drawn into 324, had 8 px labels."""
+    url, _, _ = served
+    for size in ({"width": 1400, "height": 1100}, PHONE):
+        with opened_page(url, **size) as page:
+            for dropdown, longest in (("model", "shipped model"), ("scheduler", "euler-a")):
+                arrow = page.eval_on_selector(f"#{dropdown} .dropdown-arrow", BOX)
+                text = page.eval_on_selector(f"#{dropdown} input", """(i, longest) => {  // its text's room
+                    const s = getComputedStyle(i), r = i.getBoundingClientRect(),
+                          c = document.createElement('canvas').getContext('2d');
+                    c.font = s.font;
+                    return {left: r.left + parseFloat(s.paddingLeft), right: r.right - parseFloat(s.paddingRight),
+                            top: r.top, bottom: r.bottom, needs: c.measureText(longest).width} }""", longest)
+                assert _apart(arrow, text), (size, dropdown, arrow, text)
+                assert text["needs"] <= text["right"] - text["left"], (size, dropdown, text)
+    with opened_page(url, **PHONE) as page:
+        _generate_on_a_phone(page)
+        for view in ("image", "overlay", "x0", "stepmap", "grid"):
+            page.locator(f"#{view}").scroll_into_view_if_needed()           # the images load lazily
+            page.wait_for_function(f"(document.querySelector('#{view} img') || {{}}).naturalWidth > 0",
+                                   timeout=10_000)
+            label, block, image = (page.eval_on_selector(s, BOX) for s in
+                                   (f"#{view} [data-testid=block-label]", f"#{view}", f"#{view} img"))
+            buttons = page.eval_on_selector_all(f"#{view} .icon-button-wrapper button", f"bs => bs.map({BOX})")
+            assert block["left"] <= label["left"] and label["right"] <= min(block["right"], PHONE["width"]), view
+            assert page.eval_on_selector(f"#{view} [data-testid=block-label]",
+                                         "e => e.scrollWidth <= e.clientWidth"), view     # nothing cut
+            assert buttons and all(_apart(label, b) for b in buttons), (view, label, buttons)
+            assert _apart(label, image), (view, label, image)
+        shown = page.eval_on_selector("#grid img", "i => i.getBoundingClientRect().width / i.naturalWidth")
+        assert 14 * shown >= 12, shown  # the grid's labels are drawn 14 px high (t2i.attention.overlay._font)
+        frame, grid = page.eval_on_selector("#grid .image-frame", BOX), page.eval_on_selector("#grid img", BOX)
+        assert grid["left"] >= frame["left"], (frame, grid)  # what is wider than the phone scrolls from its start

@@ -237,6 +237,31 @@ def test_a_size_above_the_models_own_is_said(explorer):
                                           "what it learned")
 
 
+def test_each_image_of_a_batch_is_sampled_alone_so_generate_remakes_it_bit_for_bit(tmp_path, monkeypatch):
+    """Issue 25 item 23 (the explorer's half): the page sampled its up to 4 images in one batch, whose float sums
+    differ from one image's by 1/255 (the shipped model's image of seed 2 at 4 steps, here), so not every PNG came
+    back bit for bit from its metadata through `t2i generate`, which samples each image alone. Now the page
+    samples each alone too, and its views (maps, steps, previews) hold every image as before."""
+    from t2i.cli import main
+    from t2i.pipeline import T2IPipeline
+    sizes, progress, call = [], [], T2IPipeline.__call__
+    monkeypatch.setattr(T2IPipeline, "__call__", lambda self, prompt, **kw: (
+        sizes.append(len(kw["generator"])), call(self, prompt, **kw))[1])
+    shipped = Explorer([None], limits=Limits(max_images=4), files_dir=tmp_path)
+    result = shipped.generate(Request("a red circle above a blue square", steps=4, num_images=4, seed=0),
+                              progress=lambda i, n: progress.append((i, n)))
+    assert sizes == [1] * 4 and progress == [(i, 16) for i in range(1, 17)]
+    assert result.previews.shape[:2] == (4, 4) and result.heatmaps[ALL].maps.shape[0] == 4
+    assert result.heatmaps[ALL].timeline.shape[:2] == (4, 4)
+    meta = Image.open(result.files["png:0"]).text
+    assert main(["generate", meta["prompt"], "--model", meta["model"], "--seed", meta["seed"], "--steps", meta["steps"],
+                 "--guidance", meta["guidance"], "--scheduler", meta["scheduler"], "--height", meta["height"],
+                 "--width", meta["width"], "--upscale", meta["upscale"], "--num-images", "4", "--out",
+                 str(tmp_path / "cli")]) == 0
+    for i in range(4):
+        made = Image.open(tmp_path / "cli" / f"a-red-circle-above-a-blue-square-{i}.png")
+        assert made.tobytes() == Image.open(result.files[f"png:{i}"]).tobytes(), i
+
 def test_a_reweighted_download_is_remade_by_generate_from_its_metadata(explorer, tmp_path):
     """Issue 25 item 9: the reweighted PNG records height, width and upscale beside its word weights, and
     `t2i generate --word-weights` takes them: the command line remakes it pixel for pixel."""

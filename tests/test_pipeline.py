@@ -282,6 +282,33 @@ def test_a_one_channel_unet_makes_grayscale_images_and_one_that_changes_the_chan
         T2IPipeline(tiny_diffusers_unet(out_channels=1), pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
 
 
+def test_a_latent_unet_without_a_vae_is_refused_when_built_or_loaded(pipe, tmp_path, capsys):
+    """Issue 25 item 18 (latent half): a 4-channel UNet with no VAE denoised in pixel space and its latents were
+    saved as an RGBA PNG; now the image space refuses it in one line, when the pipeline is built and when a
+    folder is loaded, and with its VAE the same UNet makes RGB images."""
+    from sd_models import vae
+
+    from t2i.cli import main
+    said = (r"^the UNet denoises 4 channels and the pipeline has no VAE to decode them: pixels are 1 channel "
+            r"\(grayscale\) or 3 \(RGB\); give the pipeline the VAE the UNet was trained with \(vae=\.\.\., a latent "
+            r"image space\), or use a UNet of 1 or 3 channels$")
+    latent = tiny_diffusers_unet(in_channels=4, out_channels=4)
+    with pytest.raises(ValueError, match=said):
+        T2IPipeline(latent, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    with_vae = T2IPipeline(latent, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, vae=vae())
+    with_vae.set_progress_bar_config(disable=True)
+    assert with_vae("a red circle", num_inference_steps=2).images[0].mode == "RGB"
+    with_vae.save_pretrained(tmp_path / "model")
+    index = tmp_path / "model" / "model_index.json"                 # the VAE taken out of the folder
+    index.write_text(json.dumps({k: v for k, v in json.loads(index.read_text()).items() if k != "vae"}))
+    shutil.rmtree(tmp_path / "model" / "vae")
+    capsys.readouterr()
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "model"), "--steps", "2",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"t2i generate: error: {tmp_path / 'model'}: " + said[1:-1].replace("\\", ""), err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
 def test_what_makes_nan_is_bounded_and_a_nan_image_is_refused_not_saved_black(pipe, model_dir, tmp_path, capsys):
     """noise.snr_shift=1e-3 and guidance 1e308 are refused up front; NaN text-encoder or UNet weights stop the
     pipeline in one line instead of returning black images (rc 0)."""

@@ -225,6 +225,19 @@ class Heatmaps:
                        prompts=[self.prompts[i] for i in images], prompt_index=[self.prompt_index[i] for i in images],
                        timeline=None if self.timeline is None else self.timeline[:, images, :T].clone())
 
+    @classmethod
+    def concat(cls, parts: list["Heatmaps"]) -> "Heatmaps":
+        """Recordings of the same layers and steps, each a batch of its own, as one: their images in order, padded
+        to the longest prompt, prompt indices running on from batch to batch (the inverse of `select`)."""
+        T = max(p.maps.shape[1] for p in parts)
+        pad = lambda x: F.pad(x, (0, 0, 0, 0, 0, T - x.shape[-3]))  # noqa: E731  (..., T, h, w): tokens to T
+        starts = [sum(max(p.prompt_index) + 1 for p in parts[:k]) for k in range(len(parts))]
+        timelines = [p.timeline for p in parts]
+        return replace(parts[0], maps=torch.cat([pad(p.maps) for p in parts]),
+                       tokens=[t for p in parts for t in p.tokens], prompts=[t for p in parts for t in p.prompts],
+                       prompt_index=[start + i for start, p in zip(starts, parts) for i in p.prompt_index],
+                       timeline=None if None in timelines else torch.cat([pad(t) for t in timelines], 1))
+
     def metadata(self) -> dict:
         """Everything but the tensors, JSON-ready."""
         return dict(prompts=self.prompts, tokens=self.tokens, words=[self.words(i) for i in range(self.num_images)],
