@@ -4,6 +4,7 @@ and a grid of the images is written for the README.
 
   python bench/own_wordings.py                                        # the shipped model against bench/template_default
   python bench/own_wordings.py --models bench/template_default runs/x/pipeline --out outputs/own-wordings.png
+  python bench/own_wordings.py --models runs/shapes64-latent/pipeline --prompts "a red circle" "a blue square"
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--out", default="outputs/own-wordings.png", help="the grid: a row per model and prompt")
+    p.add_argument("--prompts", nargs="+", help="prompts of your own instead of the wordings above")
     args = p.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -42,7 +44,7 @@ def main() -> None:
         pipe = load_pipeline(None if model in (None, "None", "default") else model)
         pipe.set_progress_bar_config(disable=True)
         print(f"## {model or 'the shipped model'}")
-        for prompt, meant in PROMPTS:
+        for prompt, meant in [(q, q) for q in args.prompts] if args.prompts else PROMPTS:
             images = pipe([prompt] * args.seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                           generator=generators(range(args.seeds)), output_type="np").images
             said = ["; ".join(f"{d.colour} {d.shape} @ {d.position}" for d in segment(to_uint8(im))) or "nothing"

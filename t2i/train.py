@@ -64,7 +64,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
         dataset, corpus = build_dataset(cfg)  # the latent cache; the others then read all three from disk
         parts = build_components(cfg, corpus, out, resume, accelerator.is_main_process)
         space = parts.space.to(device, frozen_dtype(accelerator))
-        dataset = latent_dataset(dataset, cfg, space)
+        dataset = latent_dataset(dataset, cfg, space, progress=accelerator.is_local_main_process)
     tokenizer, text_encoder, unet = parts.tokenizer, parts.text_encoder, parts.unet
     if parts.start is not None:
         load_start(unet, parts.start.unet, tc.init_from)

@@ -162,3 +162,29 @@ def test_what_a_stable_diffusion_start_cannot_honour_is_one_line(tmp_path, folde
         with pytest.raises(ValueError, match=message):
             train(tiny_config(tmp_path / f"run{i}", "train.max_steps=2", *overrides))
         assert not ckpt.checkpoints(tmp_path / f"run{i}")
+
+
+def test_two_processes_fine_tune_stable_diffusion_from_one_latent_cache(tmp_path, folders):
+    """accelerate with two processes (gloo on the CPU): the main one encodes the cache, the other reads it, and
+    the fine-tune exports a folder diffusers opens."""
+    import os
+    import subprocess
+    import sys
+
+    from diffusers import StableDiffusionPipeline
+    from conftest import TINY_RUN
+
+    from t2i.data.shapes import ShapesConfig, write_image_folder
+    data = write_image_folder(ShapesConfig(size=32), 8, tmp_path / "images", progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)),
+                                                       os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "t2i.cli", "train", *TINY_RUN,
+           f"train.init_from={folders['sd1']}", "data.kind=folder", f"data.root={data}", "data.size=32",
+           "train.batch_size=2", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(list((data / ".t2i-latents").rglob("*.safetensors"))) == 8
+    assert run.stderr.count("latents: 100%") == 1  # one progress bar: the main process's
+    StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")

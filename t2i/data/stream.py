@@ -30,7 +30,7 @@ def build_dataset(cfg: RunConfig) -> tuple[Dataset, list[str]]:
     return ds, list(ds.captions)
 
 
-def latent_dataset(dataset: Dataset, cfg: RunConfig, space) -> Dataset:
+def latent_dataset(dataset: Dataset, cfg: RunConfig, space, progress: bool = True) -> Dataset:
     """With a VAE and an image folder or shards: the images' latent distributions, encoded once into the cache
     data.latent_cache names (default: beside the data) and drawn from each step. Otherwise (pixels, the shapes
     world, data.latent_cache=off) the dataset as it is: the trainer encodes its pixels every step."""
@@ -41,7 +41,7 @@ def latent_dataset(dataset: Dataset, cfg: RunConfig, space) -> Dataset:
     from .latents import CachedLatents, LatentCache, cache_folder
     root = dataset.root if cfg.data.latent_cache == "beside" else Path(cfg.data.latent_cache).expanduser()
     cache = LatentCache(dataset, space, cache_folder(root, space.vae, cfg.data.size))
-    cache.build()
+    cache.build(progress=progress)
     return CachedLatents(cache)
 
 
