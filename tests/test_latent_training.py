@@ -50,6 +50,18 @@ def test_a_t2i_unet_trains_in_a_vaes_latents_and_every_tool_opens_it(tmp_path, f
     assert "circle" in maps and maps["circle"].shape[-2:] == (32, 32)
 
 
+def test_an_autoencoder_tiny_works_as_the_vae(tmp_path):
+    """AutoencoderTiny (TAESD) encodes to a point (std 0) and has no latent_dist: its latents train as well."""
+    from diffusers import AutoencoderTiny
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
+    exported = train(tiny_config(tmp_path / "run", f"model.vae={tmp_path / 'taesd'}", *LATENT))
+    pipe = load_pipeline(exported)
+    assert type(pipe.vae).__name__ == "AutoencoderTiny" and pipe.unet.config.sample_size == 16
+    assert pipe(["a red circle"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+
 def test_latent_training_resumes_bit_for_bit(tmp_path, folders):
     straight = tiny_config(tmp_path / "a", f"model.vae={folders['vae']}", *LATENT)
     train(straight)
