@@ -114,6 +114,9 @@ def load_vae(name_or_path: str, what: str = "model.vae"):
     from .text import hub_reachable
     path = Path(name_or_path).expanduser()
     local = path.is_dir()
+    if not local and (name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~"))):
+        raise ValueError(f"{what}={name_or_path}: no such folder (nor a hub name, owner/name): pass a VAE folder, "
+                         "e.g. `t2i train-vae`'s OUT/vae")
     config = path / "config.json"
     if local and not config.is_file():
         raise ValueError(f"{what}={name_or_path} has no config.json: pass a folder saved by a VAE's save_pretrained "

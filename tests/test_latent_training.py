@@ -160,6 +160,17 @@ def test_fine_tuning_stable_diffusion_trains_its_unet_alone_resumes_exactly_and_
     assert load_pipeline(exported)(["a red circle"], num_inference_steps=3, height=32, width=32).images[0].size == (32, 32)
 
 
+def test_fine_tuning_runs_in_bf16_with_gradient_checkpointing(tmp_path, folders, capsys, monkeypatch):
+    from diffusers import UNet2DConditionModel
+    switched, real = [], UNet2DConditionModel.enable_gradient_checkpointing
+    monkeypatch.setattr(UNet2DConditionModel, "enable_gradient_checkpointing",
+                        lambda self, *a, **k: (switched.append(True), real(self, *a, **k)))
+    exported = train(tiny_config(tmp_path / "run", f"train.init_from={folders['sd1']}", "data.size=32",
+                                 "train.max_steps=2", "train.mixed_precision=bf16", "train.gradient_checkpointing=true"))
+    assert switched and "in bf16 precision" in capsys.readouterr().out
+    assert load_pipeline(exported)(["a red circle"], num_inference_steps=3, height=32, width=32).images[0].size == (32, 32)
+
+
 def test_what_a_stable_diffusion_start_cannot_honour_is_one_line(tmp_path, folders):
     cases = {
         (f"train.init_from={folders['sd1']}", "text.train=true"): "text.train=true",
@@ -167,9 +178,15 @@ def test_what_a_stable_diffusion_start_cannot_honour_is_one_line(tmp_path, folde
         (f"train.init_from={folders['sd1']}", "data.size=30"): "data.size=30 must be a multiple of 4",
         (f"model.vae={folders['vae']}", "data.size=34"): "data.size=34 must be a multiple of 4",
         (f"model.vae={folders['vae']}", "train.grounding_weight=0.1"): "grounding_weight",
+        (f"model.vae={tmp_path / 'nowhere'}",): "no such folder",
         ("model.unet=diffusers", "model.pos_embed=true"): "model.pos_embed is T2IUNet's",
         ("model.unet=unet",): "model.unet must be",
     }
+    damaged = tmp_path / "damaged-vae"
+    shutil.copytree(folders["vae"], damaged)
+    weights = damaged / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    cases[(f"model.vae={damaged}",)] = "could not load the VAE"
     for i, (overrides, message) in enumerate(cases.items()):
         with pytest.raises(ValueError, match=message):
             train(tiny_config(tmp_path / f"run{i}", "train.max_steps=2", *overrides))
