@@ -23,6 +23,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .config import RunConfig
 from .image_space import LatentSpace, PixelSpace, image_space, size_multiple
 from .stable_diffusion import check_folder, is_diffusers_folder, local_folder, quiet_third_party
+from .text import TextStates
 from .unet import PRESETS, build_diffusers_unet, build_unet, unet_config
 
 START = "start"  # in the run folder: what a Stable Diffusion fine-tune keeps of its folder (all but UNet weights)
@@ -44,12 +45,14 @@ class RunComponents:
         """t2i's text conditioning masks padding in cross-attention; Stable Diffusion's does not."""
         return not self.sd_export
 
-    def frozen_text(self, size: int, device):
-        """A Stable Diffusion start's text conditioning (frozen, cached per caption, its encoders on `device`), else
-        None: t2i's TextStates."""
+    def text_states(self, text_encoder, trainable: bool, size: int, device):
+        """Captions -> the UNet's conditioning (UNetConditioning) in training: t2i's TextStates of `text_encoder`
+        (the prepared one, when it trains), or a Stable Diffusion start's own text conditioning, frozen and cached
+        per caption (its encoders moved to `device`; SDXL's size conditioning says `size`)."""
+        from .conditioning import CLIPText, FrozenConditioning, SDXLText, UNetConditioning
         if self.scheduler is None:
-            return None
-        from .conditioning import CLIPText, FrozenConditioning, SDXLText
+            states = TextStates(self.tokenizer, text_encoder, trainable, mask_padding=self.mask_padding)
+            return lambda captions, device: UNetConditioning(*states(captions, device))
         self.text_encoder.to(device)
         text = (SDXLText(self.tokenizer, self.text_encoder, self.sdxl["tokenizer_2"],
                          self.sdxl["text_encoder_2"].to(device), self.sdxl["force_zeros_for_empty_prompt"]) if self.sdxl

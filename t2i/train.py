@@ -27,7 +27,7 @@ from .diffusion import diffusion_loss, make_noise_scheduler
 from .ema import EMA
 from .grounding import capture_cross_attention, grounding_loss, token_indices
 from .stable_diffusion import quiet_third_party
-from .text import TextStates, drop_captions
+from .text import drop_captions
 
 
 def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
@@ -92,8 +92,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     else:  # a frozen module has nothing for DDP to synchronise
         unet, optimizer = accelerator.prepare(unet, optimizer)
         text_encoder = text_encoder.to(device).eval()
-    text = parts.frozen_text(cfg.data.size, device) or TextStates(tokenizer, text_encoder, cfg.text.trainable,
-                                                            mask_padding=parts.mask_padding)
+    text = parts.text_states(text_encoder, cfg.text.trainable, cfg.data.size, device)
     loader = data_stream(dataset, cfg, rank, world, start=state.samples)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -120,10 +119,10 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
             captions = drop_captions(batch["text"], tc.caption_dropout, g_drop)
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
                 cond = text(captions, device)
-                states, mask, added = (cond.states, cond.mask, cond.added) if hasattr(cond, "states") else (*cond, None)
                 x0 = training_sample(batch, space, g_noise, device).contiguous(memory_format=layout)
                 with capture_cross_attention(state.unet) if grounded else nullcontext() as probs:
-                    loss = diffusion_loss(unet, noise_scheduler, x0, states, mask, cfg.noise, g_noise, state.step, added)
+                    loss = diffusion_loss(unet, noise_scheduler, x0, cond.states, cond.mask, cfg.noise, g_noise,
+                                          state.step, cond.added)
                 if grounded:  # token grounding: object words' cross-attention onto their masks
                     words = token_indices(tokenizer, captions, batch["ground_spans"]).to(device)
                     ground = grounding_loss(probs, batch["ground_masks"].to(device), words)

@@ -165,8 +165,14 @@ def test_fine_tuning_runs_in_bf16_with_gradient_checkpointing(tmp_path, folders,
     switched, real = [], UNet2DConditionModel.enable_gradient_checkpointing
     monkeypatch.setattr(UNet2DConditionModel, "enable_gradient_checkpointing",
                         lambda self, *a, **k: (switched.append(True), real(self, *a, **k)))
-    exported = train(tiny_config(tmp_path / "run", f"train.init_from={folders['sd1']}", "data.size=32",
-                                 "train.max_steps=2", "train.mixed_precision=bf16", "train.gradient_checkpointing=true"))
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process holds one precision: this test's is bf16
+    try:
+        exported = train(tiny_config(tmp_path / "run", f"train.init_from={folders['sd1']}", "data.size=32",
+                                     "train.max_steps=2", "train.mixed_precision=bf16",
+                                     "train.gradient_checkpointing=true"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert switched and "in bf16 precision" in capsys.readouterr().out
     assert load_pipeline(exported)(["a red circle"], num_inference_steps=3, height=32, width=32).images[0].size == (32, 32)
 
