@@ -71,6 +71,7 @@ def test_latent_training_resumes_bit_for_bit(tmp_path, folders):
     same_checkpoints(tmp_path / "a" / "checkpoint-0000004", tmp_path / "b" / "checkpoint-0000004")
 
 
+@pytest.mark.filterwarnings("ignore:flip=True mirrors images")  # the shapes folder's captions say left and right
 def test_latent_training_on_a_folder_encodes_once_and_resumes_bit_for_bit(tmp_path, folders):
     """A folder's latents are encoded once into the cache beside it; training from the cache resumes bit for bit and
     learns what encoding every step learns (the same draws from the same distributions, up to float sums)."""
