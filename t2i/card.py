@@ -27,13 +27,20 @@ def data_description(cfg: RunConfig) -> str:
             f"image, seed {d.seed}" + (f", never showing {', '.join(held)}" if held else ""))
 
 
-def recipe(cfg: RunConfig) -> dict:
-    """The base recipe: what the model is, before the details of the full config."""
-    return {"unet": cfg.model.unet, "unet_preset": cfg.model.preset, "resolution": cfg.data.size,
-            **({"vae": cfg.model.vae} if cfg.model.vae else {}),
-            "text_encoder": cfg.text.pretrained or "offline CLIP (tokenizer learned from the captions)",
-            "prediction_type": cfg.noise.prediction_type, "steps": cfg.train.max_steps,
-            **({"fine_tuned_from": cfg.train.init_from} if cfg.train.init_from else {})}
+def recipe(cfg: RunConfig, stable_diffusion: bool = False) -> dict:
+    """The base recipe: what the model is, before the details of the full config. A Stable Diffusion start's
+    UNet and text encoders are the folder's own."""
+    start = cfg.train.init_from
+    if stable_diffusion and start:
+        unet = {"unet": f"the UNet2DConditionModel of {start}"}
+        text = f"the CLIP of {start} (frozen)"
+    else:
+        unet = {"unet": cfg.model.unet, "unet_preset": cfg.model.preset}
+        text = cfg.text.pretrained or (f"the text encoder of {start}" if start else
+                                       "offline CLIP (tokenizer learned from the captions)")
+    return {**unet, "resolution": cfg.data.size, **({"vae": cfg.model.vae} if cfg.model.vae else {}),
+            "text_encoder": text, "prediction_type": cfg.noise.prediction_type, "steps": cfg.train.max_steps,
+            **({"fine_tuned_from": start} if start else {})}
 
 
 def write_model_card(folder: str | Path, cfg: RunConfig, final: str | Path | None = None,
@@ -45,7 +52,7 @@ def write_model_card(folder: str | Path, cfg: RunConfig, final: str | Path | Non
     meta = {"library_name": "t2i", "pipeline_tag": "text-to-image",
             "tags": ["t2i", "text-to-image", "diffusers", "latent-space" if latent else "pixel-space",
                      *(["stable-diffusion"] if stable_diffusion else [])],
-            "t2i_recipe": recipe(cfg), "t2i_data": data_description(cfg), "t2i_config": config_to_dict(cfg)}
+            "t2i_recipe": recipe(cfg, stable_diffusion), "t2i_data": data_description(cfg), "t2i_config": config_to_dict(cfg)}
     how = (f"fine-tuned from {cfg.train.init_from}" if cfg.train.init_from else "trained from scratch") + " with t2i"
     if stable_diffusion:
         what = [f"A Stable Diffusion pipeline (diffusers' StableDiffusionPipeline) {how}. Load it with",

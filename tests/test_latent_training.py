@@ -150,6 +150,9 @@ def test_fine_tuning_stable_diffusion_trains_its_unet_alone_resumes_exactly_and_
     saved = json.loads((tmp_path / "a" / "checkpoint-0000004" / "state.json").read_text())["config"]
     assert saved["noise"]["prediction_type"] == ("v_prediction" if kind == "sd2" else "epsilon")
     assert saved["noise"]["beta_schedule"] == "scaled_linear" and saved["text"]["train"] is False
+    import yaml  # the model card names what the model is: the start's
+    recipe = yaml.safe_load((exported / "README.md").read_text().split("---")[1])["t2i_recipe"]
+    assert recipe["text_encoder"] == f"the CLIP of {start} (frozen)" and "unet_preset" not in recipe
 
     theirs, tuned = DiffusionPipeline.from_pretrained(tmp_path / "moved"), DiffusionPipeline.from_pretrained(exported)
     assert type(tuned) is type(theirs) and type(tuned.scheduler) is type(theirs.scheduler)
