@@ -40,6 +40,10 @@ class DataConfig:
     word_dropout: float = 0.0                # wording=grammar: chance that each function word ("a", "is", ...) is left out
     seed: int = 0
 
+    def __post_init__(self):
+        if self.latent_cache in ("no", "false"):  # YAML 1.1 reads `off` as false, which a str key receives as "no"
+            object.__setattr__(self, "latent_cache", "off")
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -72,7 +72,7 @@ def test_latent_training_resumes_bit_for_bit(tmp_path, folders):
 
 
 @pytest.mark.filterwarnings("ignore:flip=True mirrors images")  # the shapes folder's captions say left and right
-def test_latent_training_on_a_folder_encodes_once_and_resumes_bit_for_bit(tmp_path, folders):
+def test_latent_training_on_a_folder_encodes_once_and_resumes_bit_for_bit(tmp_path, folders, monkeypatch):
     """A folder's latents are encoded once into the cache beside it; training from the cache resumes bit for bit and
     learns what encoding every step learns (the same draws from the same distributions, up to float sums)."""
     from t2i.data.shapes import ShapesConfig, write_image_folder
@@ -87,7 +87,10 @@ def test_latent_training_on_a_folder_encodes_once_and_resumes_bit_for_bit(tmp_pa
     train(b, resume="latest")
     same_checkpoints(tmp_path / "a" / "checkpoint-0000004", tmp_path / "b" / "checkpoint-0000004")
     assert {p: p.stat().st_mtime_ns for p in entries} == stamps  # encoded once, by the first run
-    train(tiny_config(tmp_path / "c", *folder, "data.latent_cache=off"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    train(tiny_config(tmp_path / "c", *folder, "data.latent_cache=off"))  # YAML reads off as false: still off
+    assert not list((tmp_path / "cwd").iterdir())  # no cache folder named "no" where it ran
     cached, encoded = (load_file(str(tmp_path / r / "checkpoint-0000004" / "unet.safetensors")) for r in "ac")
     assert all(torch.allclose(cached[k], encoded[k], atol=1e-4) for k in cached)
     # t2i evaluate scores it on the world the folder was drawn from (make-dataset's shapes_world.json)
