@@ -211,8 +211,8 @@ def cmd_train(args) -> int | None:
     from .config import config_to_dict, load_config
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:  # as the run resolves it (a Stable Diffusion start's noise schedule written in)
-        from .components import resolve
-        print(yaml.safe_dump(config_to_dict(resolve(cfg, args.resume)), sort_keys=False))
+        from .components import resolve, sd_start
+        print(yaml.safe_dump(config_to_dict(resolve(cfg, sd_start(cfg, args.resume))), sort_keys=False))
         return None
     from .checkpoint import Interrupted
     from .train import train

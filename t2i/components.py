@@ -3,8 +3,8 @@ a preset's size, or a Stable Diffusion folder's own), the text encoder and token
 a frozen VAE's latents), the noise schedule, and the folder the run exports. Three starts:
 - from scratch, in pixels or in the latents of `model.vae`;
 - `train.init_from` a t2i pipeline folder (its UNet, tokenizer and text encoder);
-- `train.init_from` a Stable Diffusion 1.x/2.x folder: its UNet is fine-tuned, its CLIP and VAE stay frozen, its
-  scheduler gives the noise schedule and prediction type, and the export is a StableDiffusionPipeline folder.
+- `train.init_from` a Stable Diffusion 1.x, 2.x or XL folder: its UNet is fine-tuned, its CLIP and VAE stay frozen, its
+  scheduler gives the noise schedule and prediction type, and the export is a folder of its own kind.
 A run exports a StableDiffusionPipeline folder (diffusers opens it as it is) whenever its UNet is a diffusers UNet
 in a VAE's latents; it then trains with Stable Diffusion's text conditioning (padding not masked).
 """
@@ -80,10 +80,10 @@ def sd_start(cfg: RunConfig, resume: str | None = None) -> str | None:
     return path
 
 
-def resolve(cfg: RunConfig, resume: str | None = None) -> RunConfig:
-    """The run config with what a Stable Diffusion start decides written in: its noise schedule's prediction
-    type, beta schedule and number of timesteps, and a diffusers UNet. Settings it cannot honour are refused."""
-    path = sd_start(cfg, resume)
+def resolve(cfg: RunConfig, path: str | None) -> RunConfig:
+    """The run config with what a Stable Diffusion start (`path`, sd_start's folder; None: not one) decides
+    written in: its noise schedule's prediction type, beta schedule and number of timesteps, and a diffusers UNet.
+    Settings it cannot honour are refused."""
     if path is None:
         if cfg.model.vae and cfg.train.grounding_weight > 0:
             raise ValueError("train.grounding_weight with model.vae is not supported (its masks are in pixels): "
@@ -139,7 +139,8 @@ def load_vae(name_or_path: str, what: str = "model.vae"):
     return vae.requires_grad_(False).eval()
 
 
-def build_components(cfg: RunConfig, corpus: list[str], out: Path, resume: str | None, main: bool) -> RunComponents:
+def build_components(cfg: RunConfig, corpus: list[str], out: Path, resume: str | None, main: bool,
+                     path: str | None) -> RunComponents:
     """The run's components, identically initialised on every process (the caller seeds). A fresh start keeps
     in the run folder what a resume needs without its init_from folder: the tokenizer and text encoder of a t2i
     start, all but the UNet weights of a Stable Diffusion start (`start/`)."""
@@ -147,8 +148,7 @@ def build_components(cfg: RunConfig, corpus: list[str], out: Path, resume: str |
     from .text import build_text, grow_text, load_pretrained_clip
     tc = cfg.train
 
-    # 1. a Stable Diffusion start: its UNet is trained, the rest frozen
-    path = sd_start(cfg, resume)
+    # 1. a Stable Diffusion start (`path`, sd_start's folder): its UNet is trained, the rest frozen
     if path is not None:
         from diffusers import UNet2DConditionModel
 

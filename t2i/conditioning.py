@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .text import PromptEncoding, PromptTruncated, encode_prompts, token_strings, tokenize, weighted_mask
+from .text import (CaptionCache, PromptEncoding, PromptTruncated, encode_prompts, token_strings, tokenize,
+                   weighted_mask)
 
 
 @dataclass(frozen=True)
@@ -176,17 +177,12 @@ class FrozenConditioning:
     the training images' side (`size`: uncropped, as a center crop of a resized image is taken to be)."""
 
     def __init__(self, text: T2IText, size: int, cache_size: int = 100_000):
-        self.text, self.size, self.cache_size = text, size, cache_size
-        self.cache: dict[str, PromptEncoding] = {}
+        self.text, self.size = text, size
+        self.cache = CaptionCache(lambda caption: text.encode([caption]), cache_size)
 
     @torch.no_grad()
     def __call__(self, captions: list[str], device) -> UNetConditioning:
-        todo = sorted({c for c in captions if c not in self.cache})
-        if len(self.cache) + len(todo) > self.cache_size:
-            self.cache.clear()
-        for c in todo:  # one at a time: a caption's states do not depend on the batch it first came in (resume)
-            self.cache[c] = self.text.encode([c])
-        parts = [self.cache[c] for c in captions]
+        parts = self.cache(captions)
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
         enc = PromptEncoding(*(torch.cat([getattr(p, k) for p in parts]) for k in ("hidden_states", "attention_mask",
                                                                                    "input_ids")),

@@ -500,7 +500,8 @@ def check_pipeline_folder(path: str) -> None:
     if missing:
         raise ValueError(f"pipeline folder {path!r} is missing component(s) {missing}; "
                          "re-export it with save_pretrained")
-    for c in ("unet", "text_encoder", *(["vae"] if (listed.get("vae") or [None])[0] else [])):
+    has_vae = bool((listed.get("vae") or [None])[0])  # model_index.json: [library, class], or [null, null]
+    for c in ("unet", "text_encoder", *(["vae"] if has_vae else [])):
         files = os.listdir(os.path.join(path, c))
         if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
             raise ValueError(f"{os.path.join(path, c)!r} needs a config.json and .safetensors weights")
@@ -512,7 +513,7 @@ def check_pipeline_folder(path: str) -> None:
         mismatch = weights_mismatch(Path(path, c), *(listed.get(c) or [None, None]))
         if mismatch:
             raise ValueError(mismatch)
-    if not (listed.get("vae") or [None])[0]:  # pixels: a UNet whose channels make no image, said before loading
+    if not has_vae:  # pixels: a UNet whose channels make no image, said before loading
         try:
             PixelSpace(json.loads(Path(path, "unet", "config.json").read_text()).get("in_channels", 3))
         except (json.JSONDecodeError, AttributeError):  # a broken config: the loader says what is wrong

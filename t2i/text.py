@@ -10,7 +10,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
@@ -199,9 +199,10 @@ def encode(tokenizer: CLIPTokenizer, text_encoder, texts: list[str], device: tor
     batch = tokenize(tokenizer, texts, max_length)
     device = text_encoder.device if device is None else device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    attention = mask if key_weights is None else weighted_mask(mask, key_weights, text_encoder.dtype)
-    if not mask_padding and key_weights is None:
-        attention = None
+    if key_weights is not None:
+        attention = weighted_mask(mask, key_weights, text_encoder.dtype)
+    else:
+        attention = mask if mask_padding else None
     return text_encoder(input_ids=ids, attention_mask=attention).last_hidden_state, mask, ids
 
 
@@ -258,6 +259,25 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
     return [c if torch.rand((), generator=generator) >= p else "" for c in captions]
 
 
+class CaptionCache:
+    """A frozen encoder's result per caption, cached. Each caption is encoded alone, so that what it gets does not
+    depend on the batch it first came in (a resumed run draws other batches first); the cache is emptied when it
+    would hold more than `size` captions."""
+
+    def __init__(self, encode_one: Callable[..., object], size: int = 100_000):
+        self.encode_one, self.size = encode_one, size
+        self.entries: dict[str, object] = {}
+
+    def __call__(self, captions: list[str], *args) -> list:
+        """encode_one(caption, *args) of each caption, the new ones encoded now, in sorted order."""
+        todo = sorted({c for c in captions if c not in self.entries})
+        if len(self.entries) + len(todo) > self.size:
+            self.entries.clear()
+        for c in todo:
+            self.entries[c] = self.encode_one(c, *args)
+        return [self.entries[c] for c in captions]
+
+
 class TextStates:
     """Captions -> (states (B, T, width), mask (B, T), or None when the UNet reads every token as Stable
     Diffusion's does: `mask_padding=False`). A frozen encoder's states are cached per caption."""
@@ -265,22 +285,17 @@ class TextStates:
     def __init__(self, tokenizer, encoder, trainable: bool, cache_size: int = 100_000, mask_padding: bool = True):
         self.tokenizer, self.encoder, self.trainable = tokenizer, encoder, trainable
         self.mask_padding = mask_padding
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.cache_size = cache_size
+        self.cache = CaptionCache(self._encode_one, cache_size)
 
     def __call__(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        states, mask = self._states(captions, device)
-        return states, mask if self.mask_padding else None
-
-    def _states(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.trainable:
             states, mask, _ = encode(self.tokenizer, self.encoder, captions, device, mask_padding=self.mask_padding)
-            return states, mask
-        todo = sorted({c for c in captions if c not in self.cache})
-        if len(self.cache) + len(todo) > self.cache_size:
-            self.cache.clear()
-        for c in todo:  # one at a time: a caption's states do not depend on the batch it first came in (resume)
+        else:
             with torch.no_grad():
-                states, masks, _ = encode(self.tokenizer, self.encoder, [c], device, mask_padding=self.mask_padding)
-            self.cache[c] = (states[0], masks[0])
-        return (torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions]))
+                cached = self.cache(captions, device)
+            states, mask = torch.stack([s for s, _ in cached]), torch.stack([m for _, m in cached])
+        return states, mask if self.mask_padding else None
+
+    def _encode_one(self, caption: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        states, masks, _ = encode(self.tokenizer, self.encoder, [caption], device, mask_padding=self.mask_padding)
+        return states[0], masks[0]

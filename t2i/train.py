@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .card import write_model_card
 from .config import RunConfig, config_to_dict, flatten, save_config
-from .components import RunComponents, build_components, check_shape, resolve
+from .components import RunComponents, build_components, check_shape, resolve, sd_start
 from .data.stream import build_dataset, data_stream, latent_dataset
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .ema import EMA
@@ -36,7 +36,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
     `stop_at` ends the session early at that step, after a checkpoint, to be resumed later (returns None).
     A fresh run refuses a folder that holds a run unless `overwrite` (which deletes that run); one training
     at a time holds the folder. SIGINT or SIGTERM save a checkpoint, then raise checkpoint.Interrupted."""
-    cfg = resolve(cfg, resume)  # what a Stable Diffusion start decides: its noise schedule, a diffusers UNet
+    start = sd_start(cfg, resume)  # a Stable Diffusion folder to fine-tune, or None
+    cfg = resolve(cfg, start)  # what such a start decides: its noise schedule, a diffusers UNet
     check_shape(cfg)  # a bad data.size fails before any work
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"--stop-at must be a step >= 1, got {stop_at}; leave it out to train to train.max_steps")
@@ -49,12 +50,12 @@ def train(cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
         session.enter_context(ckpt.claim_run_dir(cfg.train.output_dir, accelerator.is_main_process, resume, overwrite))
         stop = session.enter_context(ckpt.StopOnSignal())
         accelerator.wait_for_everyone()
-        return _train(cfg, accelerator, resume, stop_at, stop, session)
+        return _train(cfg, accelerator, resume, stop_at, stop, session, start)
 
 
 def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at: int | None,
-           stop: ckpt.StopOnSignal, session: ExitStack) -> Path | None:
-    """The loop of `train`, in the run folder it holds."""
+           stop: ckpt.StopOnSignal, session: ExitStack, start: str | None = None) -> Path | None:
+    """The loop of `train`, in the run folder it holds; `start`: the Stable Diffusion folder it fine-tunes."""
     tc, out = cfg.train, Path(cfg.train.output_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
@@ -62,7 +63,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, resume: str | None, stop_at
     set_seed(tc.seed)
     with accelerator.main_process_first():  # the main process indexes the folder, learns the tokenizer and encodes
         dataset, corpus = build_dataset(cfg)  # the latent cache; the others then read all three from disk
-        parts = build_components(cfg, corpus, out, resume, accelerator.is_main_process)
+        parts = build_components(cfg, corpus, out, resume, accelerator.is_main_process, start)
         space = parts.space.to(device, frozen_dtype(accelerator))
         dataset = latent_dataset(dataset, cfg, space, progress=accelerator.is_local_main_process)
     tokenizer, text_encoder, unet = parts.tokenizer, parts.text_encoder, parts.unet

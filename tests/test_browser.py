@@ -138,6 +138,15 @@ def test_the_page_generates_shows_a_words_map_scrubs_steps_and_silences_a_word(s
           f"screenshot: {SCREENSHOT}")
 
 
+def _generate_a_red_circle(page, steps: str = "2") -> None:
+    """Generate "a red circle" at `steps` steps and wait until its first word's map is drawn."""
+    page.fill("#prompt textarea", "a red circle")
+    _set_number(page, "steps", steps)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
+                           timeout=60_000)
+
+
 def _drag(page, element_id: str, fraction: float) -> None:
     """Drag a gr.Slider's handle from where it is to `fraction` of its track, as a person does with a mouse."""
     track = page.locator(f"#{element_id} input[type=range]")
@@ -245,11 +254,7 @@ def test_the_word_chips_are_reached_and_chosen_with_the_keyboard(served):
     each chip in turn and Space chooses one, whose map is drawn."""
     url, _, _ = served
     with opened_page(url) as page:
-        page.fill("#prompt textarea", "a red circle")
-        _set_number(page, "steps", "2")
-        page.click("#generate")
-        page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
-                               timeout=60_000)
+        _generate_a_red_circle(page)
         page.focus("#generate button, button#generate")
         for _ in range(60):  # Tab on from Generate until the focus is on a word chip
             page.keyboard.press("Tab")
@@ -270,11 +275,7 @@ def test_the_weight_regenerates_from_the_keyboard_and_a_typed_5_is_said(served):
     did; a typed 5 is t2i's message (the slider clamped it to 3 in silence)."""
     url, _, _ = served
     with opened_page(url) as page:
-        page.fill("#prompt textarea", "a red circle")
-        _set_number(page, "steps", "2")
-        page.click("#generate")
-        page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
-                               timeout=60_000)
+        _generate_a_red_circle(page)
         box = page.locator("#weight input[type=number]")
         box.fill("0")                                                   # typed, focus stays in the box
         page.wait_for_function("document.querySelector('#message').innerText.includes('regenerated with red x 0')",
@@ -295,11 +296,7 @@ def test_image_toolbars_and_downloads_do_not_mislead(served):
     no 'Remove this file', and keeps every reweighted PNG, not only the latest."""
     url, _, _ = served
     with opened_page(url) as page:
-        page.fill("#prompt textarea", "a red circle")
-        _set_number(page, "steps", "2")
-        page.click("#generate")
-        page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
-                               timeout=60_000)
+        _generate_a_red_circle(page)
         box = page.locator("#weight input[type=number]")
         for value, said in (("0", "red x 0"), ("2", "red x 2")):
             box.fill(value)
@@ -346,11 +343,7 @@ def test_every_map_says_its_scale_and_an_effect_its_size(served):
     effect of red x 0 was a faint outline with no number."""
     url, _, _ = served
     with opened_page(url) as page:
-        page.fill("#prompt textarea", "a red circle")
-        _set_number(page, "steps", "2")
-        page.click("#generate")
-        page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
-                               timeout=60_000)
+        _generate_a_red_circle(page)
         assert "its own scale" in page.inner_text("#stepmap") and "own scale" in page.inner_text("#grid")
         page.locator("#weight input[type=number]").fill("0")
         page.wait_for_function("document.querySelector('#effect').innerText.includes('brightest')", timeout=30_000)
@@ -418,14 +411,6 @@ def _apart(a: dict, b: dict) -> bool:
     return a["right"] <= b["left"] or b["right"] <= a["left"] or a["bottom"] <= b["top"] or b["bottom"] <= a["top"]
 
 
-def _generate_on_a_phone(page, steps: str = "8") -> None:
-    page.fill("#prompt textarea", "a red circle")
-    _set_number(page, "steps", steps)
-    page.click("#generate")
-    page.wait_for_function("document.querySelector('#overlay').innerText.includes('attention: red')",
-                           timeout=60_000)
-
-
 def test_on_a_phone_the_image_is_near_generate_and_the_chips_near_their_map(served):
     """Issue 25 item 2 (phone): on a 390 px screen the columns stacked whole, so the image sat below the downloads
     (about 1,100 px under Generate) and the word chips below the effect and reweighted images (about 800 px from
@@ -433,7 +418,7 @@ def test_on_a_phone_the_image_is_near_generate_and_the_chips_near_their_map(serv
     the map, and the downloads come last."""
     url, _, _ = served
     with opened_page(url, **PHONE) as page:
-        _generate_on_a_phone(page)
+        _generate_a_red_circle(page, steps="8")
         generate, image, overlay, words, files = (_box(page, f"#{i}") for i in
                                                   ("generate", "image", "overlay", "words", "files"))
         assert 0 <= image["top"] - generate["bottom"] <= 300, (generate, image)   # a message between them
@@ -460,7 +445,7 @@ def test_dropdown_text_stops_before_the_arrow_and_phone_labels_are_whole(served)
                 assert _apart(arrow, text), (size, dropdown, arrow, text)
                 assert text["needs"] <= text["right"] - text["left"], (size, dropdown, text)
     with opened_page(url, **PHONE) as page:
-        _generate_on_a_phone(page)
+        _generate_a_red_circle(page, steps="8")
         for view in ("image", "overlay", "x0", "stepmap", "grid"):
             page.locator(f"#{view}").scroll_into_view_if_needed()           # the images load lazily
             page.wait_for_function(f"(document.querySelector('#{view} img') || {{}}).naturalWidth > 0",
